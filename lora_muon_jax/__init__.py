@@ -1,0 +1,50 @@
+"""lora_muon_jax: spectral optimizers for LoRA adapters, as Optax transformations.
+
+The main entry point is :func:`lora_muon`; its building blocks are
+:func:`scale_by_lora_muon`, :func:`split_weight_decay` and
+:func:`with_gauge_rebalancing`. Pair discovery (:func:`find_lora_pairs`,
+:class:`PairRule`, :data:`PRESETS`) is shared by every optimizer in the package.
+"""
+
+from importlib import metadata as _metadata
+
+from lora_muon_jax._core import LoRAMuonState as LoRAMuonState
+from lora_muon_jax._core import lora_muon as lora_muon
+from lora_muon_jax._core import scale_by_lora_muon as scale_by_lora_muon
+from lora_muon_jax._gauge import GaugeRebalance as GaugeRebalance
+from lora_muon_jax._gauge import GaugeRebalanceState as GaugeRebalanceState
+from lora_muon_jax._gauge import rebalance_pair as rebalance_pair
+from lora_muon_jax._gauge import with_gauge_rebalancing as with_gauge_rebalancing
+from lora_muon_jax._pairs import PRESETS as PRESETS
+from lora_muon_jax._pairs import FactorAxes as FactorAxes
+from lora_muon_jax._pairs import LoRAFactor as LoRAFactor
+from lora_muon_jax._pairs import LoRAPair as LoRAPair
+from lora_muon_jax._pairs import PairRule as PairRule
+from lora_muon_jax._pairs import find_lora_pairs as find_lora_pairs
+from lora_muon_jax._pairs import lora_param_labels as lora_param_labels
+from lora_muon_jax._weight_decay import SplitWeightDecayState as SplitWeightDecayState
+from lora_muon_jax._weight_decay import split_weight_decay as split_weight_decay
+
+try:
+    __version__ = _metadata.version("lora_muon_jax")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "PRESETS",
+    "FactorAxes",
+    "GaugeRebalance",
+    "GaugeRebalanceState",
+    "LoRAFactor",
+    "LoRAMuonState",
+    "LoRAPair",
+    "PairRule",
+    "SplitWeightDecayState",
+    "find_lora_pairs",
+    "lora_muon",
+    "lora_param_labels",
+    "rebalance_pair",
+    "scale_by_lora_muon",
+    "split_weight_decay",
+    "with_gauge_rebalancing",
+]

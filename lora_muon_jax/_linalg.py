@@ -1,0 +1,186 @@
+"""Small dense linear algebra for LoRA updates: r×r inverse square roots and msign.
+
+Every routine here works on stacks ``(..., r, r)`` (or thin ``(..., m, r)``
+matrices for the paper's Polar Express) in float32, whatever the dtype of the
+parameters, and maps a zero input to a zero output: directions with no mass get no
+step (pseudo-inverse semantics), never inf or NaN.
+
+Two families:
+
+* ``eigh``: exact spectral functions from a symmetric eigendecomposition, with a
+  relative cut-off below which eigenvalues count as zero.
+* Newton–Schulz / Polar Express: matrix polynomials only (no decomposition), with the
+  coefficient tables of the LoRA-Muon paper. Coefficient tables are plain Python
+  tuples and become arrays only at trace time, so nothing is created when an
+  optimizer is constructed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Matmuls here are tiny (r×r) or reductions that decide the accuracy of the whole
+# update, so they always run at full float32 precision (no TF32 / bf16 passes).
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Damped Newton–Schulz inverse square root, 7 steps (LoRA-Muon paper; spec §3).
+DAMPED_NS_INV_SQRT_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (7.424865680309214, -18.39581635618996, 12.896720413604342),
+    (3.4877256051546017, -2.3300436563986993, 0.4404692168431095),
+    (2.7766085124882527, -2.070643152532662, 0.46302261050004967),
+    (1.9913142104341506, -1.373936700681269, 0.3875934979568538),
+    (1.8754637749479246, -1.2505152090010534, 0.37505152463617264),
+    (1.874999066623701, -1.2499981332141676, 0.37499906659046633),
+    (1.875, -1.25, 0.375),
+)
+DAMPED_NS_GAMMA = 1.001
+DAMPED_NS_SHIFT = 1e-5
+
+# Polar Express msign, 8 steps (Amsel et al. 2025, as used by the LoRA-Muon paper).
+POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (7.2086, -15.5131, 9.0178),
+    (3.9623, -2.5813, 0.4542),
+    (3.9466, -2.5765, 0.4544),
+    (3.8991, -2.5671, 0.4566),
+    (3.7186, -2.5308, 0.4653),
+    (3.1390, -2.3073, 0.4733),
+    (2.1715, -1.5246, 0.3885),
+    (1.8648, -1.2224, 0.3577),
+)
+# Polar Express is safe when the largest singular value is slightly below 1.
+POLAR_EXPRESS_SAFETY = 1.01
+
+def sym(x: jax.Array) -> jax.Array:
+    """Symmetric part ``(x + xᵀ)/2`` of a stack of square matrices."""
+    return 0.5 * (x + jnp.swapaxes(x, -1, -2))
+
+
+def mm(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Batched matmul at full float32 precision."""
+    return jnp.matmul(x, y, precision=HIGHEST)
+
+
+def _eye_like(x: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=x.dtype), x.shape)
+
+
+def eigh_psd(s: jax.Array, rtol: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Eigendecomposition of a PSD stack with a relative zero threshold.
+
+    Args:
+      s: ``(..., r, r)`` symmetric positive semi-definite matrices.
+      rtol: eigenvalues ``λ <= rtol · λ_max`` count as zero.
+
+    Returns:
+      ``(lam, vecs, keep)``: eigenvalues clipped at zero, eigenvectors (columns) and a
+      boolean mask of the eigenvalues kept.
+    """
+    lam, vecs = jnp.linalg.eigh(sym(s))
+    lam_max = jnp.max(lam, axis=-1, keepdims=True)
+    keep = lam > rtol * lam_max
+    # `lam_max <= 0` (a zero matrix) keeps nothing; `keep` already says so.
+    return jnp.where(keep, lam, 0.0), vecs, keep
+
+
+def _pinv_power(lam: jax.Array, keep: jax.Array, power: float) -> jax.Array:
+    """``lam**power`` on kept eigenvalues and 0 elsewhere, with no inf/NaN."""
+    return jnp.where(keep, jnp.where(keep, lam, 1.0) ** power, 0.0)
+
+
+def pinv_sqrt_factor(s: jax.Array, rtol: jax.typing.ArrayLike) -> jax.Array:
+    """A square root of the pseudo-inverse: ``Wᵀ = V Λ^{-1/2}``.
+
+    ``W s Wᵀ = Π`` (the projector on the kept eigenvectors) and ``Wᵀ W = s⁺``; columns
+    of dropped eigenvalues are zero. It is the cheapest whitening of ``s``.
+    """
+    lam, vecs, keep = eigh_psd(s, rtol)
+    return vecs * _pinv_power(lam, keep, -0.5)[..., None, :]
+
+
+def pinv_inv_sqrt_eigh(s: jax.Array, rtol: jax.typing.ArrayLike) -> jax.Array:
+    """Pseudo-inverse square root ``s^{+1/2}`` of a PSD stack, by ``eigh``."""
+    lam, vecs, keep = eigh_psd(s, rtol)
+    half = vecs * _pinv_power(lam, keep, -0.25)[..., None, :]
+    return mm(half, jnp.swapaxes(half, -1, -2))
+
+
+def whitened_polar_eigh(
+    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike
+) -> jax.Array:
+    """``T = R (R k R)^{+1/2} R`` with ``R = s^{+1/2}``, by two ``eigh``.
+
+    For a momentum ``M`` with Gram ``k = MᵀM`` and a partner-factor Gram ``s``,
+    ``M T = msign(M R) R``: the LoRA-Muon direction of one factor. Any whitening
+    ``W`` with ``W s Wᵀ = Π`` gives the same ``T`` (``W = Q R`` for an orthogonal
+    ``Q``), so the cheapest one, ``Λ^{-1/2} Vᵀ``, is used:
+    ``T = Wᵀ U μ^{-1/2} Uᵀ W`` for ``W k Wᵀ = U μ Uᵀ``.
+    """
+    wt = pinv_sqrt_factor(s, rtol)  # Wᵀ
+    c = mm(jnp.swapaxes(wt, -1, -2), mm(k, wt))  # W k Wᵀ
+    mu, u, keep = eigh_psd(c, rtol)
+    z = mm(wt, u * _pinv_power(mu, keep, -0.25)[..., None, :])
+    return mm(z, jnp.swapaxes(z, -1, -2))
+
+
+def _scan_coeffs(body, carry, coeffs):
+    # A rolled loop over the coefficient table: the table is made an array here, at
+    # trace time, and XLA keeps one copy of the loop body (optax PR #1650).
+    table = jnp.asarray(coeffs, dtype=jnp.float32)
+    carry, _ = jax.lax.scan(lambda c, abc: (body(c, abc), None), carry, table)
+    return carry
+
+
+def inv_sqrt_newton_schulz(s: jax.Array) -> jax.Array:
+    """The paper's 7-step damped Newton–Schulz inverse square root of a PSD stack.
+
+    ``P₀ = s/‖s‖_F + 10⁻⁵ I``, ``X₀ = I``; each step forms
+    ``W = (a/γ) I + (b/γ³) P + (c/γ⁵) P²``, ``X ← X W``, ``P ← sym(P W²)``; the
+    result is ``‖s‖_F^{-1/2} X``. Accuracy degrades with ``cond(s)`` (spec §3: about
+    1e-2 at ``cond(s) = 1000``). A zero matrix maps to zero.
+    """
+    norm = jnp.sqrt(jnp.sum(jnp.square(s), axis=(-2, -1), keepdims=True))
+    safe = jnp.where(norm > 0, norm, 1.0)
+    eye = _eye_like(s)
+    p = s / safe + DAMPED_NS_SHIFT * eye
+    g = DAMPED_NS_GAMMA
+
+    def body(carry, abc):
+        x, p = carry
+        w = (abc[0] / g) * eye + (abc[1] / g**3) * p + (abc[2] / g**5) * mm(p, p)
+        return mm(x, w), sym(mm(p, mm(w, w)))
+
+    x, _ = _scan_coeffs(body, (eye, p), DAMPED_NS_INV_SQRT_COEFFS)
+    return jnp.where(norm > 0, x * jax.lax.rsqrt(safe), 0.0)
+
+
+def frobenius_normalize(x: jax.Array, safety: float = POLAR_EXPRESS_SAFETY) -> jax.Array:
+    """``x / (safety · ‖x‖_F)`` per matrix of a stack, without overflow; zero stays zero."""
+    x = x.astype(jnp.float32)
+    big = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    x = x / jnp.where(big > 0, big, 1.0)  # entries now in [-1, 1]: squares can't overflow
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+    return x / jnp.where(norm > 0, safety * norm, 1.0)
+
+
+def polar_express(x: jax.Array, *, tall: bool, normalize: bool = True) -> jax.Array:
+    """The paper's 8-step Polar Express ``msign`` of a thin matrix stack.
+
+    The iteration works on the short side: for a tall ``x`` (``tall=True``) it forms
+    ``U = xᵀx`` and steps ``x ← a x + x (b U + c U²)``; for a wide one,
+    ``U = x xᵀ`` and ``x ← a x + (b U + c U²) x``. The input must have spectral norm
+    at most 1: with ``normalize=True`` it is first divided by ``1.01 ‖x‖_F``
+    (:func:`frobenius_normalize`); pass ``False`` if the caller already did so. A
+    zero matrix maps to zero. Singular values come out in about ``[0.999, 1]`` up to
+    ``cond(x) = 1000`` (spec §3).
+    """
+    if normalize:
+        x = frobenius_normalize(x)
+
+    def body(x, abc):
+        xt = jnp.swapaxes(x, -1, -2)
+        u = mm(xt, x) if tall else mm(x, xt)
+        poly = abc[1] * u + abc[2] * mm(u, u)
+        return abc[0] * x + (mm(x, poly) if tall else mm(poly, x))
+
+    return _scan_coeffs(body, x, POLAR_EXPRESS_COEFFS)

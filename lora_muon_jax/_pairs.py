@@ -1,0 +1,524 @@
+"""LoRA pair discovery: which leaves of a pytree are the two factors of an adapter.
+
+An adapter writes a weight update as ``ΔW = c · a @ b`` with ``a: (..., m, r)`` and
+``b: (..., r, n)``. Optimizers that act on the pair (LoRA-Muon and its peers) need to
+know, for every leaf, whether it is the left factor ``a``, the right factor ``b`` or
+neither, and where its rank, matrix and batch axes are. Everything here is static: it
+reads only paths, shapes and dtypes, so it runs at trace time on params, updates,
+``jax.ShapeDtypeStruct`` trees and Flax ``nnx.State`` trees alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, TypeAlias, Union
+
+import jax
+
+__all__ = [
+    "PRESETS",
+    "FactorAxes",
+    "LoRAFactor",
+    "LoRAPair",
+    "PairRule",
+    "PairsLike",
+    "find_lora_pairs",
+    "lora_param_labels",
+]
+
+# Characters that may separate a factor name from the rest of a key, so that
+# `kernel_lora_a` (qwix), `lora_a.kernel` (MaxText) and `q.lora_A.weight` (flat PEFT
+# names) all contain the token `lora_a` / `lora_A`, while `lora_alpha` does not.
+_SEPARATORS = "._-/:"
+
+
+class FactorAxes(NamedTuple):
+    """Where the rank axis and the batch axes of one LoRA factor are.
+
+    Every axis that is neither the rank axis nor a batch axis is a matrix axis; matrix
+    axes are flattened, in order, into the factor's ``m`` (for ``a``) or ``n`` (for
+    ``b``) dimension. Batch axes (scanned layers, experts, heads) are kept: the update
+    is computed independently for every batch index.
+
+    Attributes:
+      rank_axis: the axis of size ``r``. Negative values count from the end.
+      batch_axes: the batch axes, or ``None`` for "every axis before the last two",
+        which fits factors laid out as ``(*batch, m, r)`` / ``(*batch, r, n)``.
+    """
+
+    rank_axis: int
+    batch_axes: tuple[int, ...] | None = None
+
+
+A_AXES = FactorAxes(rank_axis=-1)  # a: (*batch, m, r)
+B_AXES = FactorAxes(rank_axis=-2)  # b: (*batch, r, n)
+
+
+class PairRule(NamedTuple):
+    """Names two sibling leaves as the factors ``a`` (left) and ``b`` (right).
+
+    A leaf matches ``a`` when its last path key (a trailing Flax ``.value`` is
+    ignored) contains ``a`` as a token: the whole key, or a part delimited by one of
+    ``._-/:``. Its partner is the sibling whose key has ``b`` in the same place: with
+    ``PairRule("lora_a", "lora_b")``, ``kernel_lora_a`` pairs with ``kernel_lora_b``
+    and ``lora_a.kernel`` with ``lora_b.kernel``.
+
+    Attributes:
+      a: token naming the left factor ``a`` of ``ΔW = a @ b`` (the one with ``m``).
+      b: token naming the right factor ``b`` (the one with ``n``).
+      a_axes: axes of ``a``; the default is ``(*batch, m, r)``.
+      b_axes: axes of ``b``; the default is ``(*batch, r, n)``.
+      scope: if given, the parent key both factors must sit under (e.g. ``"lora"``
+        for gemma's ``lora/a``, ``lora/b``), so that short names cannot match
+        unrelated leaves.
+    """
+
+    a: str
+    b: str
+    a_axes: FactorAxes = A_AXES
+    b_axes: FactorAxes = B_AXES
+    scope: str | None = None
+
+
+class LoRAFactor(NamedTuple):
+    """Role of one leaf, as returned by a user's ``pairs`` callable.
+
+    Attributes:
+      pair: any hashable naming the adapter; the two leaves with the same ``pair``
+        form one adapter.
+      role: ``"a"`` for the left factor (``m × r``), ``"b"`` for the right one.
+      axes: the factor's axes; ``None`` means the default layout for its role.
+    """
+
+    pair: Hashable
+    role: Literal["a", "b"]
+    axes: FactorAxes | None = None
+
+
+PairFn: TypeAlias = Callable[[tuple[str, ...], Any], Union[LoRAFactor, None]]
+PairsLike: TypeAlias = Union[str, PairRule, Sequence[PairRule], PairFn]
+
+# MaxText scans layers with `param_scan_axis: 1`, so the layer axis sits in the
+# middle: a (emb, L, r), b (r, L, heads, head_dim).
+_MAXTEXT_SCANNED = PairRule(
+    "lora_a",
+    "lora_b",
+    a_axes=FactorAxes(rank_axis=-1, batch_axes=(1,)),
+    b_axes=FactorAxes(rank_axis=0, batch_axes=(1,)),
+)
+
+PRESETS: Mapping[str, tuple[PairRule, ...]] = {
+    # flax.nnx LoRA / LoRALinear, linen modules and qwix (`kernel_lora_a`):
+    # a (*batch, in, r), b (*batch, r, out).
+    "flax": (PairRule("lora_a", "lora_b"),),
+    # Hugging Face PEFT: lora_A (r, in), lora_B (out, r), ΔW = lora_B @ lora_A, so the
+    # left factor is lora_B.
+    "peft": (PairRule("lora_B", "lora_A"),),
+    # gemma `peft`: a submodule `lora` holding `a` (in, r) and `b` (r, out).
+    "gemma": (PairRule("a", "b", scope="lora"),),
+    # qwix: `{weight}_lora_a` / `{weight}_lora_b` siblings.
+    "qwix": (PairRule("lora_a", "lora_b"),),
+    # MaxText with scanned layers (layer axis at 1) and unscanned layers.
+    "maxtext": (_MAXTEXT_SCANNED,),
+    "maxtext_unscanned": (
+        PairRule(
+            "lora_a",
+            "lora_b",
+            a_axes=FactorAxes(rank_axis=-1, batch_axes=()),
+            b_axes=FactorAxes(rank_axis=0, batch_axes=()),
+        ),
+    ),
+}
+PRESETS["auto"] = PRESETS["flax"] + PRESETS["peft"] + PRESETS["gemma"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAPair:
+    """One adapter found in a pytree, with its layout resolved against leaf shapes.
+
+    Attributes:
+      a_path, b_path: readable paths of the two factors (``jax.tree_util.keystr``
+        style, trailing ``.value`` removed).
+      a_index, b_index: positions of the factors among the tree's leaves.
+      a_axes, b_axes: resolved axes: non-negative rank axis and batch axes.
+      batch_shape: the common shape of the batch axes.
+      m, n, rank: sizes of ``ΔW`` (``m × n``) and of the rank.
+    """
+
+    a_path: str
+    b_path: str
+    a_index: int
+    b_index: int
+    a_axes: FactorAxes
+    b_axes: FactorAxes
+    batch_shape: tuple[int, ...]
+    m: int
+    n: int
+    rank: int
+
+    def _matrix_axes(self, role: str, ndim: int) -> tuple[int, ...]:
+        axes = self.a_axes if role == "a" else self.b_axes
+        used = {axes.rank_axis, *(axes.batch_axes or ())}
+        return tuple(i for i in range(ndim) if i not in used)
+
+    def _perm(self, role: str, ndim: int) -> tuple[int, ...]:
+        axes = self.a_axes if role == "a" else self.b_axes
+        matrix = self._matrix_axes(role, ndim)
+        batch = tuple(axes.batch_axes or ())
+        if role == "a":
+            return batch + matrix + (axes.rank_axis,)
+        return batch + (axes.rank_axis,) + matrix
+
+    def canonical(self, x: jax.Array, role: Literal["a", "b"]) -> jax.Array:
+        """Moves ``x`` to ``(*batch, m, r)`` (role ``a``) or ``(*batch, r, n)`` (``b``)."""
+        perm = self._perm(role, x.ndim)
+        if perm != tuple(range(x.ndim)):
+            x = x.transpose(perm)
+        shape = (
+            (*self.batch_shape, self.m, self.rank)
+            if role == "a"
+            else (*self.batch_shape, self.rank, self.n)
+        )
+        return x.reshape(shape) if x.shape != shape else x
+
+    def restore(
+        self, x: jax.Array, role: Literal["a", "b"], shape: tuple[int, ...]
+    ) -> jax.Array:
+        """Inverse of :meth:`canonical`: back to the leaf's own ``shape``."""
+        perm = self._perm(role, len(shape))
+        moved = tuple(shape[i] for i in perm)
+        if x.shape != moved:
+            x = x.reshape(moved)
+        if perm != tuple(range(len(shape))):
+            x = x.transpose(tuple(sorted(range(len(shape)), key=perm.__getitem__)))
+        return x
+
+
+class PairPlan(NamedTuple):
+    """Internal: the pairs of a flattened tree and the leaves in no pair."""
+
+    pairs: tuple[LoRAPair, ...]
+    unpaired: tuple[int, ...]
+    paths: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------------
+# Paths
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _is_value_key(key: Any) -> bool:
+    # Flax NNX Variables flatten with a trailing GetAttrKey('value') in `init`, while
+    # `update` sees pure arrays: both must resolve to the same path.
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+
+
+def normalized_path(path: Sequence[Any]) -> tuple[Any, ...]:
+    """The key path without a trailing Flax ``.value``."""
+    path = tuple(path)
+    while path and _is_value_key(path[-1]):
+        path = path[:-1]
+    return path
+
+
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+    """Key path as plain strings (dict keys, attribute names, indices)."""
+    return tuple(_key_name(k) for k in normalized_path(path))
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Readable path for messages, e.g. ``['layer0']['lora']['lora_a']``."""
+    path = normalized_path(path)
+    return jax.tree_util.keystr(path) if path else "<root>"
+
+
+def flatten_with_paths(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any], Any]:
+    """Leaves of ``tree`` with their key paths and the treedef."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [p for p, _ in with_path]
+    leaves = [x for _, x in with_path]
+    return paths, leaves, treedef
+
+
+# ----------------------------------------------------------------------------------
+# Matching
+
+
+def _token_matches(key: str, token: str) -> list[tuple[str, str]]:
+    """All ways of writing ``key`` as ``pre + token + post`` on token boundaries."""
+    out = []
+    start = key.find(token)
+    while start >= 0:
+        pre, post = key[:start], key[start + len(token) :]
+        if (not pre or pre[-1] in _SEPARATORS) and (
+            not post or post[0] in _SEPARATORS
+        ):
+            out.append((pre, post))
+        start = key.find(token, start + 1)
+    return out
+
+
+def _resolve_rules(pairs: PairsLike) -> tuple[PairRule, ...] | PairFn:
+    if isinstance(pairs, str):
+        if pairs not in PRESETS:
+            raise ValueError(
+                f"`pairs` got unknown preset {pairs!r}; valid presets are "
+                f"{sorted(PRESETS)}, or pass a PairRule, a sequence of PairRules or a "
+                "callable (path, leaf) -> LoRAFactor | None."
+            )
+        return PRESETS[pairs]
+    if isinstance(pairs, PairRule):
+        return (pairs,)
+    if callable(pairs):
+        return pairs
+    if isinstance(pairs, Sequence) and all(isinstance(p, PairRule) for p in pairs):
+        return tuple(pairs)
+    raise TypeError(
+        "`pairs` must be a preset name, a PairRule, a sequence of PairRules or a "
+        f"callable (path, leaf) -> LoRAFactor | None; got {pairs!r}."
+    )
+
+
+class _Match(NamedTuple):
+    a: int
+    b: int
+    a_axes: FactorAxes
+    b_axes: FactorAxes
+
+
+def _match_by_rules(
+    names: list[tuple[str, ...]], rules: tuple[PairRule, ...], shown: list[str]
+) -> list[_Match]:
+    index = {n: i for i, n in enumerate(names)}
+    matches: list[_Match] = []
+    orphans: list[str] = []
+    for rule in rules:
+        for role, own, other in (("a", rule.a, rule.b), ("b", rule.b, rule.a)):
+            for i, name in enumerate(names):
+                if not name:
+                    continue
+                if rule.scope is not None and (len(name) < 2 or name[-2] != rule.scope):
+                    continue
+                for pre, post in _token_matches(name[-1], own):
+                    partner = name[:-1] + (pre + other + post,)
+                    j = index.get(partner)
+                    if j is None:
+                        orphans.append(
+                            f"{shown[i]} looks like LoRA factor `{role}` "
+                            f"({own!r} of {rule}) but its partner "
+                            f"{jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in partner))}"
+                            " is missing"
+                        )
+                    elif role == "a":
+                        matches.append(_Match(i, j, rule.a_axes, rule.b_axes))
+    if orphans:
+        raise ValueError(
+            "Unpaired LoRA factor(s): " + "; ".join(orphans) + ". Every adapter needs "
+            "both factors in the same tree; pass `pairs=` a PairRule or callable if "
+            "your names differ."
+        )
+    return matches
+
+
+def _match_by_fn(
+    names: list[tuple[str, ...]], leaves: list[Any], fn: PairFn, shown: list[str]
+) -> list[_Match]:
+    groups: dict[Hashable, dict[str, tuple[int, FactorAxes]]] = {}
+    for i, (name, leaf) in enumerate(zip(names, leaves)):
+        role = fn(name, leaf)
+        if role is None:
+            continue
+        if not isinstance(role, LoRAFactor) or role.role not in ("a", "b"):
+            raise TypeError(
+                f"The `pairs` callable returned {role!r} for {shown[i]}; expected "
+                "LoRAFactor(pair=..., role='a'|'b') or None."
+            )
+        slot = groups.setdefault(role.pair, {})
+        if role.role in slot:
+            raise ValueError(
+                f"LoRA pair {role.pair!r} has two `{role.role}` factors: "
+                f"{shown[slot[role.role][0]]} and {shown[i]}."
+            )
+        default = A_AXES if role.role == "a" else B_AXES
+        slot[role.role] = (i, role.axes or default)
+    matches = []
+    for pair, slot in groups.items():
+        if len(slot) != 2:
+            (present,) = slot
+            raise ValueError(
+                f"Unpaired LoRA factor: {shown[slot[present][0]]} is factor "
+                f"`{present}` of pair {pair!r}, but no leaf was given the other role."
+            )
+        (ia, axa), (ib, axb) = slot["a"], slot["b"]
+        matches.append(_Match(ia, ib, axa, axb))
+    return matches
+
+
+def _resolve_axes(axes: FactorAxes, ndim: int, where: str) -> FactorAxes:
+    def norm(ax: int) -> int:
+        if not -ndim <= ax < ndim:
+            raise ValueError(f"{where}: axis {ax} is out of range for ndim={ndim}.")
+        return ax % ndim
+
+    rank = norm(axes.rank_axis)
+    if axes.batch_axes is None:
+        batch = tuple(range(ndim - 2))
+    else:
+        batch = tuple(norm(ax) for ax in axes.batch_axes)
+    if rank in batch or len(set(batch)) != len(batch):
+        raise ValueError(
+            f"{where}: rank axis {rank} and batch axes {batch} must be distinct."
+        )
+    if ndim - 1 - len(batch) < 1:
+        raise ValueError(
+            f"{where}: a factor of ndim={ndim} with batch axes {batch} has no matrix "
+            "axis left."
+        )
+    return FactorAxes(rank_axis=rank, batch_axes=batch)
+
+
+def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
+    xa, xb = leaves[m.a], leaves[m.b]
+    for x, where in ((xa, shown[m.a]), (xb, shown[m.b])):
+        if not hasattr(x, "shape") or len(x.shape) < 2:
+            raise ValueError(
+                f"LoRA factor {where} must be an array with ndim >= 2; got "
+                f"{getattr(x, 'shape', type(x))}."
+            )
+    a_axes = _resolve_axes(m.a_axes, len(xa.shape), f"LoRA factor a at {shown[m.a]}")
+    b_axes = _resolve_axes(m.b_axes, len(xb.shape), f"LoRA factor b at {shown[m.b]}")
+    ra, rb = xa.shape[a_axes.rank_axis], xb.shape[b_axes.rank_axis]
+    what = f"a at {shown[m.a]} (shape {tuple(xa.shape)}) and b at {shown[m.b]} (shape {tuple(xb.shape)})"
+    if ra != rb:
+        raise ValueError(
+            f"LoRA rank mismatch: {what} have ranks {ra} (axis {a_axes.rank_axis} of a) "
+            f"and {rb} (axis {b_axes.rank_axis} of b)."
+        )
+    batch_a = tuple(xa.shape[i] for i in a_axes.batch_axes or ())
+    batch_b = tuple(xb.shape[i] for i in b_axes.batch_axes or ())
+    if batch_a != batch_b:
+        raise ValueError(
+            f"LoRA batch axes mismatch: {what} have batch shapes {batch_a} (axes "
+            f"{a_axes.batch_axes}) and {batch_b} (axes {b_axes.batch_axes}). Scanned or "
+            "stacked factors need the same leading axes; set FactorAxes.batch_axes if "
+            "the layer axis is elsewhere."
+        )
+    if xa.dtype != xb.dtype:
+        raise ValueError(f"LoRA dtype mismatch: {what} have dtypes {xa.dtype} and {xb.dtype}.")
+    pair = LoRAPair(
+        a_path=shown[m.a],
+        b_path=shown[m.b],
+        a_index=m.a,
+        b_index=m.b,
+        a_axes=a_axes,
+        b_axes=b_axes,
+        batch_shape=batch_a,
+        m=0,
+        n=0,
+        rank=ra,
+    )
+    m_size = math.prod(xa.shape[i] for i in pair._matrix_axes("a", len(xa.shape)))
+    n_size = math.prod(xb.shape[i] for i in pair._matrix_axes("b", len(xb.shape)))
+    return dataclasses.replace(pair, m=m_size, n=n_size)
+
+
+def plan_pairs(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> PairPlan:
+    """Finds and validates the pairs among already-flattened leaves."""
+    names = [path_names(p) for p in paths]
+    shown = [path_str(p) for p in paths]
+    leaves = list(leaves)
+    rules = _resolve_rules(pairs)
+    if callable(rules):
+        matches = _match_by_fn(names, leaves, rules, shown)
+    else:
+        matches = _match_by_rules(names, rules, shown)
+    owner: dict[int, int] = {}
+    built = []
+    for k, m in enumerate(matches):
+        for i in (m.a, m.b):
+            if i in owner:
+                other = matches[owner[i]]
+                raise ValueError(
+                    f"{shown[i]} belongs to two LoRA pairs: ({shown[other.a]}, "
+                    f"{shown[other.b]}) and ({shown[m.a]}, {shown[m.b]}). Make the "
+                    "`pairs` rules unambiguous."
+                )
+            owner[i] = k
+        built.append(_build_pair(m, leaves, shown))
+    unpaired = tuple(i for i in range(len(leaves)) if i not in owner)
+    return PairPlan(pairs=tuple(built), unpaired=unpaired, paths=tuple(shown))
+
+
+def find_lora_pairs(tree: Any, pairs: PairsLike = "auto") -> list[LoRAPair]:
+    """Lists the LoRA factor pairs of a pytree.
+
+    Pairs are found from key paths alone (a trailing Flax ``.value`` is ignored), so
+    the same call works on params, gradients, ``jax.ShapeDtypeStruct`` trees and
+    ``nnx.State``. Shapes and dtypes are then checked: both factors must have the same
+    rank, batch shape and dtype.
+
+    Args:
+      tree: any pytree of arrays.
+      pairs: ``"auto"`` (the ``flax``, ``peft`` and ``gemma`` presets), a preset name
+        from :data:`PRESETS`, a :class:`PairRule`, a sequence of them, or a callable
+        ``(path: tuple[str, ...], leaf) -> LoRAFactor | None``.
+
+    Returns:
+      One :class:`LoRAPair` per adapter, in leaf order.
+
+    Raises:
+      ValueError: a factor without its partner, a leaf in two pairs, or factors whose
+        rank, batch shape or dtype disagree. The message names the leaf paths.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from lora_muon_jax import find_lora_pairs
+      >>> params = {'q': {'lora_a': jnp.zeros((8, 2)), 'lora_b': jnp.zeros((2, 4))},
+      ...           'bias': jnp.zeros(4)}
+      >>> [(p.a_path, p.b_path, p.m, p.n, p.rank) for p in find_lora_pairs(params)]
+      [("['q']['lora_a']", "['q']['lora_b']", 8, 4, 2)]
+    """
+    paths, leaves, _ = flatten_with_paths(tree)
+    return list(plan_pairs(paths, leaves, pairs).pairs)
+
+
+def lora_param_labels(
+    pairs: PairsLike = "auto", lora_label: str = "lora", other_label: str = "other"
+) -> Callable[[Any], Any]:
+    """A labelling function for :func:`optax.partition`: LoRA factors vs the rest.
+
+    Args:
+      pairs: how to find pairs; see :func:`find_lora_pairs`.
+      lora_label: label of every leaf that is a factor of a pair.
+      other_label: label of every other leaf.
+
+    Returns:
+      A callable ``tree -> tree of labels`` that gives the same labels on params and
+      on updates (it reads only paths), as :func:`optax.partition` requires.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from lora_muon_jax import lora_param_labels
+      >>> params = {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3)),
+      ...           'head': jnp.ones(3)}
+      >>> lora_param_labels()(params)
+      {'head': 'other', 'lora_a': 'lora', 'lora_b': 'lora'}
+    """
+
+    def labels(tree: Any) -> Any:
+        paths, leaves, treedef = flatten_with_paths(tree)
+        plan = plan_pairs(paths, leaves, pairs)
+        out = [lora_label] * len(leaves)
+        for i in plan.unpaired:
+            out[i] = other_label
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return labels

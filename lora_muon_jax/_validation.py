@@ -1,0 +1,98 @@
+"""Argument checks and error messages shared by every transformation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from lora_muon_jax import _pairs
+
+NEEDS_PARAMS = (
+    "{name} needs the current parameters: call `update(updates, state, params)`. "
+    "LoRA updates depend on both factors of each pair (optax.apply_updates alone "
+    "cannot supply them); `nnx.Optimizer` and `TrainState.apply_gradients` pass "
+    "params automatically."
+)
+
+
+def concrete_float(value: Any) -> float | None:
+    """``float(value)`` if it is known at trace time, else ``None`` (traced)."""
+    if callable(value):
+        return None
+    try:
+        arr = np.asarray(value)
+    except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    if arr.ndim != 0:
+        return None
+    try:
+        return float(arr)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_scalar(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    fn: str,
+) -> None:
+    """Raises ``ValueError`` if a concrete hyperparameter is non-finite or out of range.
+
+    Traced values (under ``jit`` or ``inject_hyperparams``) and schedules are not
+    checked here; they cannot be read at trace time.
+    """
+    v = concrete_float(value)
+    if v is None:
+        return
+    if not math.isfinite(v):
+        raise ValueError(f"{fn}: `{name}` must be finite; got {value!r}.")
+    bad_low = low is not None and (v < low if low_inclusive else v <= low)
+    bad_high = high is not None and (v > high if high_inclusive else v >= high)
+    if bad_low or bad_high:
+        lo = "" if low is None else f"{low} {'<=' if low_inclusive else '<'} "
+        hi = "" if high is None else f" {'<=' if high_inclusive else '<'} {high}"
+        raise ValueError(f"{fn}: `{name}` must satisfy {lo}{name}{hi}; got {value!r}.")
+
+
+def params_leaves(
+    fn: str, updates_paths: list[Any], params: Any
+) -> list[Any]:
+    """Leaves of ``params`` in the order of the updates' leaves, checked by path.
+
+    Paths are compared with a trailing Flax ``.value`` removed, so Variable-wrapped
+    params match pure updates.
+    """
+    if params is None:
+        raise ValueError(NEEDS_PARAMS.format(name=fn))
+    p_paths, p_leaves, _ = _pairs.flatten_with_paths(params)
+    want = [_pairs.normalized_path(p) for p in updates_paths]
+    have = [_pairs.normalized_path(p) for p in p_paths]
+    if want != have:
+        missing = sorted(set(map(_pairs.path_str, want)) - set(map(_pairs.path_str, have)))
+        extra = sorted(set(map(_pairs.path_str, have)) - set(map(_pairs.path_str, want)))
+        raise ValueError(
+            f"{fn}: `params` and `updates` have different trees. Missing in params: "
+            f"{missing or 'none'}; only in params: {extra or 'none'}."
+            + ("" if missing or extra else " (same paths in a different order)")
+        )
+    return p_leaves
+
+
+def require_all_paired(fn: str, plan: _pairs.PairPlan) -> None:
+    """Raises if a leaf handed to a pair-only transformation is in no pair."""
+    if plan.unpaired:
+        names = [plan.paths[i] for i in plan.unpaired]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise ValueError(
+            f"{fn} only updates LoRA factor pairs, but these leaves are in no pair: "
+            f"{shown}. Use the alias (e.g. `lora_muon`), which sends other leaves to "
+            "AdamW, or wrap with `optax.partition(..., lora_param_labels())`."
+        )
