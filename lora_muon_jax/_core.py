@@ -288,13 +288,18 @@ def lora_muon(
       ...           'lora_b': jax.random.normal(k3, (4, 8)) * 0.3, 'bias': jnp.zeros(8)}
       >>> loss = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] + p['bias'] - target) ** 2)
       >>> tx = lora_muon(learning_rate=0.3, beta=0.9)
-      >>> state = tx.init(params)
-      >>> for _ in range(50):
+      >>> @jax.jit
+      ... def step(params, state):
       ...   grads = jax.grad(loss)(params)
       ...   updates, state = tx.update(grads, state, params)
-      ...   params = optax.apply_updates(params, updates)
+      ...   return optax.apply_updates(params, updates), state
+      >>> state = tx.init(params)
       >>> print(f"{loss(params):.2f}")
-      0.57
+      1.38
+      >>> for _ in range(50):
+      ...   params, state = step(params, state)
+      >>> print(f"{loss(params):.2f}")
+      0.22
 
     References:
       See :func:`scale_by_lora_muon`.

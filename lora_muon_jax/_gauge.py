@@ -99,18 +99,17 @@ def with_gauge_rebalancing(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps a LoRA-Muon chain so every ``rebalance.every`` steps each pair is rebalanced.
 
-    On a rebalancing step, with :math:`c = (σ_{max}(b)/σ_{max}(a))^{α/2}` computed
-    from the current factors, the wrapped step is taken as if from the rebalanced
-    point :math:`(c a, b/c)` with momenta :math:`(m_a/c,\ c\,m_b)`. Because the
-    LoRA-Muon direction is gauge-covariant (:math:`u_a → c\,u_a`,
-    :math:`u_b → u_b/c`), that equals the ordinary step followed by the rescale
+    On a rebalancing step the ordinary step is taken and then every pair is moved
+    along its gauge orbit,
 
     .. math::
 
       a' = c\,(a + u_a), \quad b' = (b + u_b)/c, \quad m_a' = m_a/c, \quad m_b' = c\,m_b,
 
-    which is how it is computed: the product :math:`a'b'` and the next update of the
-    product are exactly those without rebalancing. The r×r work runs only on
+    with :math:`c = (σ_{max}(b + u_b)/σ_{max}(a + u_a))^{α/2}`, so the factors leave
+    the step balanced. Momenta transform like gradients do under the gauge, and
+    the LoRA-Muon direction is gauge-covariant, so the product :math:`a'b'` and the
+    next update of the product are exactly those without rebalancing. The r×r work runs only on
     rebalancing steps (``lax.cond``). Momenta are found as the ``mu`` of every
     :class:`LoRAMuonState` inside the wrapped state.
 
@@ -134,7 +133,7 @@ def with_gauge_rebalancing(
       >>> u, _ = tx.update(grads, tx.init(params), params)
       >>> new = optax.apply_updates(params, u)
       >>> print(f"{jnp.linalg.norm(new['lora_a']):.2f} {jnp.linalg.norm(new['lora_b']):.2f}")
-      1.41 1.41
+      1.86 1.86
 
     References:
       Cesista, Crowson, Simal, Biderman, `LoRA-Muon: Spectral Steepest Descent on
@@ -161,11 +160,17 @@ def with_gauge_rebalancing(
             updates, state.inner_state, params, **extra_args
         )
 
+        u_leaves = treedef.flatten_up_to(inner_updates)
+
         def scales() -> list[jax.Array]:
+            # Balance the factors *after* the step, so they leave it balanced.
+            def new(i: int) -> jax.Array:
+                return p_leaves[i].astype(jnp.float32) + u_leaves[i].astype(jnp.float32)
+
             return [
                 gauge_scales(
-                    pair.canonical(p_leaves[pair.a_index], "a"),
-                    pair.canonical(p_leaves[pair.b_index], "b"),
+                    pair.canonical(new(pair.a_index), "a"),
+                    pair.canonical(new(pair.b_index), "b"),
                     alpha,
                 )
                 for pair in plan.pairs
@@ -180,7 +185,6 @@ def with_gauge_rebalancing(
             factor_scale[pair.a_path] = (pair, c, "a")
             factor_scale[pair.b_path] = (pair, 1.0 / c, "b")
 
-        u_leaves = treedef.flatten_up_to(inner_updates)
         out = list(u_leaves)
         for i, path in enumerate(plan.paths):
             if path in factor_scale:

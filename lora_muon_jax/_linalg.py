@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lora_muon_jax import _sharding
+
 # Matmuls here are tiny (r×r) or reductions that decide the accuracy of the whole
 # update, so they always run at full float32 precision (no TF32 / bf16 passes).
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -177,9 +179,14 @@ def polar_express(x: jax.Array, *, tall: bool, normalize: bool = True) -> jax.Ar
     if normalize:
         x = frobenius_normalize(x)
 
+    # The short-side Gram contracts the long (possibly sharded) axis: declare it
+    # replicated so explicit sharding reduces only r×r numbers.
+    gram_sharding = _sharding.small_out_sharding(x)
+
     def body(x, abc):
         xt = jnp.swapaxes(x, -1, -2)
-        u = mm(xt, x) if tall else mm(x, xt)
+        pair = (xt, x) if tall else (x, xt)
+        u = jnp.matmul(*pair, precision=HIGHEST, out_sharding=gram_sharding)
         poly = abc[1] * u + abc[2] * mm(u, u)
         return abc[0] * x + (mm(x, poly) if tall else mm(poly, x))
 

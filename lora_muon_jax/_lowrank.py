@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _linalg
+from lora_muon_jax import _linalg, _sharding
 
 Method = Literal["eigh", "paper"]
 METHODS: tuple[str, ...] = ("eigh", "paper")
@@ -61,7 +61,13 @@ def _gram(x: jax.Array, tall: bool) -> jax.Array:
     """``xᵀx`` for a tall ``(..., m, r)`` or ``x xᵀ`` for a wide ``(..., r, n)``, in f32."""
     x = x.astype(jnp.float32)
     spec = "...mr,...ms->...rs" if tall else "...rn,...sn->...rs"
-    return jnp.einsum(spec, x, x, precision=_linalg.HIGHEST)
+    return jnp.einsum(
+        spec,
+        x,
+        x,
+        precision=_linalg.HIGHEST,
+        out_sharding=_sharding.small_out_sharding(x),
+    )
 
 
 def _trace(g: jax.Array) -> jax.Array:
@@ -120,7 +126,9 @@ def normalized_grams(mats: Sequence[tuple[jax.Array, bool]]) -> _Normalized:
 
 
 def _flat(x: jax.Array) -> jax.Array:
-    return x.reshape((-1,) + x.shape[-2:])
+    # r×r stacks are tiny: replicate them (under explicit sharding) so stacks of
+    # differently sharded pairs can be batched into one decomposition.
+    return _sharding.replicate(x).reshape((-1,) + x.shape[-2:])
 
 
 def directions(
@@ -166,7 +174,8 @@ def directions(
             out = _linalg.inv_sqrt_newton_schulz(s_stack)
         sizes = [_flat(s_grams[i]).shape[0] for i in idx]
         for i, piece in zip(idx, jnp.split(out, _offsets(sizes))):
-            whitened[i] = piece.reshape(s_grams[i].shape)
+            piece = piece.reshape(s_grams[i].shape)
+            whitened[i] = _sharding.like_batch(piece, jobs[i].momentum)
 
     out_dirs = []
     for i, job in enumerate(jobs):

@@ -71,8 +71,8 @@ class PairRule(NamedTuple):
       a_axes: axes of ``a``; the default is ``(*batch, m, r)``.
       b_axes: axes of ``b``; the default is ``(*batch, r, n)``.
       scope: if given, the parent key both factors must sit under (e.g. ``"lora"``
-        for gemma's ``lora/a``, ``lora/b``), so that short names cannot match
-        unrelated leaves.
+        for gemma's ``lora/a``, ``lora/b``); keys must then equal ``a`` and ``b``
+        exactly, so that short names cannot match unrelated leaves.
     """
 
     a: str
@@ -307,7 +307,11 @@ def _match_by_rules(
                     continue
                 if rule.scope is not None and (len(name) < 2 or name[-2] != rule.scope):
                     continue
-                for pre, post in _token_matches(name[-1], own):
+                # Scoped rules name short keys (`a`, `b`): match them exactly.
+                found = (
+                    [("", "")] if name[-1] == own else []
+                ) if rule.scope is not None else _token_matches(name[-1], own)
+                for pre, post in found:
                     partner = name[:-1] + (pre + other + post,)
                     j = index.get(partner)
                     if j is None:
@@ -318,7 +322,9 @@ def _match_by_rules(
                             " is missing"
                         )
                     elif role == "a":
-                        matches.append(_Match(i, j, rule.a_axes, rule.b_axes))
+                        match = _Match(i, j, rule.a_axes, rule.b_axes)
+                        if match not in matches:  # the same pair from two rules
+                            matches.append(match)
     if orphans:
         raise ValueError(
             "Unpaired LoRA factor(s): " + "; ".join(orphans) + ". Every adapter needs "
