@@ -169,7 +169,7 @@ def directions(
         s_stack = jnp.concatenate([_flat(s_grams[i]) for i in idx])
         if method == "eigh":
             k_stack = jnp.concatenate([_flat(k_grams[i]) for i in idx])
-            out = _linalg.whitened_polar_eigh(s_stack, k_stack, rtol)
+            out = _linalg.whitened_polar(s_stack, k_stack, rtol)
         else:
             out = _linalg.inv_sqrt_newton_schulz(s_stack)
         sizes = [_flat(s_grams[i]).shape[0] for i in idx]
