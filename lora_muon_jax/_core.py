@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _gauge, _lowrank, _pairs, _validation
+from lora_muon_jax import _gauge, _lowrank, _pairs, _pairwise, _validation
 from lora_muon_jax._weight_decay import split_weight_decay
 
 _SCALE_FN = "scale_by_lora_muon"
@@ -129,10 +129,8 @@ def scale_by_lora_muon(
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params: Any) -> LoRAMuonState:
-        paths, leaves, _ = _pairs.flatten_with_paths(params)
-        # Validate early (and on shapes only) so a bad tree fails at init.
-        plan = _pairs.plan_pairs(paths, leaves, pairs)
-        _validation.require_all_paired(_SCALE_FN, plan)
+        # Validate early (shapes only) so a bad tree fails at init.
+        _pairwise.check_init(_SCALE_FN, params, pairs)
         return LoRAMuonState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -142,62 +140,36 @@ def scale_by_lora_muon(
         updates: Any, state: LoRAMuonState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, LoRAMuonState]:
         del extra_args
-        paths, grads, treedef = _pairs.flatten_with_paths(updates)
-        p_leaves = _validation.params_leaves(_SCALE_FN, paths, params)
-        mu_leaves = treedef.flatten_up_to(state.mu)
-        plan = _pairs.plan_pairs(paths, p_leaves, pairs)
-        _validation.require_all_paired(_SCALE_FN, plan)
+        tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
+        mu_leaves = tree.treedef.flatten_up_to(state.mu)
 
         b32 = jnp.asarray(beta, jnp.float32)
         new_mu = [
-            b32 * m.astype(jnp.float32) + (1.0 - b32) * g.astype(jnp.float32)
-            for m, g in zip(mu_leaves, grads)
+            b32 * _pairwise.f32(m) + (1.0 - b32) * _pairwise.f32(g)
+            for m, g in zip(mu_leaves, tree.grads)
         ]
         if nesterov:
-            source = [
-                b32 * m + (1.0 - b32) * g.astype(jnp.float32)
-                for m, g in zip(new_mu, grads)
-            ]
+            source = [b32 * m + (1.0 - b32) * _pairwise.f32(g) for m, g in zip(new_mu, tree.grads)]
         else:
             source = new_mu
 
         jobs = []
-        for pair in plan.pairs:
-            a, b = p_leaves[pair.a_index], p_leaves[pair.b_index]
-            jobs.append(
-                _lowrank.FactorJob(
-                    momentum=pair.canonical(source[pair.a_index], "a"),
-                    partner=pair.canonical(b, "b"),
-                    tall=True,
-                )
-            )
-            jobs.append(
-                _lowrank.FactorJob(
-                    momentum=pair.canonical(source[pair.b_index], "b"),
-                    partner=pair.canonical(a, "a"),
-                    tall=False,
-                )
-            )
+        for pair in tree.plan.pairs:
+            a, b = _pairwise.canonical(pair, tree.params)
+            m_a, m_b = _pairwise.canonical(pair, source)
+            jobs.append(_lowrank.FactorJob(momentum=m_a, partner=b, tall=True))
+            jobs.append(_lowrank.FactorJob(momentum=m_b, partner=a, tall=False))
         dirs = _lowrank.directions(jobs, method=method, rtol=eps)
 
         half_budget = 0.5 / jnp.asarray(lora_scale, jnp.float32)
-        out: list[Any] = list(grads)
-        for k, pair in enumerate(plan.pairs):
-            for role, index, d in (
-                ("a", pair.a_index, dirs[2 * k]),
-                ("b", pair.b_index, dirs[2 * k + 1]),
-            ):
-                leaf = p_leaves[index]
-                out[index] = pair.restore(d * half_budget, role, leaf.shape).astype(
-                    leaf.dtype
-                )
+        per_pair = [
+            (dirs[2 * k] * half_budget, dirs[2 * k + 1] * half_budget)
+            for k in range(len(tree.plan.pairs))
+        ]
         mu_out = [m.astype(old.dtype) for m, old in zip(new_mu, mu_leaves)]
-        return (
-            jax.tree_util.tree_unflatten(treedef, out),
-            LoRAMuonState(
-                count=optax.safe_increment(state.count),
-                mu=jax.tree_util.tree_unflatten(treedef, mu_out),
-            ),
+        return _pairwise.scatter(tree, per_pair), LoRAMuonState(
+            count=optax.safe_increment(state.count),
+            mu=_pairwise.unflatten(tree, mu_out),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -320,17 +292,15 @@ def lora_muon(
     )
     if rebalance is not None:
         lora_tx = _gauge.with_gauge_rebalancing(lora_tx, rebalance, pairs=pairs)
-    adam = optax.adamw(
+    return _pairwise.with_adamw_fallback(
+        lora_tx,
+        pairs=pairs,
         learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-        b1=adam_b1,
-        b2=adam_b2,
-        eps=adam_eps,
-        eps_root=adam_eps_root,
-        weight_decay=adam_weight_decay,
+        adam_b1=adam_b1,
+        adam_b2=adam_b2,
+        adam_eps=adam_eps,
+        adam_eps_root=adam_eps_root,
+        adam_weight_decay=adam_weight_decay,
         mu_dtype=mu_dtype,
+        label="lora_muon",
     )
-    return optax.partition(
-        {"lora_muon": lora_tx, "adam": adam},
-        _pairs.lora_param_labels(pairs, lora_label="lora_muon", other_label="adam"),
-    )
-

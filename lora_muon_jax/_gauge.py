@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _lowrank, _pairs, _validation
+from lora_muon_jax import _linalg, _lowrank, _pairs, _pairwise, _validation
 
 _FN = "with_gauge_rebalancing"
 
@@ -153,9 +153,8 @@ def with_gauge_rebalancing(
     def update_fn(
         updates: Any, state: GaugeRebalanceState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, GaugeRebalanceState]:
-        paths, _, treedef = _pairs.flatten_with_paths(updates)
-        p_leaves = _validation.params_leaves(_FN, paths, params)
-        plan = _pairs.plan_pairs(paths, p_leaves, pairs)
+        tree = _pairwise.flatten(_FN, updates, params, pairs, require_all_paired=False)
+        plan, treedef, p_leaves = tree.plan, tree.treedef, tree.params
         inner_updates, inner_state = optax.with_extra_args_support(inner).update(
             updates, state.inner_state, params, **extra_args
         )

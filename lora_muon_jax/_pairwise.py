@@ -1,0 +1,121 @@
+"""Plumbing shared by every optimizer that updates LoRA factor pairs.
+
+A pair optimizer's ``update`` does the same four things: flatten updates and params
+with their paths, find the pairs (same rules and errors everywhere), view each
+pair's factors in canonical layout ``a: (*batch, m, r)``, ``b: (*batch, r, n)``, and
+put the per-pair results back into the leaves' own layout and dtype. This module
+does those four things once; optimizers only write the per-pair maths. It also
+builds the AdamW fallback alias for leaves in no pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_muon_jax import _pairs, _validation
+
+
+class PairTree(NamedTuple):
+    """A flattened ``updates`` tree with its params and pairs resolved."""
+
+    plan: _pairs.PairPlan
+    treedef: Any
+    grads: list[Any]
+    params: list[Any]
+
+
+def flatten(
+    fn: str,
+    updates: Any,
+    params: Any,
+    pairs: _pairs.PairsLike,
+    *,
+    require_all_paired: bool = True,
+) -> PairTree:
+    """Flattens ``updates``/``params`` and finds the pairs (raises with leaf paths)."""
+    paths, grads, treedef = _pairs.flatten_with_paths(updates)
+    p_leaves = _validation.params_leaves(fn, paths, params)
+    plan = _pairs.plan_pairs(paths, p_leaves, pairs)
+    if require_all_paired:
+        _validation.require_all_paired(fn, plan)
+    return PairTree(plan, treedef, list(grads), list(p_leaves))
+
+
+def check_init(fn: str, params: Any, pairs: _pairs.PairsLike) -> _pairs.PairPlan:
+    """Validates pairs at ``init`` (also on a leafless ``optax.tree.map_params`` placeholder)."""
+    paths, leaves, _ = _pairs.flatten_with_paths(params)
+    plan = _pairs.plan_pairs(paths, leaves, pairs)
+    _validation.require_all_paired(fn, plan)
+    return plan
+
+
+def canonical(pair: _pairs.LoRAPair, leaves: Sequence[Any]) -> tuple[jax.Array, jax.Array]:
+    """``(a, b)`` of one pair from a leaf list, in canonical layout."""
+    return pair.canonical(leaves[pair.a_index], "a"), pair.canonical(leaves[pair.b_index], "b")
+
+
+def scatter(
+    tree: PairTree,
+    per_pair: Sequence[tuple[jax.Array, jax.Array]],
+    *,
+    like: Sequence[Any] | None = None,
+) -> Any:
+    """Puts canonical per-pair ``(u_a, u_b)`` back into a tree shaped like the params.
+
+    Each result is restored to its leaf's layout and cast to the dtype of ``like``
+    (default: the params, so updates come back in the param dtype). Leaves in no
+    pair keep their incoming update.
+    """
+    like = tree.params if like is None else like
+    out = list(tree.grads)
+    for pair, (ua, ub) in zip(tree.plan.pairs, per_pair):
+        for role, index, u in (("a", pair.a_index, ua), ("b", pair.b_index, ub)):
+            ref = like[index]
+            out[index] = pair.restore(u, role, ref.shape).astype(ref.dtype)
+    return jax.tree_util.tree_unflatten(tree.treedef, out)
+
+
+def unflatten(tree: PairTree, leaves: Sequence[Any]) -> Any:
+    return jax.tree_util.tree_unflatten(tree.treedef, list(leaves))
+
+
+def with_adamw_fallback(
+    pair_tx: optax.GradientTransformation,
+    *,
+    pairs: _pairs.PairsLike,
+    learning_rate: optax.ScalarOrSchedule,
+    adam_b1: jax.typing.ArrayLike,
+    adam_b2: jax.typing.ArrayLike,
+    adam_eps: jax.typing.ArrayLike,
+    adam_eps_root: jax.typing.ArrayLike,
+    adam_weight_decay: jax.typing.ArrayLike,
+    mu_dtype: Any = None,
+    label: str = "lora",
+) -> optax.GradientTransformationExtraArgs:
+    """``pair_tx`` on LoRA factors, :func:`optax.adamw` on every other leaf.
+
+    The labels come from :func:`lora_param_labels` (paths only), so they agree
+    between ``init`` (params, possibly Flax Variables) and ``update`` (updates).
+    """
+    adam = optax.adamw(
+        learning_rate=learning_rate,
+        b1=adam_b1,
+        b2=adam_b2,
+        eps=adam_eps,
+        eps_root=adam_eps_root,
+        weight_decay=adam_weight_decay,
+        mu_dtype=mu_dtype,
+    )
+    return optax.partition(
+        {label: pair_tx, "adam": adam},
+        _pairs.lora_param_labels(pairs, lora_label=label, other_label="adam"),
+    )
+
+
+def f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
