@@ -1,0 +1,255 @@
+"""One entry point for every benchmark table and plot in the README.
+
+Usage::
+
+    python -m benchmarks.run [--quick] [--out benchmarks/results/cpu.json]
+    python -m benchmarks.plots benchmarks/results/cpu.json   # PNGs + markdown tables
+
+Sections (each measured side by side in one process, medians and quartiles over
+``--repeats`` runs after warm-up, NaN runs refused):
+
+* ``targets``: the core configurations (layers, m, n, r) of the issue tracker:
+  LoRA-Muon (default and paper route) vs AdamW on the LoRA tree, AdamW and
+  ``optax.contrib.muon`` on the equivalent dense tree, and every peer optimizer on
+  the tree it is made for, with a roofline column;
+* ``sweep_m``, ``sweep_r``, ``sweep_layers``, ``sweep_dtype``: one-at-a-time sweeps
+  around (L, m, n, r) = (4, 1024, 1024, 16) to show how the cost grows;
+* ``memory``: exact optimizer-state bytes per method (from the state tree) and the
+  peak temporary bytes of the compiled step (XLA memory analysis);
+* ``end_to_end``: a full training step (forward, backward, update) of the
+  quickstart model with LoRA-Muon vs AdamW.
+
+Results go to JSON with machine information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lora_muon_jax as lmj
+from benchmarks import common
+from benchmarks.step_time import CONFIGS, dense_muon, dense_tree, lora_tree, state_floats
+
+# ----------------------------------------------------------------------------- registry
+
+Factory = Callable[[], optax.GradientTransformation]
+
+
+def _lora_methods() -> dict[str, Factory]:
+    methods: dict[str, Factory] = {
+        "adamw": lambda: optax.adamw(1e-3),
+        "lora_muon": lambda: lmj.lora_muon(0.02),
+        "lora_muon_paper": lambda: lmj.lora_muon(0.02, method="paper"),
+    }
+    peers = _optional_peers()
+    for name in ("spectron", "lora_rite", "riemannion"):
+        if name in peers:
+            methods[name] = peers[name]
+    return methods
+
+
+def _dense_methods() -> dict[str, Factory]:
+    methods: dict[str, Factory] = {
+        "dense_adamw": lambda: optax.adamw(1e-3),
+        "dense_muon": lambda: dense_muon(0.02),
+    }
+    peers = _optional_peers()
+    for name in ("lora_pre_adam", "lora_pre_muon", "limuon"):
+        if name in peers:
+            methods[name] = peers[name]
+    return methods
+
+
+def _optional_peers() -> dict[str, Factory]:
+    """Peer optimizers with benchmark settings (each on the tree it is made for)."""
+    try:
+        from lora_muon_jax import peers
+    except ImportError:  # pragma: no cover
+        return {}
+    out: dict[str, Factory] = {}
+    if hasattr(peers, "spectron"):
+        out["spectron"] = lambda: peers.spectron(0.02)
+    if hasattr(peers, "lora_rite"):
+        out["lora_rite"] = lambda: peers.lora_rite(1e-3)
+    if hasattr(peers, "riemannion"):
+        out["riemannion"] = lambda: peers.riemannion(0.02)
+    if hasattr(peers, "lora_pre_adam"):
+        out["lora_pre_adam"] = lambda: peers.lora_pre_adam(1e-3, rank=16)
+    if hasattr(peers, "lora_pre_muon"):
+        out["lora_pre_muon"] = lambda: peers.lora_pre_muon(0.02, rank=16)
+    if hasattr(peers, "limuon"):
+        out["limuon"] = lambda: peers.limuon(0.02, rank=16)
+    return out
+
+
+# ------------------------------------------------------------------------------ guards
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
+def check_fits(layers: int, m: int, n: int, r: int, dtype, dense: bool) -> None:
+    """Refuses a configuration whose arrays cannot fit in memory, with the numbers."""
+    size = jnp.dtype(dtype).itemsize
+    elems = layers * m * n if dense else layers * (m + n) * r
+    # params, grads, up to two moments, update and new params, plus temporaries.
+    need = 8 * elems * size
+    have = _available_bytes()
+    if need > 0.8 * have:
+        kind = "dense" if dense else "LoRA"
+        raise MemoryError(
+            f"benchmark config (L={layers}, m={m}, n={n}, r={r}, {jnp.dtype(dtype).name}, {kind}) "
+            f"needs about {need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is available; "
+            "choose smaller sizes."
+        )
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _time_methods(methods: dict[str, Factory], params, grads, repeats: int) -> dict[str, Any]:
+    fns, states, peak = {}, {}, {}
+    for name, make in methods.items():
+        tx = make()
+        state = tx.init(params)
+        step = common.optimizer_step(tx)
+        out = step(params, state, grads)
+        common.assert_finite(out[0], name)
+        compiled = step.lower(params, state, grads).compile()
+        mem = compiled.memory_analysis()
+        peak[name] = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else None
+        states[name] = state
+        fns[name] = lambda step=step, state=state: step(params, state, grads)
+    times = common.interleaved_times(fns, repeats)
+    return {
+        name: {
+            **common.summarize(times[name]),
+            "state_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(states[name]))),
+            "state_floats": state_floats(states[name]),
+            "peak_temp_bytes": peak[name],
+        }
+        for name in methods
+    }
+
+
+def lora_row(cfg, repeats: int, dtype=jnp.float32, methods=None, with_dense: bool = True) -> dict[str, Any]:
+    layers, m, n, r = cfg
+    check_fits(layers, m, n, r, dtype, dense=False)
+    params, grads = lora_tree(layers, m, n, r, dtype)
+    row: dict[str, Any] = {
+        "config": {"layers": layers, "m": m, "n": n, "r": r, "dtype": jnp.dtype(dtype).name},
+        "lora": _time_methods(methods or _lora_methods(), params, grads, repeats),
+    }
+    if with_dense:
+        check_fits(layers, m, n, r, dtype, dense=True)
+        dp, dg = dense_tree(layers, m, n, dtype)
+        row["dense"] = _time_methods(_dense_methods(), dp, dg, max(3, repeats // 5))
+    return row
+
+
+def end_to_end(repeats: int) -> dict[str, Any] | None:
+    """Forward + backward + update of the quickstart model: LoRA-Muon vs AdamW."""
+    try:
+        from flax import nnx
+
+        from lora_muon_jax import models
+    except ImportError:
+        return None
+    cfg = dict(vocab=65, width=128, depth=2, heads=4, rank=16, seq_len=64)
+    batch = jax.random.randint(jax.random.key(0), (32, cfg["seq_len"] + 1), 0, cfg["vocab"])
+    fns = {}
+    for name, tx in (("adamw", optax.adamw(1e-3)), ("lora_muon", lmj.lora_muon(0.05))):
+        model = models.CharTransformer(**cfg, rngs=nnx.Rngs(0))
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt, batch):
+            loss, grads = nnx.value_and_grad(models.loss_fn)(model, batch)
+            opt.update(model, grads)
+            return loss
+
+        loss = step(model, opt, batch)
+        if not np.isfinite(float(loss)):
+            raise FloatingPointError(f"end_to_end {name}: NaN loss")
+        fns[name] = lambda step=step, model=model, opt=opt: step(model, opt, batch)
+    times = common.interleaved_times(fns, repeats)
+    return {"config": cfg, "batch": 32, **{k: common.summarize(v) for k, v in times.items()}}
+
+
+def main(argv=None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--sections", type=str, default="targets,sweep_m,sweep_r,sweep_layers,sweep_dtype,end_to_end")
+    ap.add_argument("--out", type=str, default="benchmarks/results/results.json")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 20)
+    sections = set(args.sections.split(","))
+    machine = {
+        **common.machine_info(),
+        "matmul_gflops": common.measure_matmul_gflops(repeats=3 if args.quick else 10),
+        "bandwidth_gbs": common.measure_bandwidth(repeats=3 if args.quick else 20),
+    }
+    results: dict[str, Any] = {"machine": machine, "quick": args.quick, "repeats": repeats}
+    base = (2, 256, 256, 8) if args.quick else (4, 1024, 1024, 16)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    if "targets" in sections:
+        cfgs = ((2, 256, 256, 8), (1, 512, 512, 16)) if args.quick else CONFIGS
+        results["targets"] = []
+        for c in cfgs:
+            log(f"targets {c}")
+            row = lora_row(c, repeats, with_dense=args.quick or c[1] * c[2] <= 2048 * 2048)
+            elems = c[0] * (c[1] + c[2]) * c[3]
+            bw, gf = machine["bandwidth_gbs"], machine["matmul_gflops"]
+            row["roofline_ms"] = {
+                "adamw": common.roofline_ms(28 * elems, 10 * elems, bw, gf),
+                "lora_muon": common.roofline_ms(20 * elems, (6 * c[3] + 10) * elems, bw, gf),
+            }
+            results["targets"].append(row)
+    core = {"adamw": _lora_methods()["adamw"], "lora_muon": _lora_methods()["lora_muon"]}
+    sweeps = {
+        "sweep_m": [(base[0], s, s, base[3]) for s in ((128, 256, 512) if args.quick else (512, 1024, 2048, 4096, 8192))],
+        "sweep_r": [(base[0], base[1], base[2], r) for r in ((1, 4, 16) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128))],
+        "sweep_layers": [(L, base[1], base[2], base[3]) for L in ((1, 2, 4) if args.quick else (1, 2, 4, 8, 16, 32))],
+    }
+    for name, cfgs in sweeps.items():
+        if name in sections:
+            results[name] = []
+            for c in cfgs:
+                log(f"{name} {c}")
+                results[name].append(lora_row(c, repeats, methods=core, with_dense=False))
+    if "sweep_dtype" in sections:
+        results["sweep_dtype"] = []
+        for dtype in (jnp.float32, jnp.bfloat16):
+            log(f"sweep_dtype {jnp.dtype(dtype).name}")
+            results["sweep_dtype"].append(lora_row(base, repeats, dtype=dtype, methods=core, with_dense=False))
+    if "end_to_end" in sections:
+        log("end_to_end")
+        results["end_to_end"] = end_to_end(repeats)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    common.write_json(args.out, results)
+    log(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Smoke tests of the benchmark harness, so the README's tables stay reproducible."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import common, plots, run, step_time
+
+
+def test_lora_row_times_every_method_and_counts_state():
+    row = run.lora_row((1, 32, 24, 4), repeats=2, methods=None, with_dense=True)
+    lora = row["lora"]
+    assert {"adamw", "lora_muon", "lora_muon_paper"} <= set(lora)
+    # LoRA-Muon keeps one momentum per factor; AdamW two moments.
+    assert lora["lora_muon"]["state_floats"] == 1 * (32 + 24) * 4
+    assert lora["adamw"]["state_floats"] == 2 * (32 + 24) * 4
+    assert all(v["median_ms"] > 0 for v in lora.values())
+    results = {
+        "machine": {"cpu": "x", "cores": 2, "backend": "cpu", "device": "cpu", "jax": "0", "optax": "0",
+                    "matmul_gflops": 1.0, "bandwidth_gbs": 1.0},
+        "repeats": 2,
+        "targets": [row],
+        "sweep_r": [row],
+    }
+    text = plots.targets_table(results)
+    assert "lora_muon" in text and "(÷" in text
+    assert "state floats" in plots.memory_table(results)
+
+
+def test_refuses_configs_that_cannot_fit():
+    with pytest.raises(MemoryError, match="needs about .* GiB but only"):
+        run.check_fits(64, 1 << 20, 1 << 20, 16, jnp.float32, dense=True)
+
+
+def test_refuses_nan_runs():
+    with pytest.raises(FloatingPointError, match="no timing reported"):
+        common.assert_finite({"w": jnp.array([1.0, jnp.nan])}, "demo")
+
+
+def test_step_time_table_renders():
+    rows = [step_time.run_config((1, 32, 24, 4), repeats=2, dense_repeats=1, full=False,
+                                 machine={"matmul_gflops": 1.0, "bandwidth_gbs": 1.0})]
+    machine = {"cpu": "x", "cores": 2, "backend": "cpu", "jax": "0", "optax": "0",
+               "matmul_gflops": 1.0, "bandwidth_gbs": 1.0}
+    assert "LoRA-Muon ms" in step_time.table(rows, machine)
