@@ -335,3 +335,22 @@ def test_bf16_params_close_to_f32():
     for k in u16:
         assert u16[k].dtype == jnp.bfloat16
         assert rel_err(u16[k].astype(jnp.float32), u32[k]) < 1e-2
+
+
+def test_many_adapters_equal_one_at_a_time():
+    # Same-shape adapters are stacked internally; each must still get its own update.
+    rng = np.random.default_rng(12)
+    shapes = {"q": (16, 12), "k": (16, 12), "v": (16, 12), "up": (16, 20), "down": (20, 16)}
+    params = {
+        name: {"lora_a": jnp.asarray(rng.standard_normal((m, 3)), jnp.float32),
+               "lora_b": jnp.asarray(rng.standard_normal((3, n)), jnp.float32)}
+        for name, (m, n) in shapes.items()
+    }
+    params["k"]["lora_b"] = jnp.zeros((3, 12))  # one zero-init pair inside a stacked group
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+    tx = lmj.lora_muon(0.1, beta=0.5)
+    together, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for name in shapes:
+        alone, _ = tx.update(grads[name], tx.init(params[name]), params[name])
+        for k in ("lora_a", "lora_b"):
+            np.testing.assert_allclose(together[name][k], alone[k], rtol=1e-5, atol=1e-7)
