@@ -112,9 +112,25 @@ def with_adamw_fallback(
         mu_dtype=mu_dtype,
     )
     return optax.partition(
-        {label: pair_tx, "adam": adam},
+        {label: pair_tx, "adam": optax.chain(adam, cast_updates_like_params())},
         _pairs.lora_param_labels(pairs, lora_label=label, other_label="adam"),
     )
+
+
+def cast_updates_like_params() -> optax.GradientTransformationExtraArgs:
+    """Casts every update to its param's dtype (stateless).
+
+    ``optax.adamw(mu_dtype="float32")`` returns float32 updates for bfloat16 params;
+    Optax's convention, and ours, is updates in the param dtype.
+    """
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any):
+        del extra_args
+        if params is None:
+            return updates, state
+        return optax.tree.cast_like(updates, params), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def f32(x: jax.Array) -> jax.Array:

@@ -354,3 +354,16 @@ def test_many_adapters_equal_one_at_a_time():
         alone, _ = tx.update(grads[name], tx.init(params[name]), params[name])
         for k in ("lora_a", "lora_b"):
             np.testing.assert_allclose(together[name][k], alone[k], rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_fallback_updates_in_param_dtype_with_f32_momentum():
+    params = {
+        "lora_a": jnp.ones((6, 2), jnp.bfloat16),
+        "lora_b": jnp.ones((2, 5), jnp.bfloat16),
+        "bias": jnp.ones((5,), jnp.bfloat16),
+    }
+    tx = lmj.lora_muon(0.1, mu_dtype="float32")
+    u, state = jax.jit(tx.update)(params, tx.init(params), params)
+    assert {k: v.dtype for k, v in u.items()} == {k: jnp.bfloat16 for k in params}
+    mu = state.inner_states["lora_muon"].inner_state[0].mu
+    assert mu["lora_a"].dtype == mu["lora_b"].dtype == jnp.float32
