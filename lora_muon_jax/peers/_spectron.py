@@ -1,0 +1,478 @@
+"""Spectron: orthogonalized momentum with spectral renormalization, per LoRA factor pair."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_muon_jax import _linalg, _pairs, _pairwise, _sharding, _validation
+
+_SCALE_FN = "scale_by_spectron"
+_ALIAS_FN = "spectron"
+
+# Keller Jordan's quintic Newton–Schulz coefficients, repeated every step (the
+# Spectron paper's Algorithm 2, as cited by its reimplementations).
+NS_COEFFS: tuple[tuple[float, float, float], ...] = ((3.4445, -4.7750, 2.0315),)
+
+# Fixed seed of the power-iteration start vectors: the state is deterministic and
+# needs no user key.
+_POWER_SEED = 0
+
+
+class SpectronState(NamedTuple):
+    """State of :func:`scale_by_spectron`: momenta and power-iteration vectors."""
+
+    count: jax.Array  # shape=(), dtype=int32.
+    mu: optax.Updates  # like params; dtype=mu_dtype (default: the param's dtype).
+    # Right singular vector estimates, one per factor matrix: shape (*batch, r), float32.
+    power_vectors: optax.Updates
+
+
+def _check_int(fn: str, name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: `{name}` must be a Python int (it sets a loop length); got "
+                f"{value!r}. Under inject_hyperparams, list it in `static_args`."
+            ) from None
+    if value < low:
+        raise ValueError(f"{fn}: `{name}` must be >= {low}; got {value}.")
+    return value
+
+
+def _check_coeffs(fn: str, coeffs: Any) -> tuple[tuple[float, float, float], ...]:
+    try:
+        table = tuple(tuple(float(c) for c in row) for row in coeffs)
+    except (TypeError, ValueError):
+        table = ()
+    if not table or any(len(row) != 3 or not all(map(math.isfinite, row)) for row in table):
+        raise ValueError(
+            f"{fn}: `ns_coeffs` must be a non-empty sequence of finite (a, b, c) "
+            f"triples; got {coeffs!r}."
+        )
+    return table
+
+
+def _check_common(
+    fn: str, beta: Any, ns_steps: Any, ns_coeffs: Any, power_iterations: Any
+) -> tuple[int, tuple[tuple[float, float, float], ...], int]:
+    _validation.check_scalar("beta", beta, low=0.0, high=1.0, high_inclusive=False, fn=fn)
+    steps = _check_int(fn, "ns_steps", ns_steps, 1)
+    table = _check_coeffs(fn, ns_coeffs)
+    power = _check_int(fn, "power_iterations", power_iterations, 1)
+    return steps, table, power
+
+
+def _group_key(pair: _pairs.LoRAPair, params: list[Any]) -> tuple:
+    a, b = params[pair.a_index], params[pair.b_index]
+    return (
+        pair.batch_shape,
+        pair.m,
+        pair.n,
+        pair.rank,
+        str(_sharding.explicit_spec(a)),
+        str(_sharding.explicit_spec(b)),
+    )
+
+
+def _newton_schulz(
+    x: jax.Array, coeffs: Sequence[tuple[float, float, float]], steps: int
+) -> jax.Array:
+    """Newton–Schulz orthogonalization of a thin matrix stack, cycling ``coeffs``.
+
+    ``x`` is first divided by its Frobenius norm (a zero matrix stays zero); each
+    step is ``X ← a X + (b U + c U²) X`` with ``U = X Xᵀ`` on the short side. The
+    fixed quintic coefficients leave the singular values in about
+    ``[0.68, 1.20]`` rather than at 1.
+    """
+    x = _linalg.frobenius_normalize(x, safety=1.0)
+    tall = x.shape[-2] > x.shape[-1]
+    gram_sharding = _sharding.small_out_sharding(x)
+    table = tuple(coeffs[k % len(coeffs)] for k in range(steps))
+
+    def body(x: jax.Array, abc: jax.Array) -> jax.Array:
+        xt = jnp.swapaxes(x, -1, -2)
+        u = jnp.matmul(
+            *((xt, x) if tall else (x, xt)),
+            precision=_linalg.HIGHEST,
+            out_sharding=gram_sharding,
+        )
+        poly = abc[1] * u + abc[2] * _linalg.mm(u, u)
+        return abc[0] * x + (_linalg.mm(x, poly) if tall else _linalg.mm(poly, x))
+
+    return _linalg._scan_coeffs(body, x, table)
+
+
+def _power_step(
+    x: jax.Array, v: jax.Array, left: bool
+) -> tuple[jax.Array, jax.Array]:
+    """One power iteration for ``σ_max`` of a factor, from a rank-space vector.
+
+    ``x`` is ``a`` (``(*batch, m, r)``, ``left=True``) or ``b`` (``(*batch, r, n)``).
+    With the tall view ``T`` (``a`` or ``bᵀ``): ``u = T v/‖T v‖``, ``z = Tᵀ u``,
+    ``σ = ‖z‖ ≤ σ_max`` and the new ``v = z/‖z‖``. A zero ``T v`` (a zero factor)
+    gives ``σ = 0`` and keeps ``v``.
+    """
+    hi = _linalg.HIGHEST
+    if left:
+        w = jnp.einsum("...mr,...r->...m", x, v, precision=hi)
+    else:
+        w = jnp.einsum("...rn,...r->...n", x, v, precision=hi)
+    w_norm = jnp.linalg.norm(w, axis=-1, keepdims=True)
+    u = w / jnp.where(w_norm > 0, w_norm, 1.0)
+    # z contracts the long (possibly sharded) axis: only r numbers are reduced.
+    small = _sharding.small_out_sharding(x)
+    out = None if small is None else jax.sharding.PartitionSpec(*tuple(small)[:-1])
+    if left:
+        z = jnp.einsum("...mr,...m->...r", x, u, precision=hi, out_sharding=out)
+    else:
+        z = jnp.einsum("...rn,...n->...r", x, u, precision=hi, out_sharding=out)
+    sigma = jnp.linalg.norm(z, axis=-1, keepdims=True)
+    new_v = jnp.where(sigma > 0, z / jnp.where(sigma > 0, sigma, 1.0), v)
+    return sigma[..., 0], new_v
+
+
+def _power_iteration(
+    x: jax.Array, v: jax.Array, left: bool, iterations: int
+) -> tuple[jax.Array, jax.Array]:
+    """``iterations`` warm-started power steps (a rolled loop); returns ``(σ, v)``."""
+
+    def body(_, carry):
+        return _power_step(x, carry[1], left)
+
+    sigma0 = jnp.zeros(v.shape[:-1], v.dtype)
+    return jax.lax.fori_loop(0, iterations, body, (sigma0, v))
+
+
+def _start_vectors(pair: _pairs.LoRAPair, k: int, leaves: Sequence[Any]) -> list[jax.Array]:
+    """Unit start vectors for both factors: the exact top right singular vector.
+
+    It is the top eigenvector of the factor's r×r Gram (one small ``eigh``), so
+    the first ``σ`` are exact whatever the spectral gap; a warm-up of a few power
+    steps can leave them several percent low when the top two singular values are
+    close. A zero factor gets a fixed-seed random unit vector instead.
+    """
+    key = jax.random.fold_in(jax.random.key(_POWER_SEED), k)
+    out = []
+    for role, sub in (("a", 0), ("b", 1)):
+        index = pair.a_index if role == "a" else pair.b_index
+        x = pair.canonical(leaves[index], role).astype(jnp.float32)
+        xt = jnp.swapaxes(x, -1, -2)
+        gram = jnp.matmul(
+            *((xt, x) if role == "a" else (x, xt)),
+            precision=_linalg.HIGHEST,
+            out_sharding=_sharding.small_out_sharding(x),
+        )
+        lam, vecs = jnp.linalg.eigh(gram)
+        v = jax.random.normal(jax.random.fold_in(key, sub), lam.shape, jnp.float32)
+        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+        out.append(jnp.where(lam[..., -1:] > 0, vecs[..., -1], v))
+    return out
+
+
+def scale_by_spectron(
+    beta: jax.typing.ArrayLike = 0.9,
+    *,
+    nesterov: bool = False,
+    ns_steps: int = 5,
+    ns_coeffs: Sequence[tuple[float, float, float]] = NS_COEFFS,
+    power_iterations: int = 1,
+    pairs: _pairs.PairsLike = "auto",
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Rescales LoRA factor gradients to Spectron's direction (unit learning rate).
+
+    For every pair :math:`ΔW = a b` (``a: (..., m, r)``, ``b: (..., r, n)``) it
+    keeps an EMA momentum per factor and a power-iteration vector per factor, and
+    returns
+
+    .. math::
+
+      m_a &\leftarrow β m_a + (1-β) g_a, \qquad m_b \leftarrow β m_b + (1-β) g_b \\
+      O_a &= \operatorname{NS}(m_a), \qquad O_b = \operatorname{NS}(m_b) \\
+      u_a &= \frac{O_a}{σ_a + σ_b + 1}, \qquad u_b = \frac{O_b}{σ_a + σ_b + 1},
+
+    where NS is ``ns_steps`` quintic Newton–Schulz steps (an approximate
+    :math:`\operatorname{msign}`) and :math:`σ_a ≈ \|a\|_2`, :math:`σ_b ≈ \|b\|_2`
+    come from warm-started power iteration. Chaining
+    :func:`optax.scale_by_learning_rate` with rate :math:`η` gives Spectron's
+    :math:`ρ = η/(σ_a + σ_b + 1)`: the paper's rate is linear in :math:`η`, so the
+    learning rate stays an ordinary (schedulable, injectable) last factor and
+    this transformation needs no learning rate. With exact orthogonalization the
+    full product change is then at most
+    :math:`ρ σ_b + σ_a ρ + ρ^2 ≤ η` for :math:`η ≤ 1`; the quintic NS leaves
+    singular values up to about 1.2, which loosens this by up to that factor.
+
+    Unlike :func:`scale_by_lora_muon` the step is **not gauge invariant**: under
+    :math:`(a, b) → (c a, b / c)` the orthogonalized momenta do not change but the
+    product terms :math:`O_a b` and :math:`a O_b` scale by :math:`1/c` and
+    :math:`c`, so an imbalanced pair spends its budget on one factor.
+
+    The power iteration keeps a unit vector :math:`v ∈ R^r` per factor matrix
+    (the rank side; the reimplementations keep the m- or n-sized left vector,
+    which is the same iteration started half a step later) and runs
+    ``power_iterations`` steps per update: :math:`u = T v/\|T v\|`,
+    :math:`z = T^\top u`, :math:`σ = \|z\|`, :math:`v ← z/σ` for the tall view
+    :math:`T` (``a`` or ``bᵀ``). This estimate is never above :math:`σ_{max}`, so
+    :math:`ρ` errs large while it converges. Instead of warm-up iterations,
+    ``init`` starts each vector at the factor's exact top right singular vector
+    (from its r×r Gram, one small ``eigh``), so the first steps are exact even
+    when the top two singular values are close; a zero factor (LoRA's ``b = 0``)
+    starts from a fixed-seed random unit vector, has :math:`σ = 0` and keeps its
+    vector until it moves. No user key is needed and the state is deterministic.
+    The Newton–Schulz input is divided by its Frobenius norm with a zero guard,
+    so a zero momentum (the partner of a zero factor) gives a zero step. All of
+    it runs in float32.
+
+    Every leaf of the tree must belong to a pair; :func:`spectron` routes other
+    leaves to AdamW.
+
+    Args:
+      beta: momentum decay :math:`β` in ``[0, 1)``.
+      nesterov: orthogonalize :math:`β m + (1-β) g` instead of :math:`m`. Static.
+      ns_steps: Newton–Schulz steps. Static.
+      ns_coeffs: ``(a, b, c)`` triples, used in turn (cycled) for the
+        ``ns_steps`` steps; the default repeats ``(3.4445, -4.7750, 2.0315)``.
+        Static.
+      power_iterations: power-iteration steps per update. Static.
+      pairs: how to find factor pairs; see :func:`find_lora_pairs`. Static.
+      mu_dtype: dtype of the momentum; ``None`` keeps each param's dtype.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
+      ``params``.
+
+    Raises:
+      ValueError: out-of-range hyperparameters or a malformed ``ns_coeffs`` (at
+        construction); an unpaired factor, mismatched ranks, batch axes or dtypes, a
+        leaf in no pair, or missing ``params`` (at trace time, naming the paths).
+      TypeError: a non-integer ``ns_steps`` or ``power_iterations``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from lora_muon_jax.peers import scale_by_spectron
+      >>> params = {'lora_a': jnp.eye(4, 2) * 3., 'lora_b': jnp.eye(2, 3)}
+      >>> grads = {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}
+      >>> # Cubic Newton–Schulz keeps the rank-1 momentum's singular value at 1.
+      >>> tx = scale_by_spectron(beta=0.0, ns_coeffs=((1.5, -0.5, 0.0),))
+      >>> u, _ = tx.update(grads, tx.init(params), params)
+      >>> print(f"{1 / jnp.linalg.norm(u['lora_a'], ord=2):.2f}")  # σ_a + σ_b + 1 = 3 + 1 + 1
+      5.00
+
+    References:
+      Janson, Oyallon, Belilovsky, `Stabilizing Native Low-Rank LLM Pretraining
+      <https://arxiv.org/abs/2602.12429>`_, 2026
+
+      Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+      <https://kellerjordan.github.io/posts/muon/>`_, 2024
+    """
+    steps, table, power = _check_common(_SCALE_FN, beta, ns_steps, ns_coeffs, power_iterations)
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def init_fn(params: Any) -> SpectronState:
+        plan = _pairwise.check_init(_SCALE_FN, params, pairs)
+        _, leaves, treedef = _pairs.flatten_with_paths(params)
+        vectors = list(leaves)
+        for k, pair in enumerate(plan.pairs):
+            v_a, v_b = _start_vectors(pair, k, leaves)
+            vectors[pair.a_index], vectors[pair.b_index] = v_a, v_b
+        return SpectronState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            power_vectors=jax.tree_util.tree_unflatten(treedef, vectors),
+        )
+
+    def update_fn(
+        updates: Any, state: SpectronState, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, SpectronState]:
+        del extra_args
+        tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
+        mu_leaves = tree.treedef.flatten_up_to(state.mu)
+        vec_leaves = list(tree.treedef.flatten_up_to(state.power_vectors))
+
+        b32 = jnp.asarray(beta, jnp.float32)
+        new_mu = [
+            b32 * _pairwise.f32(m) + (1.0 - b32) * _pairwise.f32(g)
+            for m, g in zip(mu_leaves, tree.grads, strict=True)
+        ]
+        if nesterov:
+            source = [
+                b32 * m + (1.0 - b32) * _pairwise.f32(g)
+                for m, g in zip(new_mu, tree.grads, strict=True)
+            ]
+        else:
+            source = new_mu
+
+        # Pairs of identical shapes (the adapters of an unscanned model) are stacked
+        # and computed as one: compile time grows with the number of shapes only.
+        groups: dict[tuple, list[_pairs.LoRAPair]] = {}
+        for pair in tree.plan.pairs:
+            groups.setdefault(_group_key(pair, tree.params), []).append(pair)
+        per_pair, ordered = [], []
+        for members in groups.values():
+
+            def stacked(leaves, role, members=members):
+                index = (lambda p: p.a_index) if role == "a" else (lambda p: p.b_index)
+                return jnp.stack([p.canonical(leaves[index(p)], role) for p in members])
+
+            a, b = (stacked(tree.params, role).astype(jnp.float32) for role in ("a", "b"))
+            v_a = jnp.stack([vec_leaves[p.a_index] for p in members])
+            v_b = jnp.stack([vec_leaves[p.b_index] for p in members])
+            sigma_a, v_a = _power_iteration(a, v_a, True, power)
+            sigma_b, v_b = _power_iteration(b, v_b, False, power)
+            scale = (1.0 / (sigma_a + sigma_b + 1.0))[..., None, None]
+            o_a = _newton_schulz(stacked(source, "a"), table, steps) * scale
+            o_b = _newton_schulz(stacked(source, "b"), table, steps) * scale
+            for k, pair in enumerate(members):
+                per_pair.append((o_a[k], o_b[k]))
+                vec_leaves[pair.a_index], vec_leaves[pair.b_index] = v_a[k], v_b[k]
+                ordered.append(pair)
+        tree = tree._replace(plan=tree.plan._replace(pairs=tuple(ordered)))
+
+        mu_out = [m.astype(old.dtype) for m, old in zip(new_mu, mu_leaves, strict=True)]
+        return _pairwise.scatter(tree, per_pair), SpectronState(
+            count=optax.safe_increment(state.count),
+            mu=_pairwise.unflatten(tree, mu_out),
+            power_vectors=_pairwise.unflatten(tree, vec_leaves),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def spectron(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: jax.typing.ArrayLike = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    *,
+    nesterov: bool = False,
+    ns_steps: int = 5,
+    ns_coeffs: Sequence[tuple[float, float, float]] = NS_COEFFS,
+    power_iterations: int = 1,
+    pairs: _pairs.PairsLike = "auto",
+    mu_dtype: Any = None,
+    weight_decay_mask: Any = None,
+    adam_b1: jax.typing.ArrayLike = 0.9,
+    adam_b2: jax.typing.ArrayLike = 0.999,
+    adam_eps: jax.typing.ArrayLike = 1e-8,
+    adam_eps_root: jax.typing.ArrayLike = 0.0,
+    adam_weight_decay: jax.typing.ArrayLike = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Spectron: orthogonalized momentum with a spectrally renormalized step.
+
+    For each factor pair (found by ``pairs``) it chains :func:`scale_by_spectron`,
+    :func:`optax.add_decayed_weights` and :func:`optax.scale_by_learning_rate`:
+
+    .. math::
+
+      a \leftarrow a - η\Big(\frac{O_a}{σ_a + σ_b + 1} + λ a\Big), \qquad
+      b \leftarrow b - η\Big(\frac{O_b}{σ_a + σ_b + 1} + λ b\Big).
+
+    Weight decay is decoupled and factor-wise, as in NVIDIA's reimplementation
+    (``p ← p - η λ p``), so the product shrinks by about :math:`(1-λη)^2`. That
+    reimplementation decays the factors before it measures :math:`σ`; here
+    :math:`σ` is measured on the factors before the step, which differs by
+    :math:`O(ηλ)` in :math:`ρ`. Every other leaf (biases, norms, embeddings) goes to
+    :func:`optax.adamw` with the ``adam_*`` hyperparameters.
+
+    :math:`η` is a spectral budget on the product change, in the same units as
+    :func:`lora_muon`'s (which splits it as :math:`η/2` per factor term), but
+    Spectron is not gauge invariant: rescaling :math:`(a, b) → (c a, b / c)`
+    changes its steps.
+
+    Works inside :func:`optax.chain`, :func:`optax.partition`, :func:`optax.masked`,
+    :class:`optax.MultiSteps`, :func:`optax.apply_if_finite` and under
+    :func:`optax.inject_hyperparams` (list ``ns_steps``, ``power_iterations``
+    and a callable ``pairs`` in ``static_args``: they set loop lengths).
+
+    Args:
+      learning_rate: :math:`η`, a float or an optax schedule.
+      beta: momentum decay :math:`β`.
+      weight_decay: :math:`λ`, factor-wise decoupled weight decay.
+      nesterov: Nesterov momentum. Static.
+      ns_steps: Newton–Schulz steps. Static.
+      ns_coeffs: Newton–Schulz ``(a, b, c)`` triples, cycled. Static.
+      power_iterations: power-iteration steps per update. Static.
+      pairs: how to find factor pairs; see :func:`find_lora_pairs`. Static.
+      mu_dtype: momentum dtype for every leaf (LoRA and AdamW); ``None`` keeps the
+        param dtype.
+      weight_decay_mask: optional mask (tree or callable) for the weight decay of
+        LoRA leaves.
+      adam_b1: AdamW :math:`β_1` for leaves in no pair.
+      adam_b2: AdamW :math:`β_2` for leaves in no pair.
+      adam_eps: AdamW :math:`ε` for leaves in no pair.
+      adam_eps_root: AdamW :math:`ε_{root}` for leaves in no pair.
+      adam_weight_decay: AdamW weight decay for leaves in no pair.
+      adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
+      ``params``.
+
+    Raises:
+      ValueError: as :func:`scale_by_spectron`, and a negative ``weight_decay``.
+      TypeError: as :func:`scale_by_spectron`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from lora_muon_jax.peers import spectron
+      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+      >>> target = jax.random.normal(k1, (16, 8))
+      >>> params = {'lora_a': jax.random.normal(k2, (16, 4)) * 0.3,
+      ...           'lora_b': jax.random.normal(k3, (4, 8)) * 0.3, 'bias': jnp.zeros(8)}
+      >>> loss = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] + p['bias'] - target) ** 2)
+      >>> tx = spectron(learning_rate=1.0)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...   grads = jax.grad(loss)(params)
+      ...   updates, state = tx.update(grads, state, params)
+      ...   return optax.apply_updates(params, updates), state
+      >>> state = tx.init(params)
+      >>> print(f"{loss(params):.2f}")
+      1.38
+      >>> for _ in range(50):
+      ...   params, state = step(params, state)
+      >>> print(f"{loss(params):.2f}")
+      0.23
+
+    References:
+      See :func:`scale_by_spectron`.
+
+      NVIDIA-NeMo/Emerging-Optimizers, ``orthogonalized_optimizers/spectron.py``
+      (a reimplementation: factor-wise decoupled weight decay).
+    """
+    _check_common(_ALIAS_FN, beta, ns_steps, ns_coeffs, power_iterations)
+    _validation.check_scalar("weight_decay", weight_decay, low=0.0, fn=_ALIAS_FN)
+    lora_tx = optax.chain(
+        scale_by_spectron(
+            beta,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_coeffs=ns_coeffs,
+            power_iterations=power_iterations,
+            pairs=pairs,
+            mu_dtype=mu_dtype,
+        ),
+        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    return _pairwise.with_adamw_fallback(
+        lora_tx,
+        pairs=pairs,
+        learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+        adam_b1=adam_b1,
+        adam_b2=adam_b2,
+        adam_eps=adam_eps,
+        adam_eps_root=adam_eps_root,
+        adam_weight_decay=adam_weight_decay,
+        mu_dtype=mu_dtype,
+        label="spectron",
+    )
