@@ -11,6 +11,10 @@ from importlib import metadata as _metadata
 from lora_muon_jax._core import LoRAMuonState as LoRAMuonState
 from lora_muon_jax._core import lora_muon as lora_muon
 from lora_muon_jax._core import scale_by_lora_muon as scale_by_lora_muon
+from lora_muon_jax._diagnostics import LoRADiagnosticsState as LoRADiagnosticsState
+from lora_muon_jax._diagnostics import LoRAPairDiagnostics as LoRAPairDiagnostics
+from lora_muon_jax._diagnostics import lora_pair_diagnostics as lora_pair_diagnostics
+from lora_muon_jax._diagnostics import with_lora_diagnostics as with_lora_diagnostics
 from lora_muon_jax._gauge import GaugeRebalance as GaugeRebalance
 from lora_muon_jax._gauge import GaugeRebalanceState as GaugeRebalanceState
 from lora_muon_jax._gauge import rebalance_pair as rebalance_pair
@@ -35,16 +39,20 @@ __all__ = [
     "FactorAxes",
     "GaugeRebalance",
     "GaugeRebalanceState",
+    "LoRADiagnosticsState",
     "LoRAFactor",
     "LoRAMuonState",
     "LoRAPair",
+    "LoRAPairDiagnostics",
     "PairRule",
     "SplitWeightDecayState",
     "find_lora_pairs",
     "lora_muon",
+    "lora_pair_diagnostics",
     "lora_param_labels",
     "rebalance_pair",
     "scale_by_lora_muon",
     "split_weight_decay",
     "with_gauge_rebalancing",
+    "with_lora_diagnostics",
 ]
