@@ -7,6 +7,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+# The TinyShakespeare corpus is never copied into the repository; in this project's
+# layout (and in CI) it sits in ../shared/data beside the checkout.
+_SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+if "LORA_MUON_JAX_DATA" not in os.environ and os.path.isdir(_SHARED_DATA):
+    os.environ["LORA_MUON_JAX_DATA"] = os.path.abspath(_SHARED_DATA)
+
 import hypothesis  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
