@@ -17,6 +17,8 @@ Two families:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +40,9 @@ DAMPED_NS_INV_SQRT_COEFFS: tuple[tuple[float, float, float], ...] = (
 )
 DAMPED_NS_GAMMA = 1.001
 DAMPED_NS_SHIFT = 1e-5
+
+# Muon's quintic Newton–Schulz coefficients (Jordan 2024; optax.contrib.muon's default).
+MUON_NS_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 # Polar Express msign, 8 steps (Amsel et al. 2025, as used by the LoRA-Muon paper).
 POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
@@ -229,3 +234,49 @@ def polar_express(x: jax.Array, *, tall: bool, normalize: bool = True) -> jax.Ar
         return abc[0] * x + (mm(x, poly) if tall else mm(poly, x))
 
     return _scan_coeffs(body, x, POLAR_EXPRESS_COEFFS)
+
+
+def newton_schulz(
+    x: jax.Array,
+    coeffs: Any = MUON_NS_COEFFS,
+    steps: int = 5,
+    *,
+    eps: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    """Muon's Newton–Schulz ``msign`` of a matrix stack, in a rolled loop.
+
+    The iteration runs on the short side (a tall stack is transposed and back) and
+    steps ``x ← a x + (b A + c A²) x`` with ``A = x xᵀ``. ``coeffs`` is one
+    ``(a, b, c)`` triple used every step, or a table of which the last ``steps``
+    rows are used (optax's convention). The input is first scaled to unit
+    Frobenius norm: with ``eps=None`` overflow-safely (:func:`frobenius_normalize`),
+    otherwise as ``x / (‖x‖_F + eps)``, exactly like ``optax.contrib.muon``. A zero
+    matrix maps to zero. The fixed quintic leaves singular values in about
+    ``[0.7, 1.2]``, not at 1.
+    """
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = jnp.swapaxes(x, -1, -2)
+    x = x.astype(jnp.float32)
+    if eps is None:
+        x = frobenius_normalize(x, safety=1.0)
+    else:
+        x = x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)) + eps)
+    rows = tuple(tuple(r) for r in coeffs) if isinstance(coeffs[0], (tuple, list)) else (tuple(coeffs),)
+    table = rows * steps if len(rows) == 1 else rows[-steps:]
+    gram_sharding = _sharding.small_out_sharding(x)
+
+    def body(x: jax.Array, abc: jax.Array) -> jax.Array:
+        a = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=HIGHEST, out_sharding=gram_sharding)
+        b = abc[1] * a + abc[2] * mm(a, a)
+        return abc[0] * x + mm(b, x)
+
+    x = _scan_coeffs(body, x, table)
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def msign_svd(x: jax.Array) -> jax.Array:
+    """Exact ``U Vᵀ`` of a stack by thin SVD; numerically zero singular values drop."""
+    u, s, vt = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+    tol = max(x.shape[-2:]) * jnp.finfo(jnp.float32).eps * jnp.max(s, axis=-1, keepdims=True)
+    return mm(u * (s > tol).astype(jnp.float32)[..., None, :], vt)

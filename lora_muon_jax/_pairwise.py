@@ -10,14 +10,14 @@ builds the AdamW fallback alias for leaves in no pair.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pairs, _validation
+from lora_muon_jax import _pairs, _sharding, _validation
 
 
 class PairTree(NamedTuple):
@@ -80,14 +80,36 @@ def scatter(
     return jax.tree_util.tree_unflatten(tree.treedef, out)
 
 
+def same_shape_groups(tree: PairTree) -> list[list[_pairs.LoRAPair]]:
+    """The pairs grouped by layout (shapes, dtype, sharding), in first-seen order.
+
+    Pairs of one group can be stacked along a new leading axis so that each step
+    is one batched computation per group instead of one per adapter (the q, k, v, o
+    adapters of every layer of an unscanned model, say).
+    """
+    groups: dict[tuple, list[_pairs.LoRAPair]] = {}
+    for pair in tree.plan.pairs:
+        a, b = tree.params[pair.a_index], tree.params[pair.b_index]
+        key = (
+            pair.batch_shape,
+            pair.m,
+            pair.n,
+            pair.rank,
+            str(a.dtype),
+            str(_sharding.explicit_spec(a)),
+            str(_sharding.explicit_spec(b)),
+        )
+        groups.setdefault(key, []).append(pair)
+    return list(groups.values())
+
+
 def unflatten(tree: PairTree, leaves: Sequence[Any]) -> Any:
     return jax.tree_util.tree_unflatten(tree.treedef, list(leaves))
 
 
 def with_adamw_fallback(
-    pair_tx: optax.GradientTransformation,
+    main_tx: optax.GradientTransformation,
     *,
-    pairs: _pairs.PairsLike,
     learning_rate: optax.ScalarOrSchedule,
     adam_b1: jax.typing.ArrayLike,
     adam_b2: jax.typing.ArrayLike,
@@ -95,12 +117,18 @@ def with_adamw_fallback(
     adam_eps_root: jax.typing.ArrayLike,
     adam_weight_decay: jax.typing.ArrayLike,
     mu_dtype: Any = None,
+    pairs: _pairs.PairsLike = "auto",
     label: str = "lora",
+    labels: Callable[[Any], Any] | None = None,
+    mask_compatible_extra_args: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """``pair_tx`` on LoRA factors, :func:`optax.adamw` on every other leaf.
+    """``main_tx`` on the leaves labelled ``label``, :func:`optax.adamw` on the rest.
 
-    The labels come from :func:`lora_param_labels` (paths only), so they agree
-    between ``init`` (params, possibly Flax Variables) and ``update`` (updates).
+    By default the labels come from :func:`lora_param_labels` (paths only: LoRA
+    factors vs everything else), so they agree between ``init`` (params, possibly
+    Flax Variables) and ``update`` (updates); dense-weight optimizers pass their own
+    ``labels`` (``label`` for matrices, ``"adam"`` otherwise). The AdamW updates are
+    cast to the param dtype.
     """
     adam = optax.adamw(
         learning_rate=learning_rate,
@@ -111,9 +139,12 @@ def with_adamw_fallback(
         weight_decay=adam_weight_decay,
         mu_dtype=mu_dtype,
     )
+    if labels is None:
+        labels = _pairs.lora_param_labels(pairs, lora_label=label, other_label="adam")
     return optax.partition(
-        {label: pair_tx, "adam": optax.chain(adam, cast_updates_like_params())},
-        _pairs.lora_param_labels(pairs, lora_label=label, other_label="adam"),
+        {label: main_tx, "adam": optax.chain(adam, cast_updates_like_params())},
+        labels,
+        mask_compatible_extra_args=mask_compatible_extra_args,
     )
 
 

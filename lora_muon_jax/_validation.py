@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -96,3 +97,22 @@ def require_all_paired(fn: str, plan: _pairs.PairPlan) -> None:
             f"{shown}. Use the alias (e.g. `lora_muon`), which sends other leaves to "
             "AdamW, or wrap with `optax.partition(..., lora_param_labels())`."
         )
+
+
+def check_static_int(fn: str, name: str, value: Any, low: int = 1) -> int:
+    """``value`` as a Python int ``>= low``: it sets shapes or loop lengths, so it is static."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{fn}: `{name}` must be a Python int (it sets array shapes or loop "
+            f"lengths); got {value!r}. Under `optax.inject_hyperparams` list it in "
+            f"`static_args=('{name}',)`."
+        )
+    if value < low:
+        raise ValueError(f"{fn}: `{name}` must be >= {low}; got {value!r}.")
+    return value
+
+
+def check_choice(fn: str, name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raises ``ValueError`` listing the valid options when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{fn}: `{name}` must be one of {list(choices)}; got {value!r}.")

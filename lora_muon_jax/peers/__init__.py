@@ -8,6 +8,17 @@ dtype and error rules as :func:`lora_muon_jax.lora_muon`:
   :func:`lora_pre_muon`, :func:`limuon`.
 """
 
+from lora_muon_jax.peers._limuon import LiMuonState as LiMuonState
+from lora_muon_jax.peers._limuon import LowRankMomentum as LowRankMomentum
+from lora_muon_jax.peers._limuon import limuon as limuon
+from lora_muon_jax.peers._limuon import randomized_svd as randomized_svd
+from lora_muon_jax.peers._limuon import scale_by_limuon as scale_by_limuon
+from lora_muon_jax.peers._lora_pre import LoRAPreAdamState as LoRAPreAdamState
+from lora_muon_jax.peers._lora_pre import LoRAPreMuonState as LoRAPreMuonState
+from lora_muon_jax.peers._lora_pre import lora_pre_adam as lora_pre_adam
+from lora_muon_jax.peers._lora_pre import lora_pre_muon as lora_pre_muon
+from lora_muon_jax.peers._lora_pre import scale_by_lora_pre_adam as scale_by_lora_pre_adam
+from lora_muon_jax.peers._lora_pre import scale_by_lora_pre_muon as scale_by_lora_pre_muon
 from lora_muon_jax.peers._lora_rite import LoRARiteState as LoRARiteState
 from lora_muon_jax.peers._lora_rite import lora_rite as lora_rite
 from lora_muon_jax.peers._lora_rite import scale_by_lora_rite as scale_by_lora_rite
@@ -20,12 +31,23 @@ from lora_muon_jax.peers._spectron import scale_by_spectron as scale_by_spectron
 from lora_muon_jax.peers._spectron import spectron as spectron
 
 __all__ = [
+    "LiMuonState",
+    "LoRAPreAdamState",
+    "LoRAPreMuonState",
     "LoRARiteState",
+    "LowRankMomentum",
     "RiemannionState",
     "SpectronState",
+    "limuon",
+    "lora_pre_adam",
+    "lora_pre_muon",
     "lora_rite",
+    "randomized_svd",
     "riemannion",
     "riemannion_loi_init",
+    "scale_by_limuon",
+    "scale_by_lora_pre_adam",
+    "scale_by_lora_pre_muon",
     "scale_by_lora_rite",
     "scale_by_riemannion",
     "scale_by_spectron",

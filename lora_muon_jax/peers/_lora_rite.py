@@ -151,19 +151,6 @@ def _gather(pair, role, dtype, tree, mu, basis, nu, escape) -> _Factor:
     )
 
 
-def _group_key(pair: _pairs.LoRAPair, params: list[Any]) -> tuple:
-    a, b = params[pair.a_index], params[pair.b_index]
-    return (
-        pair.batch_shape,
-        pair.m,
-        pair.n,
-        pair.rank,
-        str(a.dtype),
-        str(_sharding.explicit_spec(a)),
-        str(_sharding.explicit_spec(b)),
-    )
-
-
 def _stack(factors: list[_Factor]) -> _Factor:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *factors)
 
@@ -345,14 +332,11 @@ def scale_by_lora_rite(
         # Pairs of identical shapes (the adapters of an unscanned model) are stacked
         # on a new leading axis and computed as one: compile time and kernel count
         # grow with the number of distinct shapes, not of adapters.
-        groups: dict[tuple, list[_pairs.LoRAPair]] = {}
-        for pair in tree.plan.pairs:
-            groups.setdefault(_group_key(pair, tree.params), []).append(pair)
 
         # Pass 1, every group: bases, unmagnified gradients, skipping. The clip
         # needs the norm over all pairs before any preconditioning.
         staged = []
-        for members in groups.values():
+        for members in _pairwise.same_shape_groups(tree):
             dtype = _compute_dtype(tree.params[members[0].a_index].dtype)
             fa, fb = (
                 _stack(

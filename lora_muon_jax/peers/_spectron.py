@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -18,7 +17,7 @@ _ALIAS_FN = "spectron"
 
 # Keller Jordan's quintic Newton–Schulz coefficients, repeated every step (the
 # Spectron paper's Algorithm 2, as cited by its reimplementations).
-NS_COEFFS: tuple[tuple[float, float, float], ...] = ((3.4445, -4.7750, 2.0315),)
+NS_COEFFS: tuple[tuple[float, float, float], ...] = (_linalg.MUON_NS_COEFFS,)
 
 # Fixed seed of the power-iteration start vectors: the state is deterministic and
 # needs no user key.
@@ -32,20 +31,6 @@ class SpectronState(NamedTuple):
     mu: optax.Updates  # like params; dtype=mu_dtype (default: the param's dtype).
     # Right singular vector estimates, one per factor matrix: shape (*batch, r), float32.
     power_vectors: optax.Updates
-
-
-def _check_int(fn: str, name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            value = operator.index(value)
-        except TypeError:
-            raise TypeError(
-                f"{fn}: `{name}` must be a Python int (it sets a loop length); got "
-                f"{value!r}. Under inject_hyperparams, list it in `static_args`."
-            ) from None
-    if value < low:
-        raise ValueError(f"{fn}: `{name}` must be >= {low}; got {value}.")
-    return value
 
 
 def _check_coeffs(fn: str, coeffs: Any) -> tuple[tuple[float, float, float], ...]:
@@ -65,50 +50,15 @@ def _check_common(
     fn: str, beta: Any, ns_steps: Any, ns_coeffs: Any, power_iterations: Any
 ) -> tuple[int, tuple[tuple[float, float, float], ...], int]:
     _validation.check_scalar("beta", beta, low=0.0, high=1.0, high_inclusive=False, fn=fn)
-    steps = _check_int(fn, "ns_steps", ns_steps, 1)
+    steps = _validation.check_static_int(fn, "ns_steps", ns_steps, 1)
     table = _check_coeffs(fn, ns_coeffs)
-    power = _check_int(fn, "power_iterations", power_iterations, 1)
-    return steps, table, power
-
-
-def _group_key(pair: _pairs.LoRAPair, params: list[Any]) -> tuple:
-    a, b = params[pair.a_index], params[pair.b_index]
-    return (
-        pair.batch_shape,
-        pair.m,
-        pair.n,
-        pair.rank,
-        str(_sharding.explicit_spec(a)),
-        str(_sharding.explicit_spec(b)),
-    )
-
-
-def _newton_schulz(
-    x: jax.Array, coeffs: Sequence[tuple[float, float, float]], steps: int
-) -> jax.Array:
-    """Newton–Schulz orthogonalization of a thin matrix stack, cycling ``coeffs``.
-
-    ``x`` is first divided by its Frobenius norm (a zero matrix stays zero); each
-    step is ``X ← a X + (b U + c U²) X`` with ``U = X Xᵀ`` on the short side. The
-    fixed quintic coefficients leave the singular values in about
-    ``[0.68, 1.20]`` rather than at 1.
-    """
-    x = _linalg.frobenius_normalize(x, safety=1.0)
-    tall = x.shape[-2] > x.shape[-1]
-    gram_sharding = _sharding.small_out_sharding(x)
-    table = tuple(coeffs[k % len(coeffs)] for k in range(steps))
-
-    def body(x: jax.Array, abc: jax.Array) -> jax.Array:
-        xt = jnp.swapaxes(x, -1, -2)
-        u = jnp.matmul(
-            *((xt, x) if tall else (x, xt)),
-            precision=_linalg.HIGHEST,
-            out_sharding=gram_sharding,
+    if 1 < len(table) < steps:
+        raise ValueError(
+            f"{fn}: `ns_coeffs` has {len(table)} rows but `ns_steps`={steps}; give one "
+            "row (used every step) or at least `ns_steps` rows (the last ones are used)."
         )
-        poly = abc[1] * u + abc[2] * _linalg.mm(u, u)
-        return abc[0] * x + (_linalg.mm(x, poly) if tall else _linalg.mm(poly, x))
-
-    return _linalg._scan_coeffs(body, x, table)
+    power = _validation.check_static_int(fn, "power_iterations", power_iterations, 1)
+    return steps, table, power
 
 
 def _power_step(
@@ -313,11 +263,8 @@ def scale_by_spectron(
 
         # Pairs of identical shapes (the adapters of an unscanned model) are stacked
         # and computed as one: compile time grows with the number of shapes only.
-        groups: dict[tuple, list[_pairs.LoRAPair]] = {}
-        for pair in tree.plan.pairs:
-            groups.setdefault(_group_key(pair, tree.params), []).append(pair)
         per_pair, ordered = [], []
-        for members in groups.values():
+        for members in _pairwise.same_shape_groups(tree):
 
             def stacked(leaves, role, members=members):
                 index = (lambda p: p.a_index) if role == "a" else (lambda p: p.b_index)
@@ -329,8 +276,8 @@ def scale_by_spectron(
             sigma_a, v_a = _power_iteration(a, v_a, True, power)
             sigma_b, v_b = _power_iteration(b, v_b, False, power)
             scale = (1.0 / (sigma_a + sigma_b + 1.0))[..., None, None]
-            o_a = _newton_schulz(stacked(source, "a"), table, steps) * scale
-            o_b = _newton_schulz(stacked(source, "b"), table, steps) * scale
+            o_a = _linalg.newton_schulz(stacked(source, "a"), table, steps) * scale
+            o_b = _linalg.newton_schulz(stacked(source, "b"), table, steps) * scale
             for k, pair in enumerate(members):
                 per_pair.append((o_a[k], o_b[k]))
                 vec_leaves[pair.a_index], vec_leaves[pair.b_index] = v_a[k], v_b[k]

@@ -1,0 +1,448 @@
+"""LiMuon: Muon with a STORM variance-reduced momentum, optionally kept at low rank.
+
+LiMuon (Huang, Luo, Chen, 2025) replaces Muon's heavy-ball momentum by the STORM
+estimator, which needs the gradient at the previous point on the current batch,
+and (Option #2) carries that momentum between steps as a randomized rank-``r̂``
+SVD. It is a *dense-weight* optimizer: trees with LoRA factor pairs are rejected.
+
+Sources. No public code ("TBD"). Primary: the abstract (arXiv 2509.14562 v1-v3:
+STORM-style variance reduction plus randomized SVD, lower memory, ``O(ε^{-3})``
+sample complexity, a Newton–Schulz variant). Secondary, and in agreement: the
+project's ``peers.md`` §5 (papernotes of the ICML 2026 version, the themoonlight
+review, the zij summary): Algorithm 1 (``M_0 = ∇f(W_0; ξ_0)``, ``O_t = U_t V_tᵀ``,
+``M_{t+1} = g + (1-β)(M_t - g̃)``, Option #2 with ``M̂_t = RSVD_r̂(M_t)``) and
+Algorithm 2 (Gaussian sketch with oversampling ``s ≥ 2``, QR, small SVD). Re-read
+for this implementation: the themoonlight review and the zij page state the same
+recursion and the same ``g̃ = ∇f(W_t; ξ_{t+1})``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
+from lora_muon_jax.peers import _dense
+
+_SCALE_FN = "scale_by_limuon"
+_ALIAS_FN = "limuon"
+PREV_GRADS = "prev_grads"
+
+
+class LowRankMomentum(NamedTuple):
+    """Carried momenta ``M̂ = U diag(S) Vᵀ``: three trees like the params.
+
+    For one ``(*batch, m, n)`` matrix the leaves have shapes ``u: (*batch, m, r̂)``,
+    ``s: (*batch, r̂)``, ``v: (*batch, n, r̂)`` (:func:`randomized_svd` returns
+    them as arrays). Keeping three trees, rather than a tuple per leaf, keeps the
+    state a tree of arrays under Flax's ``nnx.Optimizer``.
+    """
+
+    u: optax.Updates
+    s: optax.Updates
+    v: optax.Updates
+
+
+class LiMuonState(NamedTuple):
+    """State of :func:`scale_by_limuon`."""
+
+    count: jax.Array  # shape=(), dtype=int32.
+    key: jax.Array  # raw PRNG key data (jax.random.key_data), dtype=uint32.
+    # Option #1: the full momenta, like the params. Option #2: a LowRankMomentum.
+    mu: optax.Updates | LowRankMomentum
+
+
+def randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversampling: int) -> LowRankMomentum:
+    """Rank-``rank`` randomized SVD of a float32 ``(*batch, m, n)`` stack (Halko et al.).
+
+    ``Ω ~ N(0, 1)^{n×k}`` with ``k = min(rank + oversampling, m, n)``;
+    ``Q = qr(x Ω)``; ``Ũ Σ Vᵀ = svd(Qᵀ x)``; ``U = Q Ũ``; the top ``min(rank, m, n)``
+    triplets are kept. Exact when ``rank(x) <= k``, in particular when
+    ``k = min(m, n)``. A zero matrix gives zero singular values (no NaN).
+    """
+    *batch, m, n = x.shape
+    k = min(rank + oversampling, m, n)
+    r = min(rank, m, n)
+    omega = jax.random.normal(key, (*batch, n, k), jnp.float32)
+    q, _ = jnp.linalg.qr(_linalg.mm(x, omega))
+    small = _linalg.mm(jnp.swapaxes(q, -1, -2), x)  # (*batch, k, n)
+    ub, s, vt = jnp.linalg.svd(small, full_matrices=False)
+    u = _linalg.mm(q, ub[..., :r])
+    return LowRankMomentum(u=u, s=s[..., :r], v=jnp.swapaxes(vt[..., :r, :], -1, -2))
+
+
+def reconstruct(mu: LowRankMomentum) -> jax.Array:
+    """``U diag(S) Vᵀ`` in float32."""
+    u = _pairwise.f32(mu.u) * _pairwise.f32(mu.s)[..., None, :]
+    return _linalg.mm(u, jnp.swapaxes(_pairwise.f32(mu.v), -1, -2))
+
+
+def _prev_leaves(fn: str, updates: Any, prev: Any) -> list[Any]:
+    """Leaves of ``prev_grads`` in the order of the updates' leaves, matched by path.
+
+    Matching by path (a trailing Flax ``.value`` ignored) accepts a ``prev_grads``
+    that is masked like the updates (``optax.partition(...,
+    mask_compatible_extra_args=True)``) as well as the full, unmasked tree.
+    """
+    u_paths, u_leaves, _ = _pairs.flatten_with_paths(updates)
+    p_paths, p_leaves, _ = _pairs.flatten_with_paths(prev)
+    by_path = {_pairs.normalized_path(p): x for p, x in zip(p_paths, p_leaves)}
+    out = []
+    missing = []
+    for path, g in zip(u_paths, u_leaves):
+        x = by_path.get(_pairs.normalized_path(path))
+        if x is None:
+            missing.append(_pairs.path_str(path))
+        elif tuple(x.shape) != tuple(g.shape):
+            raise ValueError(
+                f"{fn}: `{PREV_GRADS}` at {_pairs.path_str(path)} has shape "
+                f"{tuple(x.shape)}, but the gradient has shape {tuple(g.shape)}."
+            )
+        out.append(x)
+    if missing:
+        raise ValueError(
+            f"{fn}: `{PREV_GRADS}` must be a gradient tree like `updates`; it has no "
+            f"leaf at {_dense._shown(missing)}."
+        )
+    return out
+
+
+def scale_by_limuon(
+    beta: jax.typing.ArrayLike = 0.05,
+    *,
+    rank: int | None = None,
+    oversampling: int = 2,
+    orthogonalizer: _dense.Orthogonalizer = "newton_schulz",
+    ns_coeffs: Any = _dense.MUON_NS_COEFFS,
+    ns_steps: int = 5,
+    eps: jax.typing.ArrayLike = 1e-8,
+    seed: int = 0,
+    mu_dtype: Any = None,
+    pairs: _pairs.PairsLike = "auto",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Orthogonalizes a STORM variance-reduced momentum (LiMuon, Options #1 and #2).
+
+    ``update(updates, state, params, prev_grads=g̃)`` takes the gradient
+    :math:`g_t = ∇f(W_t; ξ_t)` at the current parameters on the current batch and,
+    as the extra argument ``prev_grads``, :math:`\tilde g_t = ∇f(W_{t-1}; ξ_t)`:
+    the gradient at the *previous* parameters on the *same* batch. With the
+    carried momentum :math:`\hat M_{t-1}`:
+
+    .. math::
+
+      M_t &= g_t + (1-β)\,(\hat M_{t-1} - \tilde g_t), \qquad
+      u_t = \operatorname{msign}(M_t) = U_t V_t^\top \quad (M_t = U_t Σ_t V_t^\top) \\
+      \hat M_t &= M_t \ \text{(Option \#1)} \quad \text{or} \quad
+      \operatorname{RSVD}_{\hat r}(M_t) \ \text{(Option \#2, ``rank=r̂``)}
+
+    This is the paper's Algorithm 1 with its indices shifted by one (there
+    :math:`M_{t+1}` is formed after the step :math:`W_{t+1} = W_t - η O_t`): the
+    returned update is the step away from the current parameters. The full-rank
+    :math:`M_t`, which holds the fresh gradient, is orthogonalized; only the
+    carried state is compressed. :math:`β` follows STORM: a *small* β means long
+    memory (``β = 1``: no memory, plain ``msign(g)``).
+
+    * First step (``count == 0``): :math:`M_0 = g_0`, the paper's initialization;
+      ``prev_grads`` is ignored (there is no previous point).
+    * ``prev_grads`` absent on a later step: :math:`\tilde g_t := g_t`, so
+      :math:`M_t = β g_t + (1-β) \hat M_{t-1}`: Muon's heavy-ball momentum with
+      decay :math:`1-β` and no variance reduction. This is also what every
+      wrapper that does not forward extra arguments gets.
+
+    Step order in a training loop (the paper's needs two gradients per step on
+    the same batch):
+
+    1. draw batch :math:`ξ_t`; 2. :math:`g_t = ∇f(W_t; ξ_t)`;
+    3. :math:`\tilde g_t = ∇f(W_{t-1}; ξ_t)`, with :math:`W_{t-1}` kept by the
+    loop from the previous step; 4. ``update(g_t, state, W_t, prev_grads=g̃_t)``;
+    5. apply, and keep :math:`W_t` as the next previous point.
+
+    The loop can avoid keeping :math:`W_{t-1}` by delaying the application of
+    each update instead (``peers.md`` §5): compute :math:`\tilde g` at the current
+    point on the next batch *before* applying the pending update, apply it, then
+    compute :math:`g` at the new point. Both orders give identical iterates and
+    both hold one extra params-sized array between steps (previous params or the
+    pending update): Option #2 shrinks the optimizer state, not that buffer.
+
+    Args:
+      beta: STORM weight :math:`β` in ``(0, 1]``; the carried momentum is
+        multiplied by :math:`1-β`. The default 0.05 makes the no-``prev_grads``
+        fallback Muon's usual momentum 0.95.
+      rank: ``None`` (default): Option #1, the full ``m×n`` momentum is carried.
+        An int ``r̂``: Option #2, carry ``U (m×r̂), S (r̂), V (n×r̂)`` from a
+        randomized SVD, ``(m+n) r̂ + r̂`` floats per matrix (``r̂`` capped at
+        ``min(m, n)``). Static.
+      oversampling: extra sketch columns ``s`` of the randomized SVD (paper:
+        ``s >= 2``). Static.
+      orthogonalizer: ``"newton_schulz"`` (Muon's quintic iteration, default; the
+        paper's Algorithm 3 variant), ``"polar_express"`` or ``"svd"`` (exact
+        ``U Vᵀ``, the paper's Algorithm 1). Static.
+      ns_coeffs: Newton–Schulz coefficients, shape ``(3,)`` or ``(k, 3)``.
+      ns_steps: Newton–Schulz steps. Static.
+      eps: added to the Frobenius norm before Newton–Schulz.
+      seed: integer seed of the sketch's PRNG key; the key is stored in the state
+        and split every step.
+      mu_dtype: dtype of the carried momentum; ``None`` keeps the param dtype.
+        Pass a string under ``inject_hyperparams``.
+      pairs: LoRA pair rules; a tree with LoRA pairs is rejected, ``pairs=()``
+        turns the detection off.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` reading the extra
+      argument ``prev_grads`` (a tree like ``updates``, or a masked version).
+
+    Raises:
+      ValueError: out-of-range hyperparameters; a leaf with ``ndim < 2``; LoRA
+        pairs in the tree; a ``prev_grads`` that misses a leaf or has a wrong
+        shape.
+      TypeError: a ``rank``, ``oversampling`` or ``ns_steps`` that is not an int.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from lora_muon_jax.peers import scale_by_limuon
+      >>> tx = scale_by_limuon(beta=0.1, rank=2, orthogonalizer="svd")
+      >>> params = {'w': jnp.zeros((6, 5))}
+      >>> state = tx.init(params)
+      >>> [x['w'].shape for x in state.mu]  # U, S, V: (6 + 5) * 2 + 2 floats
+      [(6, 2), (2,), (5, 2)]
+      >>> g = {'w': jnp.arange(30.0).reshape(6, 5) / 30}
+      >>> u, state = tx.update(g, state, params)
+      >>> g2, g2_prev = {'w': jnp.ones((6, 5))}, {'w': jnp.eye(6, 5)}
+      >>> u, state = tx.update(g2, state, params, prev_grads=g2_prev)
+      >>> print(jnp.round(jnp.linalg.svd(u['w'], compute_uv=False), 3))
+      [1. 1. 1. 1. 1.]
+
+    References:
+      Huang, Luo, Chen, `LiMuon: Light and Fast Muon Optimizer for Large Models
+      <https://arxiv.org/abs/2509.14562>`_, 2025
+
+      Cutkosky, Orabona, `Momentum-Based Variance Reduction in Non-Convex SGD
+      <https://arxiv.org/abs/1905.10018>`_, 2019
+
+      Halko, Martinsson, Tropp, `Finding Structure with Randomness
+      <https://arxiv.org/abs/0909.4061>`_, 2011
+    """
+    _check(_SCALE_FN, beta, rank, oversampling, orthogonalizer, ns_coeffs, ns_steps, eps)
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def init_fn(params: Any) -> LiMuonState:
+        _dense.reject_lora_pairs(_SCALE_FN, params, pairs)
+        _dense.check_matrices(_SCALE_FN, params, _ALIAS_FN)
+        if rank is None:
+            mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        else:
+            leaves, treedef = jax.tree.flatten(params)
+            us, ss, vs = [], [], []
+            for x in leaves:
+                batch, m, n = _dense.matrix_size(x)
+                r = min(rank, m, n)
+                dt = mu_dtype or x.dtype
+                us.append(jnp.zeros((*batch, m, r), dt))
+                ss.append(jnp.zeros((*batch, r), dt))
+                vs.append(jnp.zeros((*batch, n, r), dt))
+            mu = LowRankMomentum(*(jax.tree.unflatten(treedef, x) for x in (us, ss, vs)))
+        key = jax.random.key_data(jax.random.key(seed))
+        return LiMuonState(count=jnp.zeros([], jnp.int32), key=key, mu=mu)
+
+    def update_fn(
+        updates: Any, state: LiMuonState, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, LiMuonState]:
+        del params
+        _dense.reject_lora_pairs(_SCALE_FN, updates, pairs)
+        _dense.check_matrices(_SCALE_FN, updates, _ALIAS_FN)
+        grads, treedef = jax.tree.flatten(updates)
+        prev = extra_args.get(PREV_GRADS)
+        prev_leaves = (
+            [None] * len(grads) if prev is None else _prev_leaves(_SCALE_FN, updates, prev)
+        )
+        low_rank = rank is not None
+        if low_rank:
+            mu_leaves = [
+                LowRankMomentum(*x) for x in zip(*(treedef.flatten_up_to(t) for t in state.mu))
+            ]
+        else:
+            mu_leaves = treedef.flatten_up_to(state.mu)
+
+        key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
+        one_minus_beta = 1.0 - jnp.asarray(beta, jnp.float32)
+        # No carried momentum on the first step: M_0 = g_0 (Algorithm 1).
+        carry = jnp.where(state.count > 0, one_minus_beta, 0.0)
+
+        us, mus = [], []
+        for i, (g, mu, gt) in enumerate(zip(grads, mu_leaves, prev_leaves)):
+            g32 = _pairwise.f32(g)
+            carried = reconstruct(mu) if low_rank else _pairwise.f32(mu)
+            correction = carried - (g32 if gt is None else _pairwise.f32(gt))
+            big_m = g32 + carry * correction
+            o = _dense.orthogonalize(
+                big_m, orthogonalizer, ns_coeffs=ns_coeffs, ns_steps=ns_steps, eps=eps
+            )
+            us.append(o.astype(g.dtype))
+            if low_rank:
+                low = randomized_svd(big_m, jax.random.fold_in(step_key, i), rank, oversampling)
+                mus.append([new.astype(old.dtype) for new, old in zip(low, mu)])
+            else:
+                mus.append(big_m.astype(mu.dtype))
+
+        if low_rank:
+            fields = [[leaf[k] for leaf in mus] for k in range(3)]
+            new_mu = LowRankMomentum(*(jax.tree.unflatten(treedef, f) for f in fields))
+        else:
+            new_mu = jax.tree.unflatten(treedef, mus)
+        new_state = LiMuonState(
+            count=optax.safe_increment(state.count), key=jax.random.key_data(key), mu=new_mu
+        )
+        return jax.tree.unflatten(treedef, us), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check(
+    fn: str,
+    beta: Any,
+    rank: Any,
+    oversampling: Any,
+    orthogonalizer: Any,
+    ns_coeffs: Any,
+    ns_steps: Any,
+    eps: Any,
+) -> None:
+    _validation.check_scalar("beta", beta, low=0.0, high=1.0, low_inclusive=False, fn=fn)
+    _validation.check_scalar("eps", eps, low=0.0, fn=fn)
+    if rank is not None:
+        _validation.check_static_int(fn, "rank", rank)
+    _validation.check_static_int(fn, "oversampling", oversampling, low=0)
+    _dense.check_orthogonalizer(fn, orthogonalizer, ns_coeffs, ns_steps)
+
+
+def limuon(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: jax.typing.ArrayLike = 0.05,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    *,
+    rank: int | None = None,
+    oversampling: int = 2,
+    orthogonalizer: _dense.Orthogonalizer = "newton_schulz",
+    ns_coeffs: Any = _dense.MUON_NS_COEFFS,
+    ns_steps: int = 5,
+    eps: jax.typing.ArrayLike = 1e-8,
+    seed: int = 0,
+    mu_dtype: Any = None,
+    shape_scaling: _dense.ShapeScaling = "none",
+    consistent_rms: jax.typing.ArrayLike | None = None,
+    weight_decay_mask: Any = None,
+    pairs: _pairs.PairsLike = "auto",
+    adam_b1: jax.typing.ArrayLike = 0.9,
+    adam_b2: jax.typing.ArrayLike = 0.999,
+    adam_eps: jax.typing.ArrayLike = 1e-8,
+    adam_eps_root: jax.typing.ArrayLike = 0.0,
+    adam_weight_decay: jax.typing.ArrayLike = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""LiMuon: variance-reduced, optionally low-memory Muon for dense matrices.
+
+    Matrix leaves (``ndim >= 2``; leading axes are batch axes) follow
+    :func:`scale_by_limuon`, then an optional shape scaling, decoupled weight
+    decay and the learning rate: :math:`W \leftarrow W - η\,(s\, U V^\top + λ W)`.
+    Other leaves go to :func:`optax.adamw` with the ``adam_*`` arguments (they
+    ignore ``prev_grads``). Pass ``prev_grads=`` to ``update`` (or to
+    ``nnx.Optimizer.update``, which forwards keyword arguments); see
+    :func:`scale_by_limuon` for its meaning, the step order and what happens
+    without it. Trees with LoRA factor pairs are rejected.
+
+    Scaling: ``shape_scaling="none"`` (default) is the paper's step,
+    :math:`s = 1`. ``"muon"`` multiplies by :math:`\sqrt{\max(1, n/m)}` for a
+    ``(*batch, m, n)`` leaf, as :func:`optax.contrib.muon` does by default;
+    ``consistent_rms=c`` uses :math:`c\sqrt{\max(m, n)}` instead.
+
+    Under :func:`optax.inject_hyperparams` pass
+    ``static_args=('rank', 'oversampling', 'ns_steps')``.
+
+    Args:
+      learning_rate: :math:`η`, a float or an optax schedule.
+      beta: STORM weight (small = long memory).
+      weight_decay: decoupled weight decay :math:`λ` of matrix leaves.
+      rank: ``None`` for Option #1, or ``r̂`` for Option #2. Static.
+      oversampling: randomized-SVD oversampling. Static.
+      orthogonalizer: ``"newton_schulz"``, ``"polar_express"`` or ``"svd"``.
+      ns_coeffs: Newton–Schulz coefficients.
+      ns_steps: Newton–Schulz steps. Static.
+      eps: Newton–Schulz normalization epsilon.
+      seed: seed of the sketch PRNG key (stored in the state).
+      mu_dtype: dtype of the carried momentum (and of AdamW's first moment).
+      shape_scaling: ``"none"`` (paper) or ``"muon"``.
+      consistent_rms: overrides ``shape_scaling`` with ``c · sqrt(max(m, n))``.
+      weight_decay_mask: optional mask for ``weight_decay``.
+      pairs: LoRA pair rules; ``pairs=()`` turns the rejection off.
+      adam_b1: AdamW :math:`β_1` for non-matrix leaves.
+      adam_b2: AdamW :math:`β_2` for non-matrix leaves.
+      adam_eps: AdamW :math:`ε` for non-matrix leaves.
+      adam_eps_root: AdamW :math:`ε_{root}` for non-matrix leaves.
+      adam_weight_decay: AdamW weight decay for non-matrix leaves.
+      adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError, TypeError: as :func:`scale_by_limuon`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from lora_muon_jax.peers import limuon
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> xs = jax.random.normal(k1, (64, 8))
+      >>> w_true = jax.random.normal(k2, (8, 4))
+      >>> def loss(p, x):
+      ...   return jnp.mean((x @ p['w'] - x @ w_true) ** 2)
+      >>> tx = limuon(learning_rate=0.1, beta=0.2, rank=2)
+      >>> params = prev = {'w': jnp.zeros((8, 4))}
+      >>> state = tx.init(params)
+      >>> @jax.jit
+      ... def step(params, prev, state, x):
+      ...   g = jax.grad(loss)(params, x)
+      ...   g_prev = jax.grad(loss)(prev, x)  # previous params, same batch
+      ...   updates, state = tx.update(g, state, params, prev_grads=g_prev)
+      ...   return optax.apply_updates(params, updates), params, state
+      >>> for t in range(60):
+      ...   params, prev, state = step(params, prev, state, xs[t % 8::8])
+      >>> print(f"{loss(params, xs):.2f}")
+      0.03
+
+    References:
+      See :func:`scale_by_limuon`.
+    """
+    _check(_ALIAS_FN, beta, rank, oversampling, orthogonalizer, ns_coeffs, ns_steps, eps)
+    _validation.check_choice(_ALIAS_FN, "shape_scaling", shape_scaling, _dense.SHAPE_SCALINGS)
+    matrix_tx = optax.chain(
+        scale_by_limuon(
+            beta,
+            rank=rank,
+            oversampling=oversampling,
+            orthogonalizer=orthogonalizer,
+            ns_coeffs=ns_coeffs,
+            ns_steps=ns_steps,
+            eps=eps,
+            seed=seed,
+            mu_dtype=mu_dtype,
+            pairs=pairs,
+        ),
+        _dense.scale_by_matrix_shape(shape_scaling, consistent_rms),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    return _dense.with_adamw_fallback(
+        matrix_tx,
+        fn=_ALIAS_FN,
+        pairs=pairs,
+        learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+        b1=adam_b1,
+        b2=adam_b2,
+        eps=adam_eps,
+        eps_root=adam_eps_root,
+        weight_decay=adam_weight_decay,
+        mu_dtype=mu_dtype,
+    )
