@@ -12,11 +12,13 @@ import lora_muon_jax as lmj
 from lora_muon_jax import testing
 from tests.helpers import rel_err, well_conditioned
 
+# Few distinct sizes, so that examples reuse compiled kernels; they still cover
+# r > m, r > n (rank-deficient pairs), r = 1 and batch axes.
 shapes = st.tuples(
     st.sampled_from([(), (2,)]),  # batch
-    st.integers(1, 12),  # m
-    st.integers(1, 12),  # n
-    st.integers(1, 5),  # r
+    st.sampled_from([1, 3, 8, 12]),  # m
+    st.sampled_from([2, 7, 12]),  # n
+    st.sampled_from([1, 2, 5]),  # r
 )
 
 
@@ -33,7 +35,7 @@ def _pair(seed, batch, m, n, r, scale, dtype=jnp.float32):
     return params, grads
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(shape=shapes, log_scale=st.floats(-3, 3), seed=st.integers(0, 2**16))
 @pytest.mark.parametrize("method", ["eigh", "paper"])
 def test_budget_and_finiteness_any_shape_and_scale(method, shape, log_scale, seed):
@@ -47,9 +49,9 @@ def test_budget_and_finiteness_any_shape_and_scale(method, shape, log_scale, see
     )
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(
-    shape=st.tuples(st.integers(4, 12), st.integers(4, 12), st.integers(1, 3)),
+    shape=st.tuples(st.sampled_from([4, 9]), st.sampled_from([5, 12]), st.sampled_from([1, 3])),
     log_c=st.floats(-1.5, 1.5),
     seed=st.integers(0, 2**16),
 )
@@ -72,7 +74,7 @@ def test_single_step_gauge_invariance_under_random_gl_r(shape, log_c, seed):
     assert rel_err(step(a @ s, np.linalg.inv(s) @ b), step(a, b)) < 1e-4
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(["float32", "bfloat16"]))
 def test_zero_init_any_shape(shape, seed, dtype):
     batch, m, n, r = shape
