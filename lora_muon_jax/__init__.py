@@ -2,7 +2,8 @@
 
 The main entry point is :func:`lora_muon`; its building blocks are
 :func:`scale_by_lora_muon`, :func:`split_weight_decay` and
-:func:`with_gauge_rebalancing`. Pair discovery (:func:`find_lora_pairs`,
+:func:`with_gauge_rebalancing`; :func:`proxy_lr_search` tunes a dense Muon rate on a
+cheap low-rank proxy. Pair discovery (:func:`find_lora_pairs`,
 :class:`PairRule`, :data:`PRESETS`) is shared by every optimizer in the package.
 """
 
@@ -26,6 +27,9 @@ from lora_muon_jax._pairs import LoRAPair as LoRAPair
 from lora_muon_jax._pairs import PairRule as PairRule
 from lora_muon_jax._pairs import find_lora_pairs as find_lora_pairs
 from lora_muon_jax._pairs import lora_param_labels as lora_param_labels
+from lora_muon_jax._proxy import ProxyResult as ProxyResult
+from lora_muon_jax._proxy import ProxyRow as ProxyRow
+from lora_muon_jax._proxy import proxy_lr_search as proxy_lr_search
 from lora_muon_jax._weight_decay import SplitWeightDecayState as SplitWeightDecayState
 from lora_muon_jax._weight_decay import split_weight_decay as split_weight_decay
 
@@ -45,11 +49,14 @@ __all__ = [
     "LoRAPair",
     "LoRAPairDiagnostics",
     "PairRule",
+    "ProxyResult",
+    "ProxyRow",
     "SplitWeightDecayState",
     "find_lora_pairs",
     "lora_muon",
     "lora_pair_diagnostics",
     "lora_param_labels",
+    "proxy_lr_search",
     "rebalance_pair",
     "scale_by_lora_muon",
     "split_weight_decay",

@@ -1,0 +1,283 @@
+"""Learning-rate search on a cheap low-rank proxy, for dense Muon.
+
+LoRA-Muon's learning rate is a spectral-norm budget on each adapter product's
+change, the same unit as dense Muon's ``‖ΔW‖₂ = η``. The rate that trains a
+native rank-``r`` twin of a model best is therefore a candidate rate for the dense
+model (the LoRA-Muon paper's "proxy" claim; ``docs/lr_transfer.md`` measures how
+well it holds). :func:`proxy_lr_search` turns that into a tool: it sweeps the rate
+on the rank-``r`` proxy, one compilation for every rate and seed, and returns the
+winner with the whole table.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_muon_jax import _core, _pairs
+
+_FN = "proxy_lr_search"
+
+
+class ProxyRow(NamedTuple):
+    """One learning rate of a :func:`proxy_lr_search` sweep.
+
+    Attributes:
+      learning_rate: the rate :math:`η`.
+      loss: mean final loss over seeds; ``inf`` if any seed diverged.
+      losses: final loss of each seed (``inf``: diverged).
+      diverged: how many seeds diverged.
+    """
+
+    learning_rate: float
+    loss: float
+    losses: tuple[float, ...]
+    diverged: int
+
+
+class ProxyResult(NamedTuple):
+    """What :func:`proxy_lr_search` found.
+
+    Attributes:
+      best_lr: the rate with the lowest mean final loss (ties: the smaller rate).
+      table: one :class:`ProxyRow` per rate, in increasing order.
+      rank: the proxy's adapter rank.
+      at_edge: ``best_lr`` is the smallest or largest rate tried, so the optimum
+        may lie outside the grid: widen it before trusting ``best_lr``.
+    """
+
+    best_lr: float
+    table: tuple[ProxyRow, ...]
+    rank: int
+    at_edge: bool
+
+
+def _split_module(obj: Any) -> tuple[Any, Any, Callable[[Any, Any], Any]] | None:
+    """``(params, rest, rebuild)`` of an ``nnx.Module``; ``None`` for a plain pytree.
+
+    flax is only consulted when it is already imported: an object of a module
+    that was never imported cannot be an ``nnx.Module``.
+    """
+    if "flax" not in sys.modules:
+        return None
+    from flax import nnx
+
+    if not isinstance(obj, nnx.Module):
+        return None
+    graphdef, params, rest = nnx.split(obj, nnx.Param, ...)
+    return params, rest, lambda p, r: nnx.merge(graphdef, p, r)
+
+
+def _check_args(learning_rates: Any, rank: Any, steps: Any, seeds: Any) -> tuple[float, ...]:
+    for name, value in (("rank", rank), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{_FN}: `{name}` must be a positive int; got {value!r}.")
+    lrs = tuple(float(x) for x in np.atleast_1d(np.asarray(learning_rates, dtype=float)))
+    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
+        raise ValueError(
+            f"{_FN}: `learning_rates` must be a non-empty sequence of positive finite "
+            f"floats; got {learning_rates!r}."
+        )
+    if len(set(lrs)) != len(lrs):
+        raise ValueError(f"{_FN}: `learning_rates` has duplicates: {learning_rates!r}.")
+    if not len(seeds) or not all(isinstance(s, int | np.integer) for s in seeds):
+        raise ValueError(f"{_FN}: `seeds` must be a non-empty sequence of ints; got {seeds!r}.")
+    return tuple(sorted(lrs))
+
+
+def _check_proxy(params: Any, rank: int) -> None:
+    found = _pairs.find_lora_pairs(params)
+    if not found:
+        raise ValueError(
+            f"{_FN}: `init_fn(key, rank)` returned no LoRA pair (no sibling `lora_a`/"
+            "`lora_b` leaves or `nnx.LoRAParam`s); it must build the rank-r LoRA twin "
+            "of the model."
+        )
+    wrong = [p.a_path for p in found if p.rank != rank]
+    if wrong:
+        raise ValueError(
+            f"{_FN}: `init_fn(key, rank={rank})` built pairs of another rank at "
+            f"{', '.join(wrong[:4])}; pass `rank` on to the adapters."
+        )
+
+
+def proxy_lr_search(
+    init_fn: Callable[[jax.Array, int], Any],
+    loss_fn: Callable[[Any, Any], jax.Array],
+    batch_fn: Callable[[jax.Array], Any],
+    learning_rates: Sequence[float],
+    *,
+    rank: int = 2,
+    steps: int = 200,
+    seeds: Sequence[int] = (0,),
+    eval_batch: Any = None,
+    optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation] = _core.lora_muon,
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
+    diverge_above: float | None = None,
+) -> ProxyResult:
+    r"""Sweeps LoRA-Muon's learning rate on a rank-``r`` proxy; the winner is for dense Muon.
+
+    For every rate :math:`η` and seed it trains ``init_fn(key, rank)`` for ``steps``
+    steps with ``optimizer(lambda t: η · schedule(t))`` (default
+    :func:`lora_muon`: adapter pairs get LoRA-Muon, every other leaf AdamW at the
+    same rate) and records the final loss: ``loss_fn`` on ``eval_batch``, or the
+    mean training loss of the last tenth of the steps. Then
+
+    .. math::
+
+      η^\star = \arg\min_η \frac{1}{|S|} \sum_{s \in S} L_s(η).
+
+    LoRA-Muon moves each product ``a @ b`` by at most :math:`η` in spectral norm per
+    step, the step of dense Muon :math:`ΔW = -η\,\operatorname{msign}(G)`, so
+    :math:`η^\star` is the rate to try on the dense model with a Muon whose update
+    has unit spectral norm (``optax.contrib.muon`` also multiplies each update by
+    :math:`\sqrt{\max(1, d_{out}/d_{in})}`; its rate can differ by up to that factor).
+    The proxy must share the dense model's width, depth and data; ``r = 2`` is
+    usually enough.
+
+    The rate is traced: the training loop (a ``lax.scan``) compiles once for all
+    rates and seeds. A seed diverges when its loss becomes NaN/inf or exceeds
+    ``diverge_above``; its parameters are frozen from then on and its loss counts as
+    ``inf``, so a rate where any seed diverged is never chosen. All seeds of a rate
+    see the same batches as the other rates (paired comparison).
+
+    Args:
+      init_fn: ``(key, rank) -> params`` of the proxy: a pytree with sibling
+        ``lora_a``/``lora_b`` leaves (any :func:`find_lora_pairs` layout) or an
+        ``nnx.Module`` with ``nnx.LoRAParam`` factors; its ``nnx.Param`` leaves are
+        trained and other variables are kept as they are.
+      loss_fn: ``(params, batch) -> scalar`` (for a module: ``(module, batch)``).
+      batch_fn: ``key -> batch``, traceable (it runs inside the compiled loop).
+      learning_rates: the rates to try (positive, distinct).
+      rank: the adapter rank passed to ``init_fn``; every pair must have it.
+      steps: training steps per run.
+      seeds: seeds; each gives ``init_fn`` and the batch stream their keys.
+      eval_batch: a fixed batch for the final loss; ``None`` uses the mean
+        training loss of the last ``max(1, steps // 10)`` steps.
+      optimizer: ``learning_rate -> GradientTransformation``; called inside ``jit``
+        with a schedule, so it must accept a callable rate (every optax alias does).
+        Pass e.g. ``functools.partial(lora_muon, beta=0.9)`` to change settings.
+      schedule: ``step -> multiplier`` of the rate (warmup, decay); constant 1 if
+        ``None``.
+      diverge_above: a loss above this counts as diverged (besides NaN/inf).
+
+    Returns:
+      A :class:`ProxyResult`: ``best_lr``, the table, the rank and ``at_edge``.
+
+    Raises:
+      ValueError: bad ``learning_rates``, ``rank``, ``steps`` or ``seeds``; a proxy
+        with no LoRA pair or with pairs of another rank; every rate diverged.
+
+    Examples:
+      A rank-2 regression target; the proxy is a rank-2 product fit to it.
+
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_muon_jax import proxy_lr_search
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> target = jax.random.normal(k1, (8, 2)) @ jax.random.normal(k2, (2, 6)) / 3
+      >>> def init_fn(key, rank):
+      ...   ka, kb = jax.random.split(key)
+      ...   return {'w': {'lora_a': jax.random.normal(ka, (8, rank)) / 3,
+      ...                 'lora_b': jax.random.normal(kb, (rank, 6)) / 3}}
+      >>> def loss_fn(params, x):
+      ...   w = params['w']['lora_a'] @ params['w']['lora_b']
+      ...   return jnp.mean((x @ w - x @ target) ** 2)
+      >>> batch_fn = lambda key: jax.random.normal(key, (32, 8))
+      >>> result = proxy_lr_search(init_fn, loss_fn, batch_fn, [0.01, 0.03, 0.1, 0.3, 1.0],
+      ...                          steps=50, seeds=(0, 1))
+      >>> for row in result.table:
+      ...   print(f"{row.learning_rate:5g}  {row.loss:.2f}  diverged={row.diverged}")
+       0.01  3.81  diverged=0
+       0.03  2.63  diverged=0
+        0.1  0.14  diverged=0
+        0.3  0.26  diverged=0
+          1  0.43  diverged=0
+      >>> result.best_lr, result.at_edge
+      (0.1, False)
+
+    References:
+      Cesista, Crowson, Simal, Biderman, `LoRA-Muon: Spectral Steepest Descent on
+      the Low-Rank Manifold <https://arxiv.org/abs/2606.12921>`_, 2026
+    """
+    lrs = _check_args(learning_rates, rank, steps, seeds)
+    if schedule is None:
+        schedule = lambda count: jnp.ones((), jnp.float32)  # noqa: E731
+    threshold = math.inf if diverge_above is None else float(diverge_above)
+    tail = max(1, steps // 10)
+
+    keys = [jax.random.split(jax.random.key(int(seed))) for seed in seeds]  # (init, data)
+    first = init_fn(keys[0][0], rank)
+    split = _split_module(first)
+    if split is None:
+        rebuild: Callable[[Any, Any], Any] = lambda p, rest: p  # noqa: E731
+    else:
+        rebuild = split[2]
+
+    def parts(obj: Any) -> tuple[Any, Any]:
+        s = _split_module(obj)
+        return (obj, None) if s is None else (s[0], s[1])
+
+    _check_proxy(parts(first)[0], rank)
+
+    def loss_of(params: Any, rest: Any, batch: Any) -> jax.Array:
+        return jnp.asarray(loss_fn(rebuild(params, rest), batch), jnp.float32)
+
+    @jax.jit
+    def run(params: Any, rest: Any, lr: jax.Array, key: jax.Array, batch_eval: Any) -> jax.Array:
+        tx = optimizer(lambda count: lr * schedule(count))
+        state = tx.init(params)
+
+        def body(carry, k):
+            p, s, bad = carry
+            loss, grads = jax.value_and_grad(loss_of)(p, rest, batch_fn(k))
+            updates, s_new = tx.update(grads, s, p)
+            p_new = optax.apply_updates(p, updates)
+            bad = bad | ~jnp.isfinite(loss) | (loss > threshold)
+            keep = lambda new, old: jax.tree.map(  # noqa: E731
+                lambda x, y: jax.lax.select(bad, y, x), new, old
+            )
+            # Frozen at the last good point: NaN never reaches the final loss.
+            return (keep(p_new, p), keep(s_new, s), bad), loss
+
+        carry = (params, state, jnp.zeros((), bool))
+        (params, _, bad), losses = jax.lax.scan(body, carry, jax.random.split(key, steps))
+        if batch_eval is None:
+            final = jnp.mean(losses[-tail:])
+        else:
+            final = loss_of(params, rest, batch_eval)
+        bad = bad | ~jnp.isfinite(final) | (final > threshold)
+        return jnp.where(bad, jnp.inf, final)
+
+    per_lr: dict[float, list[float]] = {lr: [] for lr in lrs}
+    for i, (k_init, k_data) in enumerate(keys):
+        params, rest = parts(first if i == 0 else init_fn(k_init, rank))
+        for lr in lrs:
+            out = run(params, rest, jnp.asarray(lr, jnp.float32), k_data, eval_batch)
+            per_lr[lr].append(float(out))
+
+    table = tuple(
+        ProxyRow(
+            learning_rate=lr,
+            loss=float(np.mean(v)) if all(math.isfinite(x) for x in v) else math.inf,
+            losses=tuple(v),
+            diverged=sum(not math.isfinite(x) for x in v),
+        )
+        for lr, v in per_lr.items()
+    )
+    finite = [row for row in table if math.isfinite(row.loss)]
+    if not finite:
+        raise ValueError(
+            f"{_FN}: every learning rate diverged on the rank-{rank} proxy "
+            f"({', '.join(f'{lr:g}' for lr in lrs)}); try smaller rates."
+        )
+    best = min(finite, key=lambda row: (row.loss, row.learning_rate)).learning_rate
+    return ProxyResult(
+        best_lr=best, table=table, rank=rank, at_edge=best in (lrs[0], lrs[-1])
+    )

@@ -1,0 +1,224 @@
+"""The learning-rate transfer study tool: caching, resuming, divergence, planning, report.
+
+The full sweep is not run here (hours); ``--quick`` (every section and method on a
+tiny model) is, through the CLI entry point, with a temporary results file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.study import lr_transfer as lt
+from benchmarks.study import report
+from lora_muon_jax import data
+
+def _have_corpus() -> bool:
+    try:
+        data.load_tinyshakespeare(download=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_corpus = pytest.mark.skipif(
+    not _have_corpus(), reason=f"TinyShakespeare not on disk; set ${data.DATA_ENV_VAR}"
+)
+
+
+@needs_corpus
+def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
+    """``--quick`` end to end (every section, all methods), as CI runs it."""
+    path = tmp_path / "results.json"
+    quick = ["--quick", "--results", str(path)]
+    assert lt.main([*quick, "--max-runs", "3"]) == 0
+    assert len(lt.load_results(path)["runs"]) == 3
+    assert lt.main(quick) == 0  # resumes: only the missing runs
+    first = lt.load_results(path)
+    planned = lt.plan(lt.SECTIONS, lt.QUICK, first["runs"])
+    assert {cfg.key() for _, cfg in planned} == set(first["runs"])
+    assert {s for s, _ in planned} == set(lt.SECTIONS) and "grid" in first["meta"]
+    assert lt.main(quick) == 0  # nothing left to do
+    assert lt.load_results(path)["runs"] == first["runs"]
+    assert "0 new runs" in capsys.readouterr().out
+
+    steps = lt.QUICK.budget.steps
+    methods = set()
+    for key, rec in first["runs"].items():
+        cfg = lt.RunConfig.from_dict(rec["config"])
+        assert cfg.key() == key and cfg.budget.steps == steps
+        methods.add(cfg.method)
+        assert rec["status"] == "ok", rec
+        assert rec["diverged_step"] is None and rec["steps_run"] == steps
+        # A few steps of training: finite, below the uniform prediction log(65) + margin.
+        assert 1.5 < rec["val_loss"] < math.log(65) + 0.05
+        assert len(rec["curve"]) == lt.QUICK.budget.chunks
+        if cfg.method in ("lora_muon", "spectron") and cfg.task == "pretrain":
+            # Native pairs start balanced; a gauge c moves log(σa/σb) by 2 log c.
+            assert rec["log_norm_ratio"]["init_mean_abs"] == pytest.approx(
+                2 * math.log(cfg.gauge), abs=1e-3)
+        if cfg.task == "finetune":
+            assert rec["base_task_val_loss"] > rec["base_val_loss"]  # the task is shifted
+    expected = {"dense_muon", "lora_muon", "spectron", "adamw_lora", "dense_muon_optax",
+                "lora_rite"} | ({"psgd_kron"} if lt._psgdax_available() else set())
+    assert methods == expected
+
+    # A run that blows up is a result, with its step, not an exception; the compiled
+    # trainer is reused (the rate is traced).
+    grid = lt.grid_from_dict(first["meta"]["grid"])
+    cfg = next(c for c in lt.plan_section("lr", grid, {}) if c.method == "lora_muon")
+    rec = lt.run_config(dataclasses.replace(cfg, lr=1e30))
+    assert rec["status"] == "diverged" and rec["val_loss"] is None
+    assert 0 < rec["diverged_step"] < steps and rec["train_loss"] is None
+    chunk = steps // grid.budget.chunks
+    # Stopped at the end of the chunk where it diverged; no new compilation.
+    assert rec["steps_run"] == chunk * (rec["diverged_step"] // chunk + 1)
+    assert rec["compile_s"] == 0
+    lt.record_run(path, cfg.key() + "x", {**rec, "config": cfg.as_dict() | {"lr": 1e30}}, {})
+    assert lt.load_results(path)["runs"][cfg.key() + "x"]["diverged_step"] == rec["diverged_step"]
+
+    out = tmp_path / "docs" / "lr_transfer.md"
+    assert report.main(["--results", str(path), "--out", str(out), "--no-discussion"]) == 0
+    text = out.read_text()
+    for n in ("i", "ii", "iii", "iv", "v", "vi"):
+        assert f"## ({n}) " in text
+    assert "not run yet" not in text  # every quick curve is in its table
+    assert "| LoRA-Muon r=2 |" in text
+    assert "| 1/3 |" in text  # the diverged point is kept: 1 of the 3 runs at r=2
+    for png in ("lr_sweep", "rank", "gauge", "shape", "baselines", "finetune"):
+        assert (tmp_path / "docs" / "lr_transfer" / f"{png}.png").stat().st_size > 1000
+
+
+def _fake(cfg: lt.RunConfig, loss: float | None) -> tuple[str, dict]:
+    return cfg.key(), {"config": cfg.as_dict(), "val_loss": loss,
+                       "status": "ok" if loss is not None else "diverged"}
+
+
+def test_plan_extends_a_winning_edge_once_per_round():
+    grid = dataclasses.replace(lt.QUICK, seeds=(0,), spectral_lrs=(0.1, 0.2),
+                               headline_ranks=(), extend=2)
+    dense = lambda lr: lt.RunConfig("dense_muon", lr, 0, None, width=grid.width,  # noqa: E731
+                                    depth=grid.depth, budget=grid.budget)
+    lrs = lambda res: [c.lr for c in lt.plan_section("lr", grid, lt.index_results(res))]  # noqa: E731
+    assert lrs({}) == [0.1, 0.2]
+    res = dict([_fake(dense(0.1), 3.0), _fake(dense(0.2), 2.0)])
+    assert lrs(res) == [0.1, 0.2, 0.4]  # best on the upper edge
+    res.update([_fake(dense(0.4), 1.5)])
+    assert lrs(res) == [0.1, 0.2, 0.4, 0.8]
+    res.update([_fake(dense(0.8), 1.0)])
+    assert lrs(res) == [0.1, 0.2, 0.4, 0.8]  # at most `extend` factors of 2 past the grid
+    res = dict([_fake(dense(0.1), 2.0), _fake(dense(0.2), None)])
+    assert lrs(res) == [0.05, 0.1, 0.2]  # a diverged point never wins
+    res = dict([_fake(dense(0.1), 2.0)])
+    assert lrs(res) == [0.1, 0.2]  # no extension before the grid is complete
+
+
+def test_run_keys_cover_the_whole_configuration():
+    cfg = lt.RunConfig("lora_muon", 0.05, 1, 8)
+    assert lt.RunConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))).key() == cfg.key()
+    assert "base_lr" not in cfg.as_dict()  # unset fine-tuning fields stay out of the key
+    variants = [
+        dataclasses.replace(cfg, lr=0.1), dataclasses.replace(cfg, seed=2),
+        dataclasses.replace(cfg, rank=None), dataclasses.replace(cfg, gauge=3.0),
+        dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, steps=201)),
+        dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, adam_lr=0.02)),
+        dataclasses.replace(cfg, task="finetune", base_lr=0.1),
+    ]
+    keys = {v.key() for v in variants} | {cfg.key()}
+    assert len(keys) == len(variants) + 1
+    assert cfg.curve() == dataclasses.replace(cfg, lr=0.2, seed=0).curve()
+    assert cfg.curve() != dataclasses.replace(cfg, gauge=3.0).curve()
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    lt.save_results(path, {"meta": {}, "runs": {"a": {"val_loss": 1.0}}})
+    with pytest.raises(ValueError):
+        lt.save_results(path, {"meta": {}, "runs": {"a": {"val_loss": float("nan")}}})
+    assert lt.load_results(path)["runs"] == {"a": {"val_loss": 1.0}}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
+
+
+def test_schedule_shape():
+    b = lt.Budget(steps=100, warmup=0.05, cooldown=0.2)
+    s = [float(lt.lr_shape(t, b, 100)) for t in (0, 4, 5, 50, 79, 80, 90, 99)]
+    np.testing.assert_allclose(s, [0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.05], atol=1e-6)
+
+
+def _tiny_dense(width: int = 16, hidden: int = 16) -> dict:
+    """A dense CharTransformer-shaped pure dict (square MLP: one shape to compile)."""
+    rng = np.random.default_rng(0)
+
+    def w(m, n):
+        return jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), jnp.float32)
+
+    block = {
+        "attn": {k: {"kernel": w(width, width)} for k in "qkvo"},
+        "attn_norm": {"scale": jnp.ones(width)},
+        "mlp": {"up": {"kernel": w(width, hidden)}, "down": {"kernel": w(hidden, width)}},
+        "mlp_norm": {"scale": jnp.ones(width)},
+    }
+    return {"blocks": {0: block}, "embed": {"embedding": w(11, width)},
+            "head": {"kernel": w(width, 11)}, "norm": {"scale": jnp.ones(width)},
+            "pos": w(8, width)}
+
+
+def test_finetune_inits_keep_the_base_function():
+    base = _tiny_dense()
+    kernels = lt._kernels(base)
+    assert len(kernels) == 6  # q, k, v, o, up, down
+    cfg = lt.RunConfig("lora_muon", 0.1, 0, 3, width=16, depth=1, task="finetune",
+                       init="zero")
+    frozen, adapters = lt.finetune_start(cfg, base)
+    merged = lt.merge_adapters(frozen, adapters)
+    for path, w in kernels.items():
+        pair = lt._get_in(adapters, path)
+        assert pair["lora_a"].shape == (w.shape[0], 3) and not np.any(pair["lora_b"])
+        np.testing.assert_array_equal(lt._get_in(merged, path)["kernel"], w)
+
+    frozen, adapters = lt.finetune_start(dataclasses.replace(cfg, init="balanced"), base)
+    merged = lt.merge_adapters(frozen, adapters)
+    ratios = lt.factor_log_ratios(adapters)
+    assert ratios.shape == (6,) and np.max(np.abs(ratios)) < 1e-4  # balanced factors
+    for path, w in kernels.items():
+        pair = lt._get_in(adapters, path)
+        assert np.all(np.linalg.norm(np.asarray(pair["lora_b"]), axis=1) > 0)  # b is not 0
+        # W₀' + a b = W₀: the model is unchanged, the product sits in the base.
+        np.testing.assert_allclose(lt._get_in(merged, path)["kernel"], w, atol=2e-6)
+        assert not np.allclose(lt._get_in(frozen, path)["kernel"], w)
+
+
+def test_gauge_rescales_factors_not_the_product():
+    cfg = lt.RunConfig("lora_muon", 0.1, 0, 2, width=8, depth=1,
+                       budget=lt.Budget(seq_len=4, mlp_ratio=1, heads=2))
+    _, p1 = lt.build_params(cfg, 11)
+    _, p9 = lt.build_params(dataclasses.replace(cfg, gauge=9.0), 11)
+    np.testing.assert_allclose(lt.factor_log_ratios(p9) - lt.factor_log_ratios(p1),
+                               2 * np.log(9.0), rtol=1e-5)
+    q1, q9 = p1["blocks"][0]["attn"]["q"], p9["blocks"][0]["attn"]["q"]
+    np.testing.assert_allclose(q9["lora_a"] @ q9["lora_b"], q1["lora_a"] @ q1["lora_b"],
+                               atol=1e-6)
+
+
+def test_dense_muon_labels_only_block_matrices():
+    params = _tiny_dense(hidden=64)
+    cfg = lt.RunConfig("dense_muon", 0.1, 0, None)
+    steps = 100  # shape(0) = 1/5: five warmup steps
+    tx = lt.make_optimizer(cfg, params, jnp.float32(0.1), steps)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    q = np.asarray(updates["blocks"][0]["attn"]["q"]["kernel"])
+    emb = np.asarray(updates["embed"]["embedding"])
+    # Muon (Newton–Schulz) on a rank-1 gradient: a rank-1 step of spectral norm ≈ η/5,
+    # with no sqrt(fan_out/fan_in) factor (the MLP's up matrix is 16 × 64).
+    np.testing.assert_allclose(np.linalg.norm(q, 2), 0.1 / 5, rtol=0.35)
+    up = np.asarray(updates["blocks"][0]["mlp"]["up"]["kernel"])
+    np.testing.assert_allclose(np.linalg.norm(up, 2), 0.1 / 5, rtol=0.35)
+    # AdamW on the embedding, at the fixed rate: every entry moves by adam_lr / 5.
+    np.testing.assert_allclose(np.abs(emb), cfg.budget.adam_lr / 5, rtol=1e-3)

@@ -1,0 +1,159 @@
+"""proxy_lr_search: picks the rate that a hand-written LoRA-Muon loop finds best."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lora_muon_jax import lora_muon
+from lora_muon_jax._proxy import ProxyResult, ProxyRow, proxy_lr_search
+
+M, N = 8, 6
+
+
+def _target(rank: int = 2) -> jax.Array:
+    k1, k2 = jax.random.split(jax.random.key(42))
+    return jax.random.normal(k1, (M, rank)) @ jax.random.normal(k2, (rank, N)) / 3
+
+
+TARGET = _target()
+
+
+def init_fn(key: jax.Array, rank: int) -> dict:
+    ka, kb = jax.random.split(key)
+    return {
+        "w": {"lora_a": jax.random.normal(ka, (M, rank)) / 3,
+              "lora_b": jax.random.normal(kb, (rank, N)) / 3},
+        "bias": jnp.zeros(N),
+    }
+
+
+def loss_fn(params: dict, x: jax.Array) -> jax.Array:
+    w = params["w"]["lora_a"] @ params["w"]["lora_b"]
+    return jnp.mean((x @ w + params["bias"] - x @ TARGET) ** 2)
+
+
+def batch_fn(key: jax.Array) -> jax.Array:
+    return jax.random.normal(key, (16, M))
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _step(params, state, k, lr, sched):
+    tx = lora_muon(lambda c: lr * sched(c))
+    loss, g = jax.value_and_grad(loss_fn)(params, batch_fn(k))
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state, loss
+
+
+def _manual(lr: float, seed: int, steps: int, schedule=None) -> float:
+    """The same run written out: keys, LoRA-Muon, mean loss of the last tenth."""
+    k_init, k_data = jax.random.split(jax.random.key(seed))
+    params = init_fn(k_init, 2)
+    sched = schedule or (lambda c: 1.0)
+    state = lora_muon(lambda c: 0.0).init(params)  # a schedule: the state keeps a count
+    losses = []
+    for k in jax.random.split(k_data, steps):
+        params, state, loss = _step(params, state, k, lr, sched)
+        losses.append(float(loss))
+    return float(np.mean(losses[-max(1, steps // 10):]))
+
+
+def test_matches_a_hand_written_loop_and_picks_its_argmin():
+    lrs = [0.003, 0.03, 0.3]
+    steps = 30
+    sched = lambda c: jnp.minimum(1.0, (c + 1.0) / 5.0)  # noqa: E731
+    res = proxy_lr_search(init_fn, loss_fn, batch_fn, lrs, steps=steps, seeds=(0, 3),
+                          schedule=sched)
+    assert isinstance(res, ProxyResult) and res.rank == 2
+    assert [row.learning_rate for row in res.table] == sorted(lrs)
+    manual = {lr: [_manual(lr, s, steps, sched) for s in (0, 3)] for lr in lrs}
+    for row in res.table:
+        assert isinstance(row, ProxyRow) and row.diverged == 0
+        np.testing.assert_allclose(row.losses, manual[row.learning_rate], rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(row.loss, np.mean(manual[row.learning_rate]), rtol=2e-4)
+    expected = min(lrs, key=lambda lr: np.mean(manual[lr]))
+    assert res.best_lr == expected
+    assert res.at_edge == (expected in (min(lrs), max(lrs)))
+
+
+def test_one_compilation_for_all_rates_and_seeds():
+    traces = []
+
+    def counting_loss(params, x):
+        traces.append(1)
+        return loss_fn(params, x)
+
+    proxy_lr_search(init_fn, counting_loss, batch_fn, [0.01, 0.1, 1.0], steps=5, seeds=(0, 1),
+                    optimizer=optax.sgd)
+    # One trace of the training step serves every rate and seed (the final loss of a
+    # run without eval_batch is its training loss).
+    assert len(traces) == 1
+
+
+def test_diverged_rates_are_never_chosen_and_eval_batch_is_used():
+    eval_x = jax.random.normal(jax.random.key(9), (64, M))
+    res = proxy_lr_search(init_fn, loss_fn, batch_fn, [0.05, 1e6], steps=10, seeds=(0, 1),
+                          eval_batch=eval_x, diverge_above=1e3)
+    big = res.table[-1]
+    assert big.learning_rate == 1e6 and big.diverged == 2 and math.isinf(big.loss)
+    assert res.best_lr == 0.05 and res.at_edge
+    assert all(math.isfinite(x) for x in res.table[0].losses)
+
+
+def test_all_diverged_raises():
+    with pytest.raises(ValueError, match="every learning rate diverged"):
+        proxy_lr_search(init_fn, loss_fn, batch_fn, [1e6], steps=5, diverge_above=1e3,
+                        optimizer=optax.sgd)
+
+
+def test_nnx_module_proxy():
+    from flax import nnx
+
+    from lora_muon_jax.models import LowRankLinear
+
+    def make(key, rank):
+        return LowRankLinear(M, N, rank, rngs=nnx.Rngs(params=key))
+
+    def module_loss(layer, x):
+        return jnp.mean((layer(x) - x @ TARGET) ** 2)
+
+    res = proxy_lr_search(make, module_loss, batch_fn, [0.01, 0.1], rank=2, steps=20,
+                          seeds=(0, 1))
+    start = float(module_loss(make(jax.random.split(jax.random.key(0))[0], 2),
+                              batch_fn(jax.random.key(5))))
+    # Both rates trained the module's LoRAParam factors; the larger one much further.
+    assert all(r.loss < 0.9 * start for r in res.table), (start, res.table)
+    assert res.best_lr == 0.1 and res.table[1].loss < 0.4 * start
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rates=[]), "learning_rates"),
+        (dict(learning_rates=[0.1, -1.0]), "learning_rates"),
+        (dict(learning_rates=[0.1, 0.1]), "duplicates"),
+        (dict(rank=0), "rank"),
+        (dict(steps=2.5), "steps"),
+        (dict(seeds=()), "seeds"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = dict(learning_rates=[0.1])
+    args.update(kwargs)
+    lrs = args.pop("learning_rates")
+    with pytest.raises(ValueError, match=match):
+        proxy_lr_search(init_fn, loss_fn, batch_fn, lrs, **args)
+
+
+def test_proxy_without_pairs_or_with_wrong_rank():
+    with pytest.raises(ValueError, match="no LoRA pair"):
+        proxy_lr_search(lambda k, r: {"w": jnp.ones((M, N))}, lambda p, x: jnp.sum(p["w"]),
+                        batch_fn, [0.1])
+    with pytest.raises(ValueError, match="another rank"):
+        proxy_lr_search(lambda k, r: init_fn(k, 3), loss_fn, batch_fn, [0.1], rank=2)
