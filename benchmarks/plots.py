@@ -54,6 +54,26 @@ def targets_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def dense_table(results: dict[str, Any]) -> str:
+    """Step time of the dense-tree methods, against dense AdamW and LoRA-Muon."""
+    rows = [r for r in results.get("targets") or [] if r.get("dense")]
+    if not rows:
+        return ""
+    names = [k for k in rows[0]["dense"] if k != "dense_adamw"]
+    head = "| L, m, n (dense tree) | dense AdamW ms | " + " | ".join(
+        f"{k} ms (×dense AdamW)" for k in names
+    ) + " | LoRA-Muon (r) ms on the LoRA tree |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        c, dense = row["config"], row["dense"]
+        ad = _ms(dense["dense_adamw"])
+        cells = [f"{c['layers']}, {c['m']}, {c['n']}", f"{ad:.1f}"]
+        cells += [f"{_ms(dense[k]):.1f} ({_ms(dense[k]) / ad:.1f}×)" for k in names]
+        cells.append(f"{_ms(row['lora']['lora_muon']):.2f} (r={c['r']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def memory_table(results: dict[str, Any]) -> str:
     rows = results.get("targets") or []
     if not rows:
@@ -142,6 +162,8 @@ def main(argv=None) -> str:
         + (" (--quick)" if results.get("quick") else "") + ".",
         "",
         targets_table(results),
+        "",
+        dense_table(results),
         "",
         memory_table(results),
         "",

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_muon_jax.peers._limuon import limuon
+from lora_muon_jax.peers import limuon
 
 
 class MLP(nnx.Module):

@@ -58,6 +58,32 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
 # Polar Express is safe when the largest singular value is slightly below 1.
 POLAR_EXPRESS_SAFETY = 1.01
 
+def after(x: Any, *deps: Any) -> Any:
+    """``x`` unchanged, but computed only once every array of ``deps`` is.
+
+    Orders LAPACK calls one after another. On CPU, jaxlib runs a batched LAPACK call
+    (``potrf``, ``syevd``, ``geqrf``/``orgqr``, ``gesdd``) by fanning the batch out
+    over XLA's intra-op thread pool and blocking the calling pool thread until its
+    pieces finish. Two such calls that XLA schedules concurrently can then hold
+    every pool thread while their pieces wait in the queue, and the step deadlocks
+    (seen with LoRA-RITE on a 2-core machine within a few hundred steps). Feeding a
+    factorization's input through its predecessor's output removes the concurrency.
+
+    XLA's CPU runtime orders work by buffers, not by HLO edges, so an
+    ``optimization_barrier`` does not serialize anything there: ``x`` really is
+    recomputed from a scalar of each dependency, ``min(|d|, 0)``, which is ``0`` for
+    finite ``d`` (and NaN only if ``d`` already is). The cost is one elementwise pass
+    over ``x``, a thin factor or an r×r stack.
+    """
+    if not deps:
+        return x
+    zero = sum(
+        jnp.minimum(jnp.abs(d[(0,) * d.ndim].astype(jnp.float32)), 0.0)
+        for d in jax.tree.leaves(deps)
+    )
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype), x)
+
+
 def sym(x: jax.Array) -> jax.Array:
     """Symmetric part ``(x + xᵀ)/2`` of a stack of square matrices."""
     return 0.5 * (x + jnp.swapaxes(x, -1, -2))

@@ -211,13 +211,16 @@ def _directions_stacked(
     for i, job in enumerate(jobs):
         groups.setdefault(s_grams[i].shape[-1], []).append(i)
     whitened: list[jax.Array | None] = [None] * len(jobs)
+    previous: tuple[jax.Array, ...] = ()
     for idx in groups.values():
-        s_stack = jnp.concatenate([_flat(s_grams[i]) for i in idx])
+        # One rank group's factorizations after another's (see _linalg.after).
+        s_stack = _linalg.after(jnp.concatenate([_flat(s_grams[i]) for i in idx]), *previous)
         if method == "eigh":
             k_stack = jnp.concatenate([_flat(k_grams[i]) for i in idx])
             out = _linalg.whitened_polar(s_stack, k_stack, rtol)
         else:
             out = _linalg.inv_sqrt_newton_schulz(s_stack)
+        previous = (out,)
         sizes = [_flat(s_grams[i]).shape[0] for i in idx]
         for i, piece in zip(idx, jnp.split(out, _offsets(sizes))):
             piece = piece.reshape(s_grams[i].shape)

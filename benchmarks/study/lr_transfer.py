@@ -42,12 +42,6 @@ without gauge rebalancing.
 
 from __future__ import annotations
 
-import os
-
-# LAPACK (eigh, used by lora_muon's r×r work) comes from an OpenBLAS whose worker
-# threads spin against XLA's on a small shared CPU: r = 32 updates were 10-25× slower.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 import argparse
 import contextlib
 import dataclasses
@@ -57,6 +51,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import sys
 import tempfile
 import time

@@ -272,17 +272,22 @@ def scale_by_limuon(
         carry = jnp.where(state.count > 0, one_minus_beta, 0.0)
 
         us, mus = [], []
+        previous: tuple[jax.Array, ...] = ()  # LAPACK calls one at a time: _linalg.after
         for i, (g, mu, gt) in enumerate(zip(grads, mu_leaves, prev_leaves)):
             g32 = _pairwise.f32(g)
             carried = reconstruct(mu) if low_rank else _pairwise.f32(mu)
             correction = carried - (g32 if gt is None else _pairwise.f32(gt))
-            big_m = g32 + carry * correction
+            big_m = _linalg.after(g32 + carry * correction, *previous)
             o = _dense.orthogonalize(
                 big_m, orthogonalizer, ns_coeffs=ns_coeffs, ns_steps=ns_steps, eps=eps
             )
             us.append(o.astype(g.dtype))
+            previous = (o,)
             if low_rank:
-                low = randomized_svd(big_m, jax.random.fold_in(step_key, i), rank, oversampling)
+                low = randomized_svd(
+                    _linalg.after(big_m, o), jax.random.fold_in(step_key, i), rank, oversampling
+                )
+                previous = (low.u,)
                 mus.append([new.astype(old.dtype) for new, old in zip(low, mu)])
             else:
                 mus.append(big_m.astype(mu.dtype))

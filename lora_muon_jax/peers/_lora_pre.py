@@ -88,8 +88,10 @@ def _damped_inverses(grams: Sequence[jax.Array], damping: jax.Array) -> list[jax
     by_rank: dict[int, list[int]] = {}
     for i, g in enumerate(grams):
         by_rank.setdefault(g.shape[-1], []).append(i)
+    previous: tuple[jax.Array, ...] = ()
     for r, idx in by_rank.items():
         flat = jnp.concatenate([_linalg.sym(grams[i]).reshape(-1, r, r) for i in idx])
+        flat = _linalg.after(flat, *previous)  # one batched LAPACK call at a time
         eye = jnp.eye(r, dtype=flat.dtype)
         chol = jnp.linalg.cholesky(flat + damping * eye)
         ok = jnp.all(jnp.isfinite(chol))
@@ -103,6 +105,7 @@ def _damped_inverses(grams: Sequence[jax.Array], damping: jax.Array) -> list[jax
             return _linalg.mm(vecs * inv[..., None, :], jnp.swapaxes(vecs, -1, -2))
 
         inv = jax.lax.cond(ok, by_cholesky, by_eigh)
+        previous = (inv,)
         start = 0
         for i in idx:
             size = grams[i].size // (r * r)

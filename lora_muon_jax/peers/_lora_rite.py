@@ -336,6 +336,7 @@ def scale_by_lora_rite(
         # Pass 1, every group: bases, unmagnified gradients, skipping. The clip
         # needs the norm over all pairs before any preconditioning.
         staged = []
+        previous: tuple[Any, ...] = ()  # LAPACK calls one at a time: _linalg.after
         for members in _pairwise.same_shape_groups(tree):
             dtype = _compute_dtype(tree.params[members[0].a_index].dtype)
             fa, fb = (
@@ -348,9 +349,11 @@ def scale_by_lora_rite(
                 )
                 for role in ("a", "b")
             )
-            q_a, r_a = _qr(fa.param)
-            q_b, r_b = _qr(fb.param)
-            ri_a, ri_b = _pinv(jnp.stack([r_a, r_b]))  # both factors' r×r work at once
+            q_a, r_a = _qr(_linalg.after(fa.param, *previous))
+            q_b, r_b = _qr(_linalg.after(fb.param, q_a))
+            # both factors' r×r work at once
+            ri_a, ri_b = _pinv(_linalg.after(jnp.stack([r_a, r_b]), q_b))
+            previous = (ri_a,)
             skip = jnp.asarray(update_skipping, dtype)
             g_a = _skip(_linalg.mm(fa.grad, ri_b), skip)  # = G Q_b
             g_b = _skip(_linalg.mm(fb.grad, ri_a), skip)  # = Gᵀ Q_a
@@ -367,11 +370,12 @@ def scale_by_lora_rite(
         nu_out, esc_out = list(nu_leaves), list(esc_leaves)
         for members, fa, fb, q_a, q_b, ri_a, ri_b, g_a, g_b in staged:
             hp = _Hyper.make(fa.param.dtype, state.count, b1, b2, eps, update_capping)
-            c = clip.astype(fa.param.dtype)
+            c = _linalg.after(clip.astype(fa.param.dtype), *previous)
             partners = ((q_b, fb.basis_old, ri_b), (q_a, fa.basis_old, ri_a))
             (u_a, u_b), (m_a, m_b), v, e = _pair_step(
                 (fa, fb), (g_a * c, g_b * c), partners, hp, apply_escape
             )
+            previous = (u_a,)
             for k, pair in enumerate(members):
                 per_pair.append((u_a[k], _tall(u_b[k], "b")))
                 new_mu.append((m_a[k], _tall(m_b[k], "b")))
@@ -437,6 +441,7 @@ def _pair_step(
         escape = jnp.zeros(nu.shape[:-2], nu.dtype)
     grams = jnp.stack([_gram(g, g) / g.shape[-2] for g in grads])  # /rows, as the reference
     v = _linalg.sym(hp.d2 * v_moved + (1.0 - hp.d2) * _linalg.sym(grams))
+    v = _linalg.after(v, escape)  # the escape's eigvalsh before this eigh
     k = _inv_sqrt(v, escape, hp.eps)
     updates, moments = [], []
     for i, (f, g, (_, _, ri)) in enumerate(zip(factors, grads, partners, strict=True)):

@@ -173,7 +173,8 @@ def _pair_step(
     # at a rank-deficient start (b = 0) the empty row space makes every step below
     # act in col(a) only.
     qa, ra, qb, rb = _qr_pair(a_x, _t(b))
-    p, s, wt = _svd(jnp.stack([ra, rb], axis=-3))
+    # LAPACK calls one at a time (_linalg.after): this SVD after both QRs.
+    p, s, wt = _svd(_linalg.after(jnp.stack([ra, rb], axis=-3), qa, qb))
     keep = _keep(s, eps)
     s = jnp.where(keep, s, 0.0)
     s_inv = _pinv_diag(s, keep)
@@ -208,7 +209,7 @@ def _pair_step(
         jnp.concatenate([u, d_a], -1), jnp.concatenate([v, _t(d_b)], -1)
     )
     t1_swapped = jnp.concatenate([t1[..., :, r:], t1[..., :, :r]], -1)
-    pk, sk, wkt = _svd(_linalg.mm(t1_swapped, _t(t2)))
+    pk, sk, wkt = _svd(_linalg.after(_linalg.mm(t1_swapped, _t(t2)), q1, q2))
     omega = _linalg.mm(pk * _keep(sk, eps)[..., None, :], wkt)
     # X and P_T(Q_1 Ω Q_2ᵀ) both live in span(Q_1) ⊗ span(Q_2) (col U ⊆ span Q_1),
     # so ProjectLR and the retraction run on 2r×2r coordinates. With A = Q_1ᵀ U and
@@ -453,8 +454,11 @@ def scale_by_riemannion(
         lam = _value_at(weight_decay, state.count)
 
         per_pair, mu_out = [], list(mu_leaves)
+        previous: tuple[Any, ...] = ()
         for pair in tree.plan.pairs:
             a, b = _pairwise.canonical(pair, tree.params)
+            # One pair's LAPACK calls after the previous pair's (_linalg.after).
+            a = _linalg.after(a, *previous)
             dtype = jnp.promote_types(a.dtype, jnp.float32)
 
             def f(x: Any, dtype: Any = dtype) -> jax.Array:
@@ -476,6 +480,7 @@ def scale_by_riemannion(
                 nesterov=nesterov,
                 gauge=gauge,
             )
+            previous = (out.a,)
             per_pair.append((_like(out.a - f(a), a), _like(out.b - f(b), b)))
             for role, index, x in (
                 ("a", pair.a_index, _like(out.mu_a, m_a)),
