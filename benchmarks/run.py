@@ -163,7 +163,10 @@ def lora_row(cfg, repeats: int, dtype=jnp.float32, methods=None, with_dense: boo
     return row
 
 
-def end_to_end(repeats: int) -> dict[str, Any] | None:
+def end_to_end(
+    repeats: int, *, width: int = 128, depth: int = 2, rank: int = 16, seq_len: int = 64,
+    batch: int = 32,
+) -> dict[str, Any] | None:
     """Forward + backward + update of the quickstart model: LoRA-Muon vs AdamW."""
     try:
         from flax import nnx
@@ -171,8 +174,9 @@ def end_to_end(repeats: int) -> dict[str, Any] | None:
         from lora_muon_jax import models
     except ImportError:
         return None
-    cfg = dict(vocab=65, width=128, depth=2, heads=4, rank=16, seq_len=64)
-    batch = jax.random.randint(jax.random.key(0), (32, cfg["seq_len"] + 1), 0, cfg["vocab"])
+    cfg = dict(vocab_size=65, width=width, depth=depth, heads=4, rank=rank, seq_len=seq_len)
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, cfg["vocab_size"])
+    batch_xy = (tokens[:, :-1], tokens[:, 1:])
     fns = {}
     for name, tx in (("adamw", optax.adamw(1e-3)), ("lora_muon", lmj.lora_muon(0.05))):
         model = models.CharTransformer(**cfg, rngs=nnx.Rngs(0))
@@ -184,12 +188,12 @@ def end_to_end(repeats: int) -> dict[str, Any] | None:
             opt.update(model, grads)
             return loss
 
-        loss = step(model, opt, batch)
+        loss = step(model, opt, batch_xy)
         if not np.isfinite(float(loss)):
-            raise FloatingPointError(f"end_to_end {name}: NaN loss")
-        fns[name] = lambda step=step, model=model, opt=opt: step(model, opt, batch)
+            raise FloatingPointError(f"end_to_end {name}: NaN loss; no timing reported")
+        fns[name] = lambda step=step, model=model, opt=opt: step(model, opt, batch_xy)
     times = common.interleaved_times(fns, repeats)
-    return {"config": cfg, "batch": 32, **{k: common.summarize(v) for k, v in times.items()}}
+    return {"config": cfg, "batch": batch, **{k: common.summarize(v) for k, v in times.items()}}
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -212,6 +216,11 @@ def main(argv=None) -> dict[str, Any]:
     def log(msg):
         print(msg, flush=True)
 
+    def save() -> None:
+        # After every section: a crash or an interrupt keeps what was measured.
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        common.write_json(args.out, results)
+
     if "targets" in sections:
         cfgs = ((2, 256, 256, 8), (1, 512, 512, 16)) if args.quick else CONFIGS
         results["targets"] = []
@@ -225,6 +234,7 @@ def main(argv=None) -> dict[str, Any]:
                 "lora_muon": common.roofline_ms(20 * elems, (6 * c[3] + 10) * elems, bw, gf),
             }
             results["targets"].append(row)
+        save()
     core = {"adamw": _lora_methods()["adamw"], "lora_muon": _lora_methods()["lora_muon"]}
     sweeps = {
         "sweep_m": [(base[0], s, s, base[3]) for s in ((128, 256, 512) if args.quick else (512, 1024, 2048, 4096, 8192))],
@@ -237,16 +247,18 @@ def main(argv=None) -> dict[str, Any]:
             for c in cfgs:
                 log(f"{name} {c}")
                 results[name].append(lora_row(c, repeats, methods=core, with_dense=False))
+            save()
     if "sweep_dtype" in sections:
         results["sweep_dtype"] = []
         for dtype in (jnp.float32, jnp.bfloat16):
             log(f"sweep_dtype {jnp.dtype(dtype).name}")
             results["sweep_dtype"].append(lora_row(base, repeats, dtype=dtype, methods=core, with_dense=False))
+        save()
     if "end_to_end" in sections:
         log("end_to_end")
-        results["end_to_end"] = end_to_end(repeats)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    common.write_json(args.out, results)
+        small = dict(width=32, depth=1, rank=4, seq_len=16, batch=4) if args.quick else {}
+        results["end_to_end"] = end_to_end(repeats, **small)
+    save()
     log(f"wrote {args.out}")
     return results
 

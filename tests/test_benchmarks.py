@@ -44,3 +44,10 @@ def test_step_time_table_renders():
     machine = {"cpu": "x", "cores": 2, "backend": "cpu", "jax": "0", "optax": "0",
                "matmul_gflops": 1.0, "bandwidth_gbs": 1.0}
     assert "LoRA-Muon ms" in step_time.table(rows, machine)
+
+
+def test_end_to_end_times_a_training_step_of_both_optimizers():
+    e = run.end_to_end(2, width=16, depth=1, rank=2, seq_len=8, batch=2)
+    assert e["config"]["width"] == 16 and e["batch"] == 2
+    assert e["adamw"]["median_ms"] > 0 and e["lora_muon"]["median_ms"] > 0
+    assert "LoRA-Muon step ms" in plots.e2e_table({"end_to_end": e})

@@ -66,7 +66,8 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
         if cfg.task == "finetune":
             assert rec["base_task_val_loss"] > rec["base_val_loss"]  # the task is shifted
     expected = {"dense_muon", "lora_muon", "spectron", "adamw_lora", "dense_muon_optax",
-                "lora_rite"} | ({"psgd_kron"} if lt._psgdax_available() else set())
+                "lora_rite", "riemannion", "lora_pre_muon", "limuon"}
+    expected |= {"psgd_kron"} if lt._psgdax_available() else set()
     assert methods == expected
 
     # A run that blows up is a result, with its step, not an exception; the compiled

@@ -70,8 +70,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "benchmarks" / "study" / "results" / "lr_transfer.json"
 CACHE_DIR = Path(tempfile.gettempdir()) / "lora_muon_jax_study"
 
-LORA_METHODS = ("lora_muon", "spectron", "adamw_lora", "lora_rite")
-DENSE_METHODS = ("dense_muon", "dense_muon_optax", "psgd_kron")
+LORA_METHODS = ("lora_muon", "spectron", "adamw_lora", "lora_rite", "riemannion")
+DENSE_METHODS = ("dense_muon", "dense_muon_optax", "psgd_kron", "lora_pre_muon", "limuon")
+PEER_RANK = 8  # rank of LoRA-Pre's momentum factors and of LiMuon's compressed momentum
 METHODS = LORA_METHODS + DENSE_METHODS
 SECTIONS = ("lr", "rank", "gauge", "shape", "baselines", "finetune")
 SECTION_TITLES = {
@@ -80,7 +81,8 @@ SECTION_TITLES = {
     "rank": "(ii) rank transfer of LoRA-Muon",
     "gauge": "(iii) gauge rescaling: LoRA-Muon vs Spectron",
     "shape": "(iv) width and depth transfer",
-    "baselines": "(v) AdamW-LoRA, stock optax Muon and PSGD-Kron baselines",
+    "baselines": "(v) baselines and peers: AdamW-LoRA, Riemannion, stock optax Muon, "
+                 "PSGD-Kron, LoRA-Pre, LiMuon",
     "finetune": "(vi) zero-init fine-tuning on a frozen dense base",
 }
 
@@ -102,7 +104,7 @@ class Budget:
     seq_len: int = 64
     heads: int = 4
     mlp_ratio: int = 4
-    adam_lr: float = 1e-2  # chosen by the pilot section
+    adam_lr: float = 1e-2  # fixed for every method; the "pilot" section checks it
     warmup: float = 0.05  # share of steps with a linear warmup
     cooldown: float = 0.2  # share of steps with a linear decay to 0 at the end
     chunks: int = 10  # outer chunks: curve points and divergence checks
@@ -322,6 +324,12 @@ def plan_section(section: str, grid: Grid, index: dict[tuple, Any]) -> list[RunC
         curves.append((dataclasses.replace(base, method="dense_muon_optax"), grid.spectral_lrs))
         if _psgdax_available():
             curves.append((dataclasses.replace(base, method="psgd_kron"), grid.adam_lrs))
+        # The library's other peers on the same footing (spectral rates).
+        for r in grid.baseline_ranks:
+            curves.append((dataclasses.replace(base, method="riemannion", rank=r),
+                           grid.spectral_lrs))
+        for method in ("lora_pre_muon", "limuon"):
+            curves.append((dataclasses.replace(base, method=method), grid.spectral_lrs))
     elif section == "finetune":
         ft = dataclasses.replace(
             base, task="finetune", base_steps=b.steps * grid.ft_base_steps_factor,
@@ -578,6 +586,10 @@ def make_optimizer(cfg: RunConfig, params: Any, peak: Any, steps: int) -> optax.
         from lora_muon_jax.peers import lora_rite
 
         return lora_rite(lr, adam_learning_rate=adam_lr)
+    if m == "riemannion":
+        from lora_muon_jax.peers import riemannion
+
+        return riemannion(lr, adam_learning_rate=adam_lr)
     if m == "adamw_lora":
         return optax.adamw(lr, weight_decay=0.0)
     labels = jax.tree_util.tree_map_with_path(
@@ -600,6 +612,17 @@ def make_optimizer(cfg: RunConfig, params: Any, peak: Any, steps: int) -> optax.
             lambda p, _: MuonDimensionNumbers() if _is_block_matrix(p) else None, params
         )
         return muon(lr, adam_learning_rate=adam_lr, muon_weight_dimension_numbers=dims)
+    if m in ("lora_pre_muon", "limuon"):
+        from lora_muon_jax import peers
+
+        # Block matrices only (embeddings and head are 2-D too), no shape factor:
+        # ‖ΔW‖₂ ≈ η as dense_muon. LiMuon gets its STORM gradient from the loop.
+        if m == "lora_pre_muon":
+            peer = peers.lora_pre_muon(lr, rank=PEER_RANK, nesterov=False,
+                                       shape_scaling="none")
+        else:
+            peer = peers.limuon(lr, rank=PEER_RANK)
+        return optax.partition({"matrix": peer, "adam": adam}, labels)
     if m == "psgd_kron":
         import psgdax
 
@@ -649,7 +672,8 @@ def get_trainer(cfg: RunConfig, graphdef: Any, params: Any, steps: int) -> Train
 
     @jax.jit
     def init(p: Any, peak: jax.Array) -> Any:
-        return make_optimizer(cfg, p, peak, steps).init(p)
+        state = make_optimizer(cfg, p, peak, steps).init(p)
+        return (state, p) if cfg.method == "limuon" else state
 
     @jax.jit
     def chunk(p, opt_state, frozen, data, key, t0, peak, bad):
@@ -661,7 +685,15 @@ def get_trainer(cfg: RunConfig, graphdef: Any, params: Any, steps: int) -> Train
             p, s, bad = carry
             batch = sample_batch(jax.random.fold_in(key, t), data, b.batch, b.seq_len)
             loss, g = jax.value_and_grad(model_loss)(p, frozen, batch)
-            u, s_new = tx.update(g, s, p)
+            if cfg.method == "limuon":
+                # STORM: the same batch's gradient at the previous point (kept in the
+                # state's last params; the first step uses g itself).
+                p_prev = s[1]
+                g_prev = jax.grad(model_loss)(p_prev, frozen, batch)
+                u, s_inner = tx.update(g, s[0], p, prev_grads=g_prev)
+                s_new = (s_inner, p)
+            else:
+                u, s_new = tx.update(g, s, p)
             p_new = optax.apply_updates(p, u)
             is_bad = ~jnp.isfinite(loss) | (loss > b.diverge_above)
             bad = jnp.where((bad < 0) & is_bad, t, bad)

@@ -291,8 +291,8 @@ class Report:
             f"* **Non-matrix leaves** (embeddings, positions, head, norm scales) use AdamW "
             f"(β = 0.9, 0.999) at a fixed rate {b.adam_lr:g} with the same schedule shape, for "
             "every method except AdamW-LoRA (one rate for all leaves): only the matrix rule "
-            "and its rate change along a sweep. The fixed rate was chosen by a pilot "
-            "(below).",
+            "and its rate change along a sweep. A pilot (below) shows how much that "
+            "fixed rate matters.",
             "* **Methods**: LoRA-Muon (`lora_muon`, β = 0.95, exact `eigh` route); dense Muon "
             "(`optax.contrib.scale_by_muon` on block matrices, β = 0.95, no Nesterov, **no "
             "shape factor**, so `‖ΔW‖₂ ≈ η` like LoRA-Muon's product step; Newton–Schulz "
@@ -396,8 +396,9 @@ class Report:
         self.add(
             "## Pilot: the AdamW rate of embeddings, head and norms",
             "",
-            "Matrix rate 0.1 (the paper's optimum), one seed. The fixed rate of the study is "
-            f"{self.b.adam_lr:g}: dense Muon is nearly flat in it, low-rank models want it high.",
+            "Matrix rate 0.1 (the paper's optimum), one seed. The study fixes the AdamW rate "
+            f"of these leaves at {self.b.adam_lr:g} for every method; this table shows how "
+            "much the choice moves the loss.",
             "",
             "| model | AdamW rate | val loss |",
             "|---|---|---|",
@@ -593,16 +594,33 @@ class Report:
         plt = _plt()
         curves = [(f"AdamW-LoRA r={r}", self.curve(method="adamw_lora", rank=r))
                   for r in self.grid.baseline_ranks]
-        curves += [("dense PSGD-Kron", self.curve(method="psgd_kron")),
-                   ("dense Muon (stock optax)", self.curve(method="dense_muon_optax")),
+        curves += [("dense PSGD-Kron", self.curve(method="psgd_kron"))]
+        n_adam = len(curves)
+        curves += [("dense Muon (stock optax)", self.curve(method="dense_muon_optax")),
                    ("dense Muon", self.curve(method="dense_muon"))]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-        plot_curves(axes[0], curves[: len(self.grid.baseline_ranks) + 1],
-                    title="Adam-like rates: AdamW-LoRA and PSGD-Kron")
-        plot_curves(axes[1], curves[len(self.grid.baseline_ranks) + 1:],
-                    title="spectral rates: dense Muon, with and without optax's shape factor")
+        n_dense = len(curves)
+        peer = lt.PEER_RANK
+        curves += [(f"dense LoRA-Pre Muon (momentum rank {peer})",
+                    self.curve(method="lora_pre_muon")),
+                   (f"dense LiMuon (momentum rank {peer}, STORM)", self.curve(method="limuon"))]
+        curves += [(f"Riemannion r={r}", self.curve(method="riemannion", rank=r))
+                   for r in self.grid.baseline_ranks]
+        curves += [(f"LoRA-Muon r={r}", self.curve(method="lora_muon", rank=r))
+                   for r in self.grid.baseline_ranks]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), sharey=True)
+        plot_curves(axes[0], curves[:n_adam], title="Adam-like rates: AdamW-LoRA and PSGD-Kron")
+        plot_curves(axes[1], curves[n_adam:n_dense + 2],
+                    title="spectral rates, dense: Muon (±optax's shape factor), LoRA-Pre, LiMuon")
+        plot_curves(axes[2], curves[n_dense + 2:],
+                    title="spectral rates, low-rank: Riemannion and LoRA-Muon")
         save(fig, self.plot_dir / "baselines.png")
-        self.add("## (v) Baselines: AdamW-LoRA, PSGD-Kron, stock optax Muon", "")
+        self.add(
+            "## (v) Baselines and the library's other peers", "",
+            "Same protocol as above; every dense method acts on the block matrices only "
+            "(embeddings, head and norms on the fixed-rate AdamW). LoRA-Pre Muon and LiMuon "
+            "run without a shape factor (so `‖ΔW‖₂ ≈ η`, as dense Muon); LiMuon gets its "
+            "STORM gradient (the same batch at the previous point) from the training loop, "
+            "which costs a second backward pass per step.", "")
         self.image("baselines.png", "val loss vs learning rate of the baselines")
         self.table(curves)
 
@@ -739,6 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = lt.load_results(args.results)
     # The grid the sweep ran with (budget overrides included); the full preset otherwise.
     grid = lt.grid_from_dict(data["meta"]["grid"]) if "grid" in data["meta"] else lt.FULL
+    if dataclasses.replace(grid, seeds=lt.FULL.seeds) == lt.FULL:
+        # The full study, whichever `--seeds` its last resumed slice ran with.
+        grid = lt.FULL
     res = Results(data)
     plot_dir = args.out.parent / args.out.stem
     Report(res, args.out, plot_dir, grid).write("" if args.no_discussion else DISCUSSION)
