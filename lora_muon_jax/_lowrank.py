@@ -220,7 +220,7 @@ def _directions_stacked(
             out = _linalg.whitened_polar(s_stack, k_stack, rtol)
         else:
             out = _linalg.inv_sqrt_newton_schulz(s_stack)
-        previous = (out,)
+        previous = (out,) if method == "eigh" else ()  # the paper's route has no LAPACK
         sizes = [_flat(s_grams[i]).shape[0] for i in idx]
         for i, piece in zip(idx, jnp.split(out, _offsets(sizes))):
             piece = piece.reshape(s_grams[i].shape)

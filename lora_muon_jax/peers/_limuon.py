@@ -277,15 +277,18 @@ def scale_by_limuon(
             g32 = _pairwise.f32(g)
             carried = reconstruct(mu) if low_rank else _pairwise.f32(mu)
             correction = carried - (g32 if gt is None else _pairwise.f32(gt))
-            big_m = _linalg.after(g32 + carry * correction, *previous)
+            big_m = g32 + carry * correction
+            if low_rank or orthogonalizer == "svd":
+                big_m = _linalg.after(big_m, *previous)
             o = _dense.orthogonalize(
                 big_m, orthogonalizer, ns_coeffs=ns_coeffs, ns_steps=ns_steps, eps=eps
             )
             us.append(o.astype(g.dtype))
-            previous = (o,)
+            previous = (o,) if orthogonalizer == "svd" else ()  # Newton–Schulz: no LAPACK
             if low_rank:
                 low = randomized_svd(
-                    _linalg.after(big_m, o), jax.random.fold_in(step_key, i), rank, oversampling
+                    _linalg.after(big_m, *previous), jax.random.fold_in(step_key, i), rank,
+                    oversampling,
                 )
                 previous = (low.u,)
                 mus.append([new.astype(old.dtype) for new, old in zip(low, mu)])
