@@ -115,6 +115,23 @@ def measure_matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
     return float(2 * size**3 / np.median(t) / 1e9)
 
 
+def compiled_costs(compiled: Any) -> dict[str, Any]:
+    """Peak temporaries, bytes accessed and flops of a compiled step, from XLA.
+
+    The bytes and flops are XLA's cost analysis of the optimized program (a loop body
+    counts once); they say what the program moves and computes, not what it must.
+    """
+    mem = compiled.memory_analysis()
+    costs = compiled.cost_analysis() or {}
+    if isinstance(costs, list):  # older jax: one dict per program
+        costs = costs[0] if costs else {}
+    return {
+        "peak_temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else None,
+        "bytes_accessed": float(costs.get("bytes accessed", 0.0)),
+        "flops": float(costs.get("flops", 0.0)),
+    }
+
+
 def roofline_ms(bytes_moved: float, flops: float, bandwidth_gbs: float, gflops: float) -> float:
     """Lower bound on a step's time: the larger of memory time and compute time."""
     return max(bytes_moved / (bandwidth_gbs * 1e9), flops / (gflops * 1e9)) * 1e3

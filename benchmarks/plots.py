@@ -43,14 +43,46 @@ def targets_table(results: dict[str, Any]) -> str:
         ad = _ms(lora["adamw"])
         cells = [f"{c['layers']}, {c['m']}, {c['n']}, {c['r']}", f"{ad:.2f}"]
         for k in lora_names:
-            v = _ms(lora[k])
-            cells.append(f"{v:.2f} ({v / ad:.2f}×)")
+            cells.append(f"{_ms(lora[k]):.2f} ({_ratio(lora[k], lora['adamw']):.2f}×)")
         dense = row.get("dense", {})
         dm, lm = _ms(dense.get("dense_muon")), _ms(lora["lora_muon"])
         cells.append(f"{dm:.0f} (÷{dm / lm:.0f})" if dm else "—")
         rf = row.get("roofline_ms", {})
         cells.append(f"{rf.get('adamw', 0):.3f} / {rf.get('lora_muon', 0):.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ratio(entry: dict[str, Any], base: dict[str, Any]) -> float:
+    # Median of per-round ratios when recorded (robust to machine drift).
+    return entry.get("ratio_to_first") or entry["median_ms"] / base["median_ms"]
+
+
+def models_table(results: dict[str, Any]) -> str:
+    """Every method on model-shaped trees: time, ratio, bytes, rates, roofline."""
+    rows = results.get("models") or []
+    if not rows:
+        return ""
+    m = results["machine"]
+    bw, gf = m["bandwidth_gbs"], m["matmul_gflops"]
+    lines = [
+        "| tree (L layers, rank r) | method | ms | ×AdamW | bytes / element | GB/s "
+        "| GFLOP/s | roofline ms | % of roofline | peak temporaries / adapter bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        c, lora = row["config"], row["lora"]
+        elems, size = c["elements"], 2 if c["dtype"] == "bfloat16" else 4
+        tree = f"{c['model']} (L={c['layers']}, r={c['r']}, {elems / 1e6:.1f} M)"
+        for name, e in lora.items():
+            ms = e["median_ms"]
+            roof = max(e["bytes_accessed"] / (bw * 1e9), e["flops"] / (gf * 1e9)) * 1e3
+            temps = e["peak_temp_bytes"] / (elems * size) if e["peak_temp_bytes"] is not None else 0
+            lines.append(
+                f"| {tree} | {name} | {ms:.2f} | {_ratio(e, lora['adamw']):.2f} "
+                f"| {e['bytes_accessed'] / elems:.0f} | {e['bytes_accessed'] / ms / 1e6:.1f} "
+                f"| {e['flops'] / ms / 1e6:.1f} | {roof:.2f} | {100 * roof / ms:.0f}% | {temps:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -162,6 +194,8 @@ def main(argv=None) -> str:
         + (" (--quick)" if results.get("quick") else "") + ".",
         "",
         targets_table(results),
+        "",
+        models_table(results),
         "",
         dense_table(results),
         "",

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import lora_muon_jax as lmj
-from benchmarks import common
+from benchmarks import common, trees
 from benchmarks.step_time import CONFIGS, dense_muon, dense_tree, lora_tree, state_floats
 
 # ----------------------------------------------------------------------------- registry
@@ -47,6 +47,8 @@ def _lora_methods() -> dict[str, Factory]:
     methods: dict[str, Factory] = {
         "adamw": lambda: optax.adamw(1e-3),
         "lora_muon": lambda: lmj.lora_muon(0.02),
+        # The accelerator route (matrix products only), run here for comparison.
+        "lora_muon_newton_schulz": lambda: lmj.lora_muon(0.02, solver="newton_schulz"),
         "lora_muon_paper": lambda: lmj.lora_muon(0.02, method="paper"),
     }
     peers = _optional_peers()
@@ -124,25 +126,32 @@ def check_fits(layers: int, m: int, n: int, r: int, dtype, dense: bool) -> None:
 
 
 def _time_methods(methods: dict[str, Factory], params, grads, repeats: int) -> dict[str, Any]:
-    fns, states, peak = {}, {}, {}
+    """Interleaved step times of every method, with what XLA says each step costs.
+
+    Per method: time quartiles, the median of per-round ratios to the first method
+    (robust to machine drift), optimizer-state size, peak temporary bytes of the
+    compiled step (XLA memory analysis), and the bytes it accesses and the flops it
+    does (XLA cost analysis of the compiled step; a loop body counts once).
+    """
+    fns, states, compiled = {}, {}, {}
     for name, make in methods.items():
         tx = make()
         state = tx.init(params)
         step = common.optimizer_step(tx)
         out = step(params, state, grads)
         common.assert_finite(out[0], name)
-        compiled = step.lower(params, state, grads).compile()
-        mem = compiled.memory_analysis()
-        peak[name] = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else None
+        compiled[name] = step.lower(params, state, grads).compile()
         states[name] = state
         fns[name] = lambda step=step, state=state: step(params, state, grads)
     times = common.interleaved_times(fns, repeats)
+    base = times[next(iter(methods))]
     return {
         name: {
             **common.summarize(times[name]),
+            "ratio_to_first": float(np.median(times[name] / base)),
             "state_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(states[name]))),
             "state_floats": state_floats(states[name]),
-            "peak_temp_bytes": peak[name],
+            **common.compiled_costs(compiled[name]),
         }
         for name in methods
     }
@@ -161,6 +170,18 @@ def lora_row(cfg, repeats: int, dtype=jnp.float32, methods=None, with_dense: boo
         dp, dg = dense_tree(layers, m, n, dtype)
         row["dense"] = _time_methods(_dense_methods(), dp, dg, max(3, repeats // 5))
     return row
+
+
+def model_row(model: str, layers: int, r: int, repeats: int, dtype=jnp.float32, methods=None) -> dict[str, Any]:
+    """Every LoRA method on a model-shaped adapter tree (see ``benchmarks.trees``)."""
+    params, grads = trees.model_tree(model, layers, r, dtype)
+    elems = trees.adapter_elements(model, layers, r)
+    check_fits(1, elems, 1, 1, dtype, dense=True)
+    return {
+        "config": {"model": model, "layers": layers, "r": r, "dtype": jnp.dtype(dtype).name,
+                   "elements": elems},
+        "lora": _time_methods(methods or _lora_methods(), params, grads, repeats),
+    }
 
 
 def end_to_end(
@@ -200,7 +221,10 @@ def main(argv=None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--sections", type=str, default="targets,sweep_m,sweep_r,sweep_layers,sweep_dtype,end_to_end")
+    ap.add_argument(
+        "--sections", type=str,
+        default="targets,models,sweep_m,sweep_r,sweep_layers,sweep_dtype,end_to_end",
+    )
     ap.add_argument("--out", type=str, default="benchmarks/results/results.json")
     args = ap.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 20)
@@ -235,6 +259,15 @@ def main(argv=None) -> dict[str, Any]:
             }
             results["targets"].append(row)
         save()
+    if "models" in sections:
+        results["models"] = []
+        specs = [("llama7b", 1, 4)] if args.quick else [
+            (model, 4, r) for model in trees.MODELS for r in (16, 64)
+        ]
+        for model, layers, r in specs:
+            log(f"models {model} L={layers} r={r}")
+            results["models"].append(model_row(model, layers, r, repeats))
+            save()
     core = {"adamw": _lora_methods()["adamw"], "lora_muon": _lora_methods()["lora_muon"]}
     sweeps = {
         "sweep_m": [(base[0], s, s, base[3]) for s in ((128, 256, 512) if args.quick else (512, 1024, 2048, 4096, 8192))],

@@ -9,6 +9,8 @@ cheap low-rank proxy. Pair discovery (:func:`find_lora_pairs`,
 
 from importlib import metadata as _metadata
 
+from lora_muon_jax._algorithm1 import PairState as PairState
+from lora_muon_jax._algorithm1 import lora_muon_pair_step as lora_muon_pair_step
 from lora_muon_jax._core import LoRAMuonState as LoRAMuonState
 from lora_muon_jax._core import lora_muon as lora_muon
 from lora_muon_jax._core import scale_by_lora_muon as scale_by_lora_muon
@@ -49,11 +51,13 @@ __all__ = [
     "LoRAPair",
     "LoRAPairDiagnostics",
     "PairRule",
+    "PairState",
     "ProxyResult",
     "ProxyRow",
     "SplitWeightDecayState",
     "find_lora_pairs",
     "lora_muon",
+    "lora_muon_pair_step",
     "lora_pair_diagnostics",
     "lora_param_labels",
     "proxy_lr_search",

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _gauge, _lowrank, _pairs, _pairwise, _validation
+from lora_muon_jax import _directions, _gauge, _pairs, _pairwise, _validation
+from lora_muon_jax._whitened_polar import SOLVERS, Solver
 from lora_muon_jax._weight_decay import split_weight_decay
 
 _SCALE_FN = "scale_by_lora_muon"
 _ALIAS_FN = "lora_muon"
-
-
-
 
 class LoRAMuonState(NamedTuple):
     """State of :func:`scale_by_lora_muon`: one momentum per factor, nothing else."""
@@ -25,15 +24,23 @@ class LoRAMuonState(NamedTuple):
 
 
 def _check_common(
-    fn: str, beta: Any, lora_scale: Any, eps: Any, method: str
-) -> None:
+    fn: str, beta: Any, lora_scale: Any, eps: Any, method: str, solver: str
+) -> str:
+    """Checks the shared hyperparameters; returns ``method`` with aliases resolved."""
     _validation.check_scalar("beta", beta, low=0.0, high=1.0, high_inclusive=False, fn=fn)
     _validation.check_scalar("lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=fn)
     _validation.check_scalar("eps", eps, low=0.0, high=1.0, fn=fn)
-    if method not in _lowrank.METHODS:
-        raise ValueError(
-            f"{fn}: `method` must be one of {list(_lowrank.METHODS)}; got {method!r}."
+    if method == "eigh":
+        warnings.warn(
+            f'{fn}: method="eigh" is now called method="gram" (the Gram shortcut; '
+            'its r×r solver is chosen by `solver`).',
+            DeprecationWarning,
+            stacklevel=3,
         )
+        method = "gram"
+    _validation.check_choice(fn, "method", method, _directions.METHODS)
+    _validation.check_choice(fn, "solver", solver, SOLVERS)
+    return method
 
 
 def scale_by_lora_muon(
@@ -42,7 +49,8 @@ def scale_by_lora_muon(
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
     pairs: _pairs.PairsLike = "auto",
-    method: _lowrank.Method = "eigh",
+    method: _directions.Method = "gram",
+    solver: Solver = "auto",
     mu_dtype: Any = None,
     eps: jax.typing.ArrayLike = 1e-6,
 ) -> optax.GradientTransformationExtraArgs:
@@ -83,15 +91,20 @@ def scale_by_lora_muon(
         steps are divided by it so the learning rate keeps its meaning.
       pairs: how to find factor pairs; see :func:`find_lora_pairs`. Static; a
         callable must be listed in ``inject_hyperparams(static_args=...)``.
-      method: ``"eigh"`` (default): exact, with r×r eigendecompositions of the
-        Gram shortcut of spec §3, two batched calls for the whole tree.
-        ``"paper"``: the paper's route, a 7-step damped Newton–Schulz inverse square
-        root and an 8-step Polar Express on the thin momentum, for reproduction.
-        Static.
+      method: ``"gram"`` (default): exact, the Gram shortcut of spec §3: four thin
+        Grams and one thin product per pair, and ``r×r`` work batched over the whole
+        tree. ``"paper"``: the paper's route, a 7-step damped Newton–Schulz inverse
+        square root and an 8-step Polar Express on the thin momentum, for
+        reproduction. (``"eigh"`` is a deprecated name of ``"gram"``.) Static.
+      solver: the ``r×r`` solver of ``method="gram"``: ``"cholesky"`` (Cholesky
+        whitening, Newton–Schulz polar), ``"newton_schulz"`` (matrix products only),
+        ``"eigh"`` (two eigendecompositions) or ``"auto"`` (default: Cholesky on CPU,
+        Newton–Schulz on GPU and TPU). The iterative solvers check their result and
+        fall back to ``"eigh"`` inside a ``lax.cond``. Static.
       mu_dtype: dtype of the momentum (e.g. ``"bfloat16"``); ``None`` keeps each
         param's dtype. Pass dtypes as strings under ``inject_hyperparams``.
       eps: eigenvalues of the r×r Grams below ``eps · λ_max`` count as zero
-        (``"eigh"`` only): directions with no mass get no step.
+        (``"gram"`` only): directions with no mass get no step.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
@@ -125,7 +138,7 @@ def scale_by_lora_muon(
       Amsel et al., `The Polar Express: Optimal Matrix Sign Methods and Their
       Application to the Muon Algorithm <https://arxiv.org/abs/2505.16932>`_, 2025
     """
-    _check_common(_SCALE_FN, beta, lora_scale, eps, method)
+    method = _check_common(_SCALE_FN, beta, lora_scale, eps, method, solver)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params: Any) -> LoRAMuonState:
@@ -141,36 +154,39 @@ def scale_by_lora_muon(
     ) -> tuple[Any, LoRAMuonState]:
         del extra_args
         tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
-        mu_leaves = tree.treedef.flatten_up_to(state.mu)
-
         b32 = jnp.asarray(beta, jnp.float32)
-        new_mu = [
-            b32 * _pairwise.f32(m) + (1.0 - b32) * _pairwise.f32(g)
-            for m, g in zip(mu_leaves, tree.grads)
-        ]
-        if nesterov:
-            source = [b32 * m + (1.0 - b32) * _pairwise.f32(g) for m, g in zip(new_mu, tree.grads)]
-        else:
-            source = new_mu
+        mu = optax.tree.update_moment(updates, state.mu, b32, 1)  # float32
+        source = optax.tree.update_moment(updates, mu, b32, 1) if nesterov else mu
+        scale = 0.5 / jnp.asarray(lora_scale, jnp.float32)
+        dirs = _factor_directions(tree, tree.treedef.flatten_up_to(source), scale)
+        out = list(tree.grads)
+        for index, d in dirs.items():
+            out[index] = d.astype(tree.params[index].dtype)
+        return _pairwise.unflatten(tree, out), LoRAMuonState(
+            count=optax.safe_increment(state.count),
+            mu=optax.tree.cast_like(mu, state.mu),
+        )
 
-        jobs = []
+    def _factor_directions(
+        tree: _pairwise.PairTree, sources: list[Any], scale: jax.Array
+    ) -> dict[int, jax.Array]:
+        factors = _directions.factors_of(
+            tree.plan.pairs, tree.params, [eps] * len(tree.plan.pairs)
+        )
+        if method == "gram":
+            dirs = _directions.gram_directions(factors, tree.params, sources, scale, solver)
+            return {f.index: d for f, d in zip(factors, dirs)}
+        jobs, restore = [], []
         for pair in tree.plan.pairs:
             a, b = _pairwise.canonical(pair, tree.params)
-            m_a, m_b = _pairwise.canonical(pair, source)
-            jobs.append(_lowrank.FactorJob(momentum=m_a, partner=b, tall=True))
-            jobs.append(_lowrank.FactorJob(momentum=m_b, partner=a, tall=False))
-        dirs = _lowrank.directions(jobs, method=method, rtol=eps)
-
-        half_budget = 0.5 / jnp.asarray(lora_scale, jnp.float32)
-        per_pair = [
-            (dirs[2 * k] * half_budget, dirs[2 * k + 1] * half_budget)
-            for k in range(len(tree.plan.pairs))
-        ]
-        mu_out = [m.astype(old.dtype) for m, old in zip(new_mu, mu_leaves)]
-        return _pairwise.scatter(tree, per_pair), LoRAMuonState(
-            count=optax.safe_increment(state.count),
-            mu=_pairwise.unflatten(tree, mu_out),
-        )
+            m_a, m_b = _pairwise.canonical(pair, sources)
+            jobs += [(m_a, b, True), (m_b, a, False)]
+            restore += [(pair, "a", pair.a_index), (pair, "b", pair.b_index)]
+        dirs = _directions.paper_directions(jobs, scale)
+        return {
+            i: pair.restore(d, role, tree.params[i].shape)
+            for (pair, role, i), d in zip(restore, dirs)
+        }
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -183,7 +199,8 @@ def lora_muon(
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
     pairs: _pairs.PairsLike = "auto",
-    method: _lowrank.Method = "eigh",
+    method: _directions.Method = "gram",
+    solver: Solver = "auto",
     mu_dtype: Any = None,
     eps: jax.typing.ArrayLike = 1e-6,
     rebalance: _gauge.GaugeRebalance | None = None,
@@ -227,8 +244,10 @@ def lora_muon(
       nesterov: Nesterov momentum. Static.
       lora_scale: :math:`c` in ``ΔW = c · a @ b`` (PEFT's ``alpha / r``).
       pairs: how to find factor pairs; see :func:`find_lora_pairs`. Static.
-      method: ``"eigh"`` (default, exact) or ``"paper"``; see
+      method: ``"gram"`` (default, exact) or ``"paper"``; see
         :func:`scale_by_lora_muon`. Static.
+      solver: the ``r×r`` solver (``"auto"``, ``"cholesky"``, ``"newton_schulz"`` or
+        ``"eigh"``); see :func:`scale_by_lora_muon`. Static.
       mu_dtype: momentum dtype for every leaf (LoRA and AdamW), e.g.
         ``"bfloat16"``; ``None`` keeps the param dtype.
       eps: relative eigenvalue threshold of the pseudo-inverses.
@@ -276,7 +295,7 @@ def lora_muon(
     References:
       See :func:`scale_by_lora_muon`.
     """
-    _check_common(_ALIAS_FN, beta, lora_scale, eps, method)
+    method = _check_common(_ALIAS_FN, beta, lora_scale, eps, method, solver)
     lora_tx: optax.GradientTransformation = optax.chain(
         scale_by_lora_muon(
             beta,
@@ -284,6 +303,7 @@ def lora_muon(
             lora_scale=lora_scale,
             pairs=pairs,
             method=method,
+            solver=solver,
             mu_dtype=mu_dtype,
             eps=eps,
         ),

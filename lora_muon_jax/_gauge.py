@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _lowrank, _pairs, _pairwise, _validation
+from lora_muon_jax import _grams, _linalg, _pairs, _pairwise, _validation
 
 _FN = "with_gauge_rebalancing"
 
@@ -53,7 +53,9 @@ def gauge_scales(
     Returns:
       ``c`` with shape ``batch``, float32; ``1`` where either factor is zero.
     """
-    norm = _lowrank.normalized_grams([(a, True), (b, False)])
+    norm = _grams.normalized_grams(
+        [(a, _grams.canonical_layout(a.ndim, True)), (b, _grams.canonical_layout(b.ndim, False))]
+    )
     lam = [jnp.linalg.eigvalsh(_linalg.sym(g))[..., -1] for g in norm.grams]
     inv_a, inv_b = norm.inv_norms
     # σ_max(x) = sqrt(λ_max(Ĝ)) · ‖x‖_F and ‖x‖_F = 1 / inv_norm.

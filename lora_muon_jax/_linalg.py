@@ -5,12 +5,10 @@ matrices for the paper's Polar Express) in float32, whatever the dtype of the
 parameters, and maps a zero input to a zero output: directions with no mass get no
 step (pseudo-inverse semantics), never inf or NaN.
 
-Two families:
-
-* ``eigh``: exact spectral functions from a symmetric eigendecomposition, with a
-  relative cut-off below which eigenvalues count as zero.
-* Newton–Schulz / Polar Express: matrix polynomials only (no decomposition), with the
-  coefficient tables of the LoRA-Muon paper. Coefficient tables are plain Python
+Matrix polynomials only (Newton–Schulz, Polar Express, with the coefficient tables
+of the LoRA-Muon paper and of Muon), plus an exact SVD ``msign`` for references;
+the ``r×r`` spectral functions of LoRA-Muon's default route live in
+:mod:`lora_muon_jax._whitened_polar`. Coefficient tables are plain Python
   tuples and become arrays only at trace time, so nothing is created when an
   optimizer is constructed.
 """
@@ -94,104 +92,9 @@ def mm(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.matmul(x, y, precision=HIGHEST)
 
 
-def _eye_like(x: jax.Array) -> jax.Array:
+def eye_like(x: jax.Array) -> jax.Array:
+    """Identity matrices shaped like the stack ``x``."""
     return jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=x.dtype), x.shape)
-
-
-def eigh_psd(s: jax.Array, rtol: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Eigendecomposition of a PSD stack with a relative zero threshold.
-
-    Args:
-      s: ``(..., r, r)`` symmetric positive semi-definite matrices.
-      rtol: eigenvalues ``λ <= rtol · λ_max`` count as zero.
-
-    Returns:
-      ``(lam, vecs, keep)``: eigenvalues clipped at zero, eigenvectors (columns) and a
-      boolean mask of the eigenvalues kept.
-    """
-    lam, vecs = jnp.linalg.eigh(sym(s))
-    lam_max = jnp.max(lam, axis=-1, keepdims=True)
-    keep = lam > rtol * lam_max
-    # `lam_max <= 0` (a zero matrix) keeps nothing; `keep` already says so.
-    return jnp.where(keep, lam, 0.0), vecs, keep
-
-
-def _pinv_power(lam: jax.Array, keep: jax.Array, power: float) -> jax.Array:
-    """``lam**power`` on kept eigenvalues and 0 elsewhere, with no inf/NaN."""
-    return jnp.where(keep, jnp.where(keep, lam, 1.0) ** power, 0.0)
-
-
-def pinv_sqrt_factor(s: jax.Array, rtol: jax.typing.ArrayLike) -> jax.Array:
-    """A square root of the pseudo-inverse: ``Wᵀ = V Λ^{-1/2}``.
-
-    ``W s Wᵀ = Π`` (the projector on the kept eigenvectors) and ``Wᵀ W = s⁺``; columns
-    of dropped eigenvalues are zero. It is the cheapest whitening of ``s``.
-    """
-    lam, vecs, keep = eigh_psd(s, rtol)
-    return vecs * _pinv_power(lam, keep, -0.5)[..., None, :]
-
-
-def pinv_inv_sqrt_eigh(s: jax.Array, rtol: jax.typing.ArrayLike) -> jax.Array:
-    """Pseudo-inverse square root ``s^{+1/2}`` of a PSD stack, by ``eigh``."""
-    lam, vecs, keep = eigh_psd(s, rtol)
-    half = vecs * _pinv_power(lam, keep, -0.25)[..., None, :]
-    return mm(half, jnp.swapaxes(half, -1, -2))
-
-
-def whitened_polar_eigh(
-    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike
-) -> jax.Array:
-    """``T = R (R k R)^{+1/2} R`` with ``R = s^{+1/2}``, by two ``eigh``.
-
-    For a momentum ``M`` with Gram ``k = MᵀM`` and a partner-factor Gram ``s``,
-    ``M T = msign(M R) R``: the LoRA-Muon direction of one factor. Any whitening
-    ``W`` with ``W s Wᵀ = Π`` gives the same ``T`` (``W = Q R`` for an orthogonal
-    ``Q``), so the cheapest one, ``Λ^{-1/2} Vᵀ``, is used:
-    ``T = Wᵀ U μ^{-1/2} Uᵀ W`` for ``W k Wᵀ = U μ Uᵀ``.
-    """
-    return _whiten_and_polar(pinv_sqrt_factor(s, rtol), k, rtol)
-
-
-def _whiten_and_polar(wt: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike) -> jax.Array:
-    """``T = Wᵀ (W k Wᵀ)^{+1/2} W`` for a whitening given as ``Wᵀ``."""
-    c = mm(jnp.swapaxes(wt, -1, -2), mm(k, wt))  # W k Wᵀ
-    mu, u, keep = eigh_psd(c, rtol)
-    z = mm(wt, u * _pinv_power(mu, keep, -0.25)[..., None, :])
-    return mm(z, jnp.swapaxes(z, -1, -2))
-
-
-# Cholesky whitening is used while the pivots say cond(s) < 1/_CHOLESKY_RCOND; a
-# stack with a worse (or singular) matrix takes the eigh pseudo-inverse route.
-_CHOLESKY_RCOND = 1e-5
-
-
-def whitened_polar(s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike) -> jax.Array:
-    """``T = R (R k R)^{+1/2} R`` with ``R = s^{+1/2}``: Cholesky whitening, one ``eigh``.
-
-    Same result as :func:`whitened_polar_eigh` (any whitening gives the same ``T``),
-    with the first decomposition replaced by a Cholesky factorization ``s = L Lᵀ``,
-    ``W = L⁻¹``, which is exact and several times cheaper than ``eigh``. When a
-    matrix of the stack is singular or too ill-conditioned for it (Cholesky pivots
-    below ``1e-5`` of the largest), the whole stack falls back to the ``eigh``
-    pseudo-inverse inside a ``lax.cond``. Zero matrices are whitened by the
-    identity: their callers scale the result by zero.
-    """
-    eye = _eye_like(s)
-    zero = jnp.trace(s, axis1=-2, axis2=-1)[..., None, None] <= 0
-    chol = jnp.linalg.cholesky(jnp.where(zero, eye, sym(s)))
-    piv = jnp.square(jnp.diagonal(chol, axis1=-2, axis2=-1))
-    ok = jnp.all(jnp.isfinite(chol)) & jnp.all(
-        jnp.min(piv, axis=-1) > _CHOLESKY_RCOND * jnp.max(piv, axis=-1)
-    )
-
-    def by_cholesky() -> jax.Array:
-        w = jax.lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
-        return _whiten_and_polar(jnp.swapaxes(w, -1, -2), k, rtol)
-
-    def by_eigh() -> jax.Array:
-        return whitened_polar_eigh(s, k, rtol)
-
-    return jax.lax.cond(ok, by_cholesky, by_eigh)
 
 
 def _scan_coeffs(body, carry, coeffs):
@@ -202,7 +105,7 @@ def _scan_coeffs(body, carry, coeffs):
     return carry
 
 
-def inv_sqrt_newton_schulz(s: jax.Array) -> jax.Array:
+def inv_sqrt_damped_newton_schulz(s: jax.Array) -> jax.Array:
     """The paper's 7-step damped Newton–Schulz inverse square root of a PSD stack.
 
     ``P₀ = s/‖s‖_F + 10⁻⁵ I``, ``X₀ = I``; each step forms
@@ -212,7 +115,7 @@ def inv_sqrt_newton_schulz(s: jax.Array) -> jax.Array:
     """
     norm = jnp.sqrt(jnp.sum(jnp.square(s), axis=(-2, -1), keepdims=True))
     safe = jnp.where(norm > 0, norm, 1.0)
-    eye = _eye_like(s)
+    eye = eye_like(s)
     p = s / safe + DAMPED_NS_SHIFT * eye
     g = DAMPED_NS_GAMMA
 

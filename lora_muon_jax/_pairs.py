@@ -20,6 +20,7 @@ import jax
 __all__ = [
     "PRESETS",
     "FactorAxes",
+    "FactorLayout",
     "LoRAFactor",
     "LoRAPair",
     "PairRule",
@@ -50,6 +51,19 @@ class FactorAxes(NamedTuple):
 
     rank_axis: int
     batch_axes: tuple[int, ...] | None = None
+
+
+class FactorLayout(NamedTuple):
+    """Resolved axes of one stored factor: its rank axis, batch axes and matrix axes.
+
+    All are non-negative axis numbers of the leaf as stored; ``batch_axes`` keep the
+    order in which the pair's ``batch_shape`` lists them. Matrix axes are every other
+    axis, in order.
+    """
+
+    rank_axis: int
+    batch_axes: tuple[int, ...]
+    matrix_axes: tuple[int, ...]
 
 
 A_AXES = FactorAxes(rank_axis=-1)  # a: (*batch, m, r)
@@ -162,6 +176,13 @@ class LoRAPair:
         axes = self.a_axes if role == "a" else self.b_axes
         used = {axes.rank_axis, *(axes.batch_axes or ())}
         return tuple(i for i in range(ndim) if i not in used)
+
+    def layout(self, role: Literal["a", "b"], ndim: int) -> FactorLayout:
+        """The stored layout of factor ``role`` (a leaf with ``ndim`` axes)."""
+        axes = self.a_axes if role == "a" else self.b_axes
+        return FactorLayout(
+            axes.rank_axis, tuple(axes.batch_axes or ()), self._matrix_axes(role, ndim)
+        )
 
     def _perm(self, role: str, ndim: int) -> tuple[int, ...]:
         axes = self.a_axes if role == "a" else self.b_axes

@@ -36,12 +36,21 @@ def _batch_entries(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
     return entries[: ndim - 2]
 
 
-def small_out_sharding(x: Any) -> PartitionSpec | None:
-    """Output sharding for an ``r×r`` result computed from ``x = (*batch, p, q)``."""
+def small_out_sharding(
+    x: Any, batch_axes: tuple[int, ...] | None = None
+) -> PartitionSpec | None:
+    """Output sharding for an ``r×r`` result computed from ``x``.
+
+    ``x`` is ``(*batch, p, q)`` by default; with ``batch_axes`` its batch axes are
+    those axes, in that order (a factor stored in another layout).
+    """
     spec = explicit_spec(x)
     if spec is None:
         return None
-    return PartitionSpec(*_batch_entries(spec, x.ndim), None, None)
+    if batch_axes is None:
+        return PartitionSpec(*_batch_entries(spec, x.ndim), None, None)
+    entries = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+    return PartitionSpec(*(entries[i] for i in batch_axes), None, None)
 
 
 def replicate(x: jax.Array) -> jax.Array:
@@ -52,9 +61,14 @@ def replicate(x: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, PartitionSpec())
 
 
-def like_batch(t: jax.Array, like: jax.Array) -> jax.Array:
-    """Gives a small ``(*batch, r, r)`` array the batch sharding of ``like``."""
-    target = small_out_sharding(like)
+def like_batch(
+    t: jax.Array, like: jax.Array, batch_axes: tuple[int, ...] | None = None
+) -> jax.Array:
+    """Gives a small ``(*batch, r, r)`` array the batch sharding of ``like``.
+
+    ``batch_axes`` locate the batch axes in ``like`` (default: all but the last two).
+    """
+    target = small_out_sharding(like, batch_axes)
     if target is None or explicit_spec(t) is None:
         return t
     return jax.sharding.reshard(t, target)

@@ -48,3 +48,15 @@ def rel_err(x, y) -> float:
 
 def tree_f32(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+# Every route of LoRA-Muon's update: the Gram shortcut with each r×r solver, and
+# the paper's polynomial route. Tolerances against float64: the Gram routes are
+# exact to float32 rounding; Polar Express leaves singular values in [0.999, 1].
+ROUTES = {
+    "cholesky": dict(method="gram", solver="cholesky"),
+    "newton_schulz": dict(method="gram", solver="newton_schulz"),
+    "eigh": dict(method="gram", solver="eigh"),
+    "paper": dict(method="paper"),
+}
+ROUTE_TOL = {"cholesky": 1e-5, "newton_schulz": 1e-5, "eigh": 1e-5, "paper": 2e-3}

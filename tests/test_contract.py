@@ -14,7 +14,8 @@ import lora_muon_jax as lmj
 from tests import contract
 
 VARIANTS = {
-    "eigh": dict(learning_rate=0.02),
+    "gram": dict(learning_rate=0.02),
+    "gram_newton_schulz": dict(learning_rate=0.02, solver="newton_schulz"),
     "paper": dict(learning_rate=0.02, method="paper"),
     "nesterov_wd": dict(learning_rate=0.02, nesterov=True, weight_decay=0.1, lora_scale=2.0),
     "rebalance": dict(learning_rate=0.02, rebalance=lmj.GaugeRebalance(every=2)),

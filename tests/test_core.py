@@ -12,7 +12,15 @@ import pytest
 
 import lora_muon_jax as lmj
 from tests import reference
-from tests.helpers import product, regression_loss, rel_err, spectral_norm, well_conditioned
+from tests.helpers import (
+    ROUTE_TOL,
+    ROUTES,
+    product,
+    regression_loss,
+    rel_err,
+    spectral_norm,
+    well_conditioned,
+)
 
 M, N, R = 48, 40, 4
 
@@ -87,8 +95,8 @@ def test_peft_orientation_matches_reference():
         assert rel_err(traj[t]["q_proj"]["lora_A"], rb) < 1e-4
 
 
-@pytest.mark.parametrize("method,tol", [("eigh", 1e-5), ("paper", 2e-3)])
-def test_single_step_directions_vs_svd(method, tol):
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_single_step_directions_vs_svd(route):
     # Spec §3: the paper route is accurate to ~1e-3 (Polar Express leaves singular
     # values in [0.999, 1]); the default is exact to float32 precision.
     rng = np.random.default_rng(3)
@@ -96,11 +104,12 @@ def test_single_step_directions_vs_svd(method, tol):
     b = well_conditioned(rng, (R, N), 3.0)
     ga = well_conditioned(rng, (M, R), 3.0)
     gb = well_conditioned(rng, (R, N), 3.0)
-    tx = lmj.scale_by_lora_muon(beta=0.0, method=method)
+    tx = lmj.scale_by_lora_muon(beta=0.0, **ROUTES[route])
     p = {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
     g = {"lora_a": jnp.asarray(ga, jnp.float32), "lora_b": jnp.asarray(gb, jnp.float32)}
     u, _ = jax.jit(tx.update)(g, tx.init(p), p)
     da, db = reference.directions(a, b, ga, gb)
+    tol = ROUTE_TOL[route]
     assert rel_err(u["lora_a"], 0.5 * da) < tol
     assert rel_err(u["lora_b"], 0.5 * db) < tol
 
@@ -110,13 +119,14 @@ def test_single_step_directions_vs_svd(method, tol):
 
 
 @pytest.mark.parametrize("lora_scale", [1.0, 4.0])
-@pytest.mark.parametrize("method,tol", [("eigh", 1e-5), ("paper", 2e-3)])
-def test_product_step_budget(lora_scale, method, tol):
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_product_step_budget(lora_scale, route):
     a, b, target = _problem(seed=4, batch=(3,))
     loss_j, _ = regression_loss(lora_scale, jnp.asarray(target, jnp.float32))
     params = {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
     eta = 0.07
-    tx = lmj.lora_muon(eta, beta=0.0, lora_scale=lora_scale, method=method)
+    tx = lmj.lora_muon(eta, beta=0.0, lora_scale=lora_scale, **ROUTES[route])
+    tol = ROUTE_TOL[route]
     g = jax.grad(lambda p: loss_j(p["lora_a"], p["lora_b"]))(params)
     u, _ = tx.update(g, tx.init(params), params)
     for i in range(3):
@@ -215,11 +225,11 @@ DEGENERATE = {
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", sorted(DEGENERATE))
-@pytest.mark.parametrize("method", ["eigh", "paper"])
-def test_finite_and_bounded_for_degenerate_factors(case, dtype, method):
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_finite_and_bounded_for_degenerate_factors(case, dtype, route):
     a, b = DEGENERATE[case]
     ga, gb = _G @ b.T, a.T @ _G
-    params, u, _ = _one_update(a, b, ga, gb, dtype, method=method)
+    params, u, _ = _one_update(a, b, ga, gb, dtype, **ROUTES[route])
     for k in u:
         assert u[k].dtype == dtype
         assert bool(jnp.all(jnp.isfinite(u[k].astype(jnp.float32)))), (case, k)

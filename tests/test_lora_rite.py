@@ -222,7 +222,10 @@ def test_product_trajectory_is_gauge_invariant(clip_and_skip):
     for traj in others:
         for t, (p0, p1) in enumerate(zip(base, traj, strict=True)):
             for k in p0:
-                assert rel_err(p1[k], p0[k]) < 2e-4, (k, t)
+                # float32 rounding through QR of gauge-moved factors (cond(S) = 4)
+                # reaches 2.1e-4 on some CPUs after 4 steps; a non-invariant
+                # method (Spectron) differs by ~1 here.
+                assert rel_err(p1[k], p0[k]) < 5e-4, (k, t)
     for k, v in params.items():  # every product did move
         assert rel_err(base[-1][k], product(v["lora_a"], v["lora_b"])) > 1e-3, k
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import lora_muon_jax as lmj
 from lora_muon_jax import testing
-from tests.helpers import rel_err, well_conditioned
+from tests.helpers import ROUTES, rel_err, well_conditioned
 
 # Few distinct sizes, so that examples reuse compiled kernels; they still cover
 # r > m, r > n (rank-deficient pairs), r = 1 and batch axes.
@@ -37,15 +37,15 @@ def _pair(seed, batch, m, n, r, scale, dtype=jnp.float32):
 
 @settings(max_examples=12)
 @given(shape=shapes, log_scale=st.floats(-3, 3), seed=st.integers(0, 2**16))
-@pytest.mark.parametrize("method", ["eigh", "paper"])
-def test_budget_and_finiteness_any_shape_and_scale(method, shape, log_scale, seed):
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_budget_and_finiteness_any_shape_and_scale(route, shape, log_scale, seed):
     batch, m, n, r = shape
     params, grads = _pair(seed, batch, m, n, r, 10.0**log_scale)
     eta = 0.1
     # Rank-deficient pairs (r > m or r > n) included: the budget still holds.
     testing.assert_product_step_within_budget(
-        lmj.lora_muon(eta, beta=0.0, method=method), params, grads, eta,
-        rtol=2e-3 if method == "paper" else 2e-4,
+        lmj.lora_muon(eta, beta=0.0, **ROUTES[route]), params, grads, eta,
+        rtol=2e-3 if route == "paper" else 2e-4,
     )
 
 

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_muon_jax as lmj
+from tests.helpers import ROUTES
 
 L, M, N, R = 2, 64, 48, 4
 _COLLECTIVE = re.compile(
@@ -56,13 +57,13 @@ def _problem():
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
-@pytest.mark.parametrize("method", ["eigh", "paper"])
-def test_sharded_step_matches_and_communicates_only_rxr(layout, axis_type, method):
+@pytest.mark.parametrize("route", ["cholesky", "newton_schulz", "paper"])
+def test_sharded_step_matches_and_communicates_only_rxr(layout, axis_type, route):
     shape, names, spec_a, spec_b = LAYOUTS[layout]
     mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
     specs = {"lora_a": spec_a, "lora_b": spec_b, "bias": P()}
     raw, raw_grads = _problem()
-    tx = lmj.lora_muon(0.1, beta=0.9, weight_decay=0.1, method=method)
+    tx = lmj.lora_muon(0.1, beta=0.9, weight_decay=0.1, **ROUTES[route])
 
     def put(tree):
         return {k: jax.device_put(jnp.asarray(v, jnp.float32), NamedSharding(mesh, specs[k])) for k, v in tree.items()}

@@ -22,7 +22,7 @@ PARAMS = {"attn": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 5))}, "bia
         (dict(learning_rate=0.1, lora_scale=0.0), "`lora_scale` must satisfy 0.0 < lora_scale"),
         (dict(learning_rate=0.1, weight_decay=-1.0), "`weight_decay` must satisfy 0.0 <= weight_decay"),
         (dict(learning_rate=0.5, weight_decay=2.0), r"weight_decay \* learning_rate = 1 >= 1"),
-        (dict(learning_rate=0.1, method="svd"), r"`method` must be one of \['eigh', 'paper'\]"),
+        (dict(learning_rate=0.1, method="svd"), r"`method` must be one of \['gram', 'paper'\]"),
         (dict(learning_rate=0.1, eps=float("nan")), "`eps` must be finite"),
     ],
 )

@@ -415,10 +415,11 @@ def limuon(
       ...   g_prev = jax.grad(loss)(prev, x)  # previous params, same batch
       ...   updates, state = tx.update(g, state, params, prev_grads=g_prev)
       ...   return optax.apply_updates(params, updates), params, state
+      >>> start = loss(params, xs)
       >>> for t in range(60):
       ...   params, prev, state = step(params, prev, state, xs[t % 8::8])
-      >>> print(f"{loss(params, xs):.2f}")
-      0.03
+      >>> bool(loss(params, xs) < 0.05 * start)  # 20x lower (0.02-0.03 here)
+      True
 
     References:
       See :func:`scale_by_limuon`.

@@ -1,0 +1,245 @@
+"""The batched LoRA-Muon engine: directions of every adapter of a tree at once.
+
+For a pair ``ΔW = a @ b`` with momenta ``m_a`` (like ``a``) and ``m_b`` (like ``b``)
+the LoRA-Muon directions are
+
+.. math::
+
+  D_a = \\operatorname{msign}(m_a R_b) R_b = m_a T_a, \\qquad
+  D_b = R_a \\operatorname{msign}(R_a m_b) = T_b m_b,
+
+with ``R_a = (aᵀa)^{-1/2}``, ``R_b = (b bᵀ)^{-1/2}`` and the symmetric ``r×r``
+matrices ``T`` of :mod:`lora_muon_jax._whitened_polar` (spec §3), so that
+``‖D_a b‖₂ = ‖a D_b‖₂ = 1``. :mod:`lora_muon_jax._paper_algorithm` writes the same
+maths for one pair, as the paper does; this module is how it runs on a whole tree:
+
+* every Gram and every thin product is one ``dot_general`` on the leaf **as stored**
+  (any rank, batch and matrix axes): no factor-sized buffer is transposed, stacked
+  or copied;
+* only the ``r×r`` Grams are stacked, one batch per rank for the whole tree, so the
+  ``r×r`` work is a handful of calls whatever the number of adapters;
+* scale is taken out on the Grams (:mod:`lora_muon_jax._grams`) and put back as
+  scalars: ``1/‖m‖`` and the caller's ``scale`` are folded into ``T``, and
+  ``1/‖partner‖`` multiplies the thin product (fused into the caller's elementwise
+  update), so no intermediate overflows for any finite input;
+* under explicit sharding only ``r×r`` matrices cross devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lora_muon_jax import _grams, _linalg, _sharding, _whitened_polar
+from lora_muon_jax._pairs import FactorLayout, LoRAPair
+
+Method = Literal["gram", "paper"]
+METHODS: tuple[str, ...] = ("gram", "paper")
+
+
+class Factor(NamedTuple):
+    """One factor of one pair: its leaf, its partner's leaf, their layouts."""
+
+    index: int
+    layout: FactorLayout
+    partner: int
+    partner_layout: FactorLayout
+    tall: bool  # the left factor ``a`` (``m×r``)
+    rtol: float
+
+
+def factors_of(
+    pairs: Sequence[LoRAPair], leaves: Sequence[jax.Array], rtols: Sequence[float]
+) -> list[Factor]:
+    """The two factors of every pair, ``a`` then ``b``, with one ``rtol`` per pair."""
+    out = []
+    for pair, rtol in zip(pairs, rtols):
+        la = pair.layout("a", leaves[pair.a_index].ndim)
+        lb = pair.layout("b", leaves[pair.b_index].ndim)
+        out.append(Factor(pair.a_index, la, pair.b_index, lb, True, rtol))
+        out.append(Factor(pair.b_index, lb, pair.a_index, la, False, rtol))
+    return out
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    # r×r stacks are tiny: replicate them (under explicit sharding) so stacks of
+    # differently sharded pairs can be batched into one solve.
+    return _sharding.replicate(x).reshape((-1,) + x.shape[-2:])
+
+
+def solve_rxr(
+    factors: Sequence[Factor],
+    s_grams: Sequence[jax.Array],
+    k_grams: Sequence[jax.Array],
+    leaves: Sequence[jax.Array],
+    solver: _whitened_polar.Solver,
+) -> list[jax.Array]:
+    """``T`` of every factor, each ``(*batch, r, r)``: one batched solve per rank.
+
+    Solves of different ranks run one after another (:func:`_linalg.after`): on
+    CPU they may be LAPACK calls, and jaxlib's batched LAPACK kernels can deadlock
+    XLA's thread pool when two run at once. ``leaves`` give each ``T`` the batch
+    sharding of its factor.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(s_grams):
+        groups.setdefault(g.shape[-1], []).append(i)
+    out: list[jax.Array] = list(s_grams)
+    previous: tuple[jax.Array, ...] = ()
+    for idx in groups.values():
+        flats = [_flat(s_grams[i]) for i in idx]
+        s = _linalg.after(jnp.concatenate(flats), *previous)
+        k = jnp.concatenate([_flat(k_grams[i]) for i in idx])
+        rtol = jnp.concatenate(
+            [jnp.full((f.shape[0],), factors[i].rtol, jnp.float32) for i, f in zip(idx, flats)]
+        )
+        t = _whitened_polar.whitened_polar(s, k, rtol, solver)
+        previous = (t,)
+        start = 0
+        for i, f in zip(idx, flats):
+            piece = t[start : start + f.shape[0]].reshape(s_grams[i].shape)
+            fac = factors[i]
+            out[i] = _sharding.like_batch(piece, leaves[fac.index], fac.layout.batch_axes)
+            start += f.shape[0]
+    return out
+
+
+# A factor whose rank axis is its last axis, with rank at most this, is multiplied
+# by T as a sum of r broadcast products on CPU: XLA fuses it with the elementwise
+# update that follows, so the step reads the momentum and the param once.
+_ELEMENTWISE_MAX_RANK = 32
+
+
+def _thin_product_elementwise(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
+    """``x T`` for ``x: (*batch, *matrix, r)`` as ``Σ_i x[..., i] T[i, :]``."""
+    x = x.astype(jnp.float32)
+    t = t.reshape(t.shape[:-2] + (1,) * len(layout.matrix_axes) + t.shape[-2:])
+    out = x[..., 0:1] * t[..., 0, :]
+    for i in range(1, x.shape[-1]):
+        out = out + x[..., i : i + 1] * t[..., i, :]
+    return out
+
+
+def _standard_tall(layout: FactorLayout, ndim: int) -> bool:
+    n = len(layout.batch_axes)
+    return layout.batch_axes == tuple(range(n)) and layout.rank_axis == ndim - 1
+
+
+def thin_product(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
+    """``x T`` over the rank axis of a stored factor, in float32, in ``x``'s layout.
+
+    ``t`` is ``(*batch, r, r)`` (batch axes in ``layout.batch_axes`` order) and
+    symmetric, so ``T m`` of a right factor is the same contraction. The operand
+    order puts the rank axis where the leaf has it (after or before its matrix
+    axes), so standard layouts need no transpose. On CPU a ``(*batch, m, r)`` factor
+    of small rank is multiplied elementwise (see :data:`_ELEMENTWISE_MAX_RANK`).
+    """
+    if _standard_tall(layout, x.ndim) and x.shape[-1] <= _ELEMENTWISE_MAX_RANK:
+        return jax.lax.platform_dependent(
+            x,
+            t,
+            cpu=lambda x, t: _thin_product_elementwise(x, t, layout),
+            default=lambda x, t: _thin_product_dot(x, t, layout),
+        )
+    return _thin_product_dot(x, t, layout)
+
+
+def _thin_product_dot(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
+    batch, nb = layout.batch_axes, len(layout.batch_axes)
+    tb = tuple(range(nb))
+    if layout.rank_axis > max(layout.matrix_axes):
+        out = jax.lax.dot_general(
+            x.astype(jnp.float32), t, (((layout.rank_axis,), (nb,)), (batch, tb)),
+            precision=_linalg.HIGHEST,
+        )
+        order = batch + layout.matrix_axes + (layout.rank_axis,)
+    else:
+        out = jax.lax.dot_general(
+            t, x.astype(jnp.float32), (((nb + 1,), (layout.rank_axis,)), (tb, batch)),
+            precision=_linalg.HIGHEST,
+        )
+        order = batch + (layout.rank_axis,) + layout.matrix_axes
+    perm = tuple(order.index(axis) for axis in range(x.ndim))
+    return out if perm == tuple(range(x.ndim)) else out.transpose(perm)
+
+
+def per_batch(v: jax.Array, layout: FactorLayout, ndim: int) -> jax.Array:
+    """A ``(*batch)`` value (batch-axes order) broadcastable against the stored leaf."""
+    order = sorted(range(len(layout.batch_axes)), key=lambda i: layout.batch_axes[i])
+    v = v.transpose(order) if order != list(range(len(order))) else v
+    shape = [1] * ndim
+    for axis, size in zip(sorted(layout.batch_axes), v.shape):
+        shape[axis] = size
+    return v.reshape(shape)
+
+
+def gram_directions(
+    factors: Sequence[Factor],
+    params: Sequence[jax.Array],
+    sources: Sequence[jax.Array],
+    scale: jax.Array,
+    solver: _whitened_polar.Solver,
+) -> list[jax.Array]:
+    """``scale · D`` of every factor, float32, in its stored layout (default route).
+
+    Four Grams per pair (both momenta, both factors), one batched ``r×r`` solve per
+    rank, one thin product per factor.
+    """
+    items = []
+    for f in factors:
+        items += [(sources[f.index], f.layout), (params[f.partner], f.partner_layout)]
+    norm = _grams.normalized_grams(items)
+    k_grams, s_grams = norm.grams[0::2], norm.grams[1::2]
+    inv_m, inv_s = norm.inv_norms[0::2], norm.inv_norms[1::2]
+    ts = solve_rxr(factors, s_grams, k_grams, sources, solver)
+    out = []
+    for f, t, im, is_ in zip(factors, ts, inv_m, inv_s):
+        src = sources[f.index]
+        d = thin_product(src, t * (im * scale)[..., None, None], f.layout)
+        out.append(d * per_batch(is_, f.layout, src.ndim))
+    return out
+
+
+def _paper_direction(
+    m: jax.Array, r_hat: jax.Array, k_hat: jax.Array, inv_m: jax.Array, tall: bool
+) -> jax.Array:
+    """``msign(m R̂) R̂`` (tall) or ``R̂ msign(R̂ m)`` with Polar Express on the thin side."""
+    # ‖m R̂‖_F² = tr(R̂ K R̂) with K = ‖m‖²·K̂: normalize through the r×r Grams so the
+    # thin matrix is never squared in float32.
+    frob2 = jnp.sum(r_hat * _linalg.mm(k_hat, r_hat), axis=(-2, -1), keepdims=True)
+    ok = frob2 > 0
+    pre = jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, frob2, 1.0)), 0.0)
+    pre = pre * inv_m / _linalg.POLAR_EXPRESS_SAFETY
+    x = _linalg.mm(m, r_hat * pre) if tall else _linalg.mm(r_hat * pre, m)
+    x = _linalg.polar_express(x, tall=tall, normalize=False)
+    return _linalg.mm(x, r_hat) if tall else _linalg.mm(r_hat, x)
+
+
+def paper_directions(
+    jobs: Sequence[tuple[jax.Array, jax.Array, bool]], scale: jax.Array
+) -> list[jax.Array]:
+    """``scale · D`` by the paper's route, per canonical ``(momentum, partner, tall)``.
+
+    A 7-step damped Newton–Schulz inverse square root of each partner Gram and an
+    8-step Polar Express on the thin whitened momentum: matrix products only, at
+    the paper's accuracy (about 1e-3). Kept to reproduce the paper.
+    """
+    items = []
+    for m, partner, tall in jobs:
+        items += [
+            (m, _grams.canonical_layout(m.ndim, tall)),
+            (partner, _grams.canonical_layout(partner.ndim, not tall)),
+        ]
+    norm = _grams.normalized_grams(items)
+    out = []
+    for j, (m, _, tall) in enumerate(jobs):
+        k_hat, s_hat = norm.grams[2 * j], norm.grams[2 * j + 1]
+        r_hat = _linalg.inv_sqrt_damped_newton_schulz(_flat(s_hat)).reshape(s_hat.shape)
+        r_hat = _sharding.like_batch(r_hat, m)
+        inv_m = norm.inv_norms[2 * j][..., None, None]
+        d = _paper_direction(m.astype(jnp.float32), r_hat, k_hat, inv_m, tall)
+        out.append(d * (norm.inv_norms[2 * j + 1] * scale)[..., None, None])
+    return out

@@ -1,0 +1,140 @@
+"""Gram matrices of LoRA factors, read in the factors' stored layout, in float32.
+
+The LoRA-Muon step needs, per factor, the ``r×r`` Gram of its momentum and of its
+partner: ``aᵀa`` for a left factor ``a`` and ``b bᵀ`` for a right factor ``b``. Both
+are "contract every matrix axis, keep the batch axes and the rank axis", so one
+``dot_general`` computes them on the leaf as stored (``(*batch, m, r)``, PEFT's
+``(r, in)``, MaxText's ``(emb, layers, r)``, gemma's ``(heads, head_dim, r)``...)
+with no transpose or copy of the factor.
+
+Scale is handled once, on the Grams: every Gram is divided by its trace, so the
+``r×r`` work sees matrices of unit trace whatever the scale of the factors, and
+``1/‖x‖_F`` comes back as a scalar to apply later. Grams of very large (≳1e19),
+very small (≲1e-19) or exactly zero matrices cannot be formed directly in float32;
+when any Gram of the step is out of range, all of them are recomputed from
+max-abs-normalized inputs inside a ``lax.cond``, so the common case pays nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lora_muon_jax import _sharding
+from lora_muon_jax._pairs import FactorLayout
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Gram traces (squared Frobenius norms) inside this window are computed exactly
+# enough in float32; outside it (or zero, which may be an underflow), the
+# normalized path decides.
+_TRACE_MIN = 1e-24
+_TRACE_MAX = 1e30
+# A matrix whose largest entry is below this is numerically zero: dividing by its
+# norm would overflow float32 in the step that follows.
+_ZERO_SCALE = 1e-30
+
+
+def canonical_layout(ndim: int, tall: bool) -> FactorLayout:
+    """Layout of ``(*batch, m, r)`` (``tall``) or ``(*batch, r, n)``."""
+    batch = tuple(range(ndim - 2))
+    return FactorLayout(ndim - 1, batch, (ndim - 2,)) if tall else FactorLayout(
+        ndim - 2, batch, (ndim - 1,)
+    )
+
+
+def gram(x: jax.Array, layout: FactorLayout) -> jax.Array:
+    """``xᵀx`` over the matrix axes of a stored factor: ``(*batch, r, r)``, float32.
+
+    Args:
+      x: a factor (or its momentum) in its stored layout, any float dtype.
+      layout: where its rank, batch and matrix axes are.
+
+    Returns:
+      The Gram of every batch index, accumulated in float32 at full precision.
+      Under explicit sharding it is replicated over the matrix axes: only ``r×r``
+      numbers are reduced across devices.
+    """
+    dims = ((layout.matrix_axes, layout.matrix_axes), (layout.batch_axes, layout.batch_axes))
+    return jax.lax.dot_general(
+        x,
+        x,
+        dims,
+        precision=HIGHEST,
+        preferred_element_type=jnp.float32,
+        out_sharding=_sharding.small_out_sharding(x, layout.batch_axes),
+    )
+
+
+def _trace(g: jax.Array) -> jax.Array:
+    return jnp.trace(g, axis1=-2, axis2=-1)
+
+
+class NormalizedGrams(NamedTuple):
+    """Unit-trace Grams (zero for a zero matrix) and ``1/‖x‖_F`` (zero likewise)."""
+
+    grams: list[jax.Array]
+    inv_norms: list[jax.Array]
+
+
+def _normalize_fast(grams: list[jax.Array]) -> NormalizedGrams:
+    traces = [_trace(g) for g in grams]
+    return NormalizedGrams(
+        grams=[g / t[..., None, None] for g, t in zip(grams, traces)],
+        inv_norms=[jax.lax.rsqrt(t) for t in traces],
+    )
+
+
+def _max_abs(x: jax.Array, layout: FactorLayout) -> jax.Array:
+    """Largest ``|x|`` per batch index, kept broadcastable against ``x``."""
+    reduce = tuple(i for i in range(x.ndim) if i not in layout.batch_axes)
+    return jnp.max(jnp.abs(x.astype(jnp.float32)), axis=reduce, keepdims=True)
+
+
+def _batch_values(s: jax.Array, layout: FactorLayout) -> jax.Array:
+    """A keepdims per-batch array as ``(*batch)`` in ``layout.batch_axes`` order."""
+    kept = sorted(layout.batch_axes)
+    flat = s.reshape(tuple(s.shape[i] for i in kept))
+    return flat.transpose(tuple(kept.index(i) for i in layout.batch_axes))
+
+
+def _normalize_slow(items: list[tuple[jax.Array, FactorLayout]]) -> NormalizedGrams:
+    grams, inv_norms = [], []
+    for x, layout in items:
+        s = _max_abs(x, layout)
+        nonzero = s > _ZERO_SCALE
+        g = gram(x.astype(jnp.float32) / jnp.where(nonzero, s, 1.0), layout)
+        s = _batch_values(s, layout)[..., None, None]
+        t = _trace(g)[..., None, None]
+        nonzero = _batch_values(nonzero, layout)[..., None, None] & (t > 0)
+        t = jnp.where(nonzero, t, 1.0)
+        grams.append(jnp.where(nonzero, g / t, 0.0))
+        inv = jax.lax.rsqrt(t) / jnp.where(nonzero, s, 1.0)
+        inv_norms.append(jnp.where(nonzero, inv, 0.0)[..., 0, 0])
+    return NormalizedGrams(grams, inv_norms)
+
+
+def normalized_grams(items: Sequence[tuple[jax.Array, FactorLayout]]) -> NormalizedGrams:
+    """Unit-trace Grams of stored factors and their inverse Frobenius norms.
+
+    Args:
+      items: ``(x, layout)`` pairs; see :func:`gram`.
+
+    Returns:
+      ``G/tr(G)`` of every batch index (zero for a numerically zero ``x``) and
+      ``1/‖x‖_F`` (zero likewise), both float32, batch axes first.
+    """
+    items = list(items)
+    grams = [gram(x, layout) for x, layout in items]
+    in_range = [
+        jnp.all((_trace(g) > _TRACE_MIN) & (_trace(g) < _TRACE_MAX)) for g in grams
+    ]
+    ok = jnp.all(jnp.stack(in_range)) if in_range else jnp.array(True)
+    return jax.lax.cond(
+        ok,
+        lambda: _normalize_fast(grams),
+        lambda: _normalize_slow(items),
+    )
