@@ -104,7 +104,13 @@ def scale_by_lora_muon(
       mu_dtype: dtype of the momentum (e.g. ``"bfloat16"``); ``None`` keeps each
         param's dtype. Pass dtypes as strings under ``inject_hyperparams``.
       eps: eigenvalues of the r×r Grams below ``eps · λ_max`` count as zero
-        (``"gram"`` only): directions with no mass get no step.
+        (``"gram"`` only): directions with no mass get no step. The threshold
+        used is ``max(eps, 100 eps_f32, (2 eps_dtype)²)`` for factors of
+        ``dtype`` (about 1.2e-5 for float32 and float16, 2.4e-4 for bfloat16), so
+        that a partner direction too weak to be whitened to 1% in float32 Grams, or
+        to survive rounding of the update to the param dtype, gets no step; and
+        directions whose update would overflow the param dtype (float16) count as
+        zero as well.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
@@ -170,9 +176,7 @@ def scale_by_lora_muon(
     def _factor_directions(
         tree: _pairwise.PairTree, sources: list[Any], scale: jax.Array
     ) -> dict[int, jax.Array]:
-        factors = _directions.factors_of(
-            tree.plan.pairs, tree.params, [eps] * len(tree.plan.pairs)
-        )
+        factors = _directions.factors_of(tree.plan.pairs, tree.params, eps)
         if method == "gram":
             dirs = _directions.gram_directions(factors, tree.params, sources, scale, solver)
             return {f.index: d for f, d in zip(factors, dirs)}

@@ -40,6 +40,30 @@ Method = Literal["gram", "paper"]
 METHODS: tuple[str, ...] = ("gram", "paper")
 
 
+# Relative eigenvalue thresholds of the r×r pseudo-inverses, by source of error.
+# Grams accumulated in float32 carry errors of about GRAM_ERROR · λ_max, so an
+# eigenvalue must be well above that to be whitened to 1% (the budget): below
+# ~100 eps_f32 · λ_max a partner direction counts as zero.
+GRAM_RTOL = 100 * float(jnp.finfo(jnp.float32).eps)
+# An update rounded to the param dtype errs by eps_dtype per entry, and a partner
+# direction with singular value σ_i multiplies that by σ_max/σ_i in the product
+# step: directions with σ_i/σ_max < ROUNDING_MARGIN · eps_dtype count as zero.
+ROUNDING_MARGIN = 2.0
+# Updates of partner directions so small that the update would exceed
+# finfo(dtype).max / OVERFLOW_MARGIN (float16: 65504) count as zero too.
+OVERFLOW_MARGIN = 16.0
+
+
+def dtype_rtol(dtype: jax.typing.DTypeLike, eps: jax.typing.ArrayLike) -> jax.Array:
+    """The relative eigenvalue threshold for factors of ``dtype``: ``max(eps, ...)``.
+
+    ``max(eps, 100 eps_f32, (2 eps_dtype)²)``: about 1.2e-5 for float32 and float16
+    factors, 2.4e-4 for bfloat16 (singular-value ratios 3.5e-3 and 1.6e-2).
+    """
+    rounding = (ROUNDING_MARGIN * float(jnp.finfo(dtype).eps)) ** 2
+    return jnp.maximum(jnp.asarray(eps, jnp.float32), max(GRAM_RTOL, rounding))
+
+
 class Factor(NamedTuple):
     """One factor of one pair: its leaf, its partner's leaf, their layouts."""
 
@@ -48,20 +72,38 @@ class Factor(NamedTuple):
     partner: int
     partner_layout: FactorLayout
     tall: bool  # the left factor ``a`` (``m×r``)
-    rtol: float
+    rtol: jax.Array  # threshold for the pair's dtype (see dtype_rtol)
+    dtype_max: float  # the largest finite value of the factor's dtype
 
 
 def factors_of(
-    pairs: Sequence[LoRAPair], leaves: Sequence[jax.Array], rtols: Sequence[float]
+    pairs: Sequence[LoRAPair], leaves: Sequence[jax.Array], eps: jax.typing.ArrayLike
 ) -> list[Factor]:
-    """The two factors of every pair, ``a`` then ``b``, with one ``rtol`` per pair."""
+    """The two factors of every pair, ``a`` then ``b``, with their thresholds."""
     out = []
-    for pair, rtol in zip(pairs, rtols):
+    for pair in pairs:
+        dtype = leaves[pair.a_index].dtype
+        rtol, big = dtype_rtol(dtype, eps), float(jnp.finfo(dtype).max)
         la = pair.layout("a", leaves[pair.a_index].ndim)
         lb = pair.layout("b", leaves[pair.b_index].ndim)
-        out.append(Factor(pair.a_index, la, pair.b_index, lb, True, rtol))
-        out.append(Factor(pair.b_index, lb, pair.a_index, la, False, rtol))
+        out.append(Factor(pair.a_index, la, pair.b_index, lb, True, rtol, big))
+        out.append(Factor(pair.b_index, lb, pair.a_index, la, False, rtol, big))
     return out
+
+
+def thresholds(
+    f: Factor, inv_s: jax.Array, rank: int, scale: jax.Array
+) -> jax.Array:
+    """Per-matrix ``rtol``: the dtype threshold, raised where the update would overflow.
+
+    The update has entries up to ``scale / σ_min(partner)``; keeping it below
+    ``dtype_max / OVERFLOW_MARGIN`` needs ``σ_i ≥ OVERFLOW_MARGIN · scale / dtype_max``,
+    i.e. ``λ_i(Ŝ) ≥ floor = (OVERFLOW_MARGIN · scale · inv_s / dtype_max)²`` for the
+    unit-trace partner Gram ``Ŝ``. Since ``λ_max(Ŝ) ≥ 1/r``, a relative threshold of
+    ``r · floor`` guarantees it.
+    """
+    floor = jnp.square(OVERFLOW_MARGIN * scale * inv_s / f.dtype_max)
+    return jnp.maximum(f.rtol, rank * floor)
 
 
 def _flat(x: jax.Array) -> jax.Array:
@@ -74,15 +116,17 @@ def solve_rxr(
     factors: Sequence[Factor],
     s_grams: Sequence[jax.Array],
     k_grams: Sequence[jax.Array],
+    rtols: Sequence[jax.Array],
     leaves: Sequence[jax.Array],
     solver: _whitened_polar.Solver,
 ) -> list[jax.Array]:
     """``T`` of every factor, each ``(*batch, r, r)``: one batched solve per rank.
 
-    Solves of different ranks run one after another (:func:`_linalg.after`): on
-    CPU they may be LAPACK calls, and jaxlib's batched LAPACK kernels can deadlock
-    XLA's thread pool when two run at once. ``leaves`` give each ``T`` the batch
-    sharding of its factor.
+    ``rtols`` hold each factor's per-matrix thresholds (its batch shape). Solves of
+    different ranks run one after another (:func:`_linalg.after`): on CPU they may
+    be LAPACK calls, and jaxlib's batched LAPACK kernels can deadlock XLA's thread
+    pool when two run at once. ``leaves`` give each ``T`` the batch sharding of its
+    factor.
     """
     groups: dict[int, list[int]] = {}
     for i, g in enumerate(s_grams):
@@ -94,7 +138,7 @@ def solve_rxr(
         s = _linalg.after(jnp.concatenate(flats), *previous)
         k = jnp.concatenate([_flat(k_grams[i]) for i in idx])
         rtol = jnp.concatenate(
-            [jnp.full((f.shape[0],), factors[i].rtol, jnp.float32) for i, f in zip(idx, flats)]
+            [_sharding.replicate(rtols[i]).reshape(-1) for i in idx]
         )
         t = _whitened_polar.whitened_polar(s, k, rtol, solver)
         previous = (t,)
@@ -194,7 +238,11 @@ def gram_directions(
     norm = _grams.normalized_grams(items)
     k_grams, s_grams = norm.grams[0::2], norm.grams[1::2]
     inv_m, inv_s = norm.inv_norms[0::2], norm.inv_norms[1::2]
-    ts = solve_rxr(factors, s_grams, k_grams, sources, solver)
+    rtols = [
+        jnp.broadcast_to(thresholds(f, is_, g.shape[-1], scale), g.shape[:-2])
+        for f, is_, g in zip(factors, inv_s, s_grams)
+    ]
+    ts = solve_rxr(factors, s_grams, k_grams, rtols, sources, solver)
     out = []
     for f, t, im, is_ in zip(factors, ts, inv_m, inv_s):
         src = sources[f.index]
