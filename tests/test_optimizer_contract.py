@@ -1,0 +1,253 @@
+"""One contract table × every optimizer of the package, in the style of optax's common tests.
+
+optax's ``contrib/_common_test.py`` drives every optimizer through the same checks
+from one table; this file does the same for LoRA-Muon (each route and option that
+changes the program) and every peer. The checks come from ``tests/contract.py``
+(jit with extra args, ``inject_hyperparams``, dtypes, ``MultiSteps``, wrappers,
+state types under ``lax.cond``, schedules) plus what users of sharded and
+low-precision training rely on: bfloat16 params with bfloat16 moments, 8-device
+sharding equal to one device, ``apply_if_finite`` skipping a NaN step, and no
+recompilation across steps or hyperparameter changes (backend compilations counted
+through ``jax.monitoring``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lora_muon_jax as lmj
+from lora_muon_jax import peers
+from tests import contract
+
+DENSE = {"pairs": ()}  # dense-weight methods see the factors as stacked matrices
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """An optimizer factory, its hyperparameters, and what the contract must know."""
+
+    factory: Callable[..., optax.GradientTransformation]
+    hparams: dict[str, Any]
+    static_args: tuple[str, ...] = ()
+    inject_atol: float = 0.0  # msign's weak directions: ulp-level absolute changes
+    train_hparams: dict[str, Any] = dataclasses.field(default_factory=dict)  # for descent
+
+
+CASES = {
+    "lora_muon": Case(lmj.lora_muon, dict(learning_rate=0.02)),
+    "lora_muon_newton_schulz": Case(lmj.lora_muon, dict(learning_rate=0.02, solver="newton_schulz")),
+    "lora_muon_paper": Case(lmj.lora_muon, dict(learning_rate=0.02, method="paper")),
+    "lora_muon_options": Case(
+        lmj.lora_muon,
+        dict(
+            learning_rate=0.02,
+            nesterov=True,
+            weight_decay=0.1,
+            lora_scale=2.0,
+            rebalance=lmj.GaugeRebalance(every=2),
+        ),
+    ),
+    "spectron": Case(
+        peers.spectron, dict(learning_rate=0.02), static_args=("ns_steps", "power_iterations")
+    ),
+    # LoRA-RITE's update skipping stalls this tiny problem's first steps.
+    "lora_rite": Case(
+        peers.lora_rite, dict(learning_rate=0.01), train_hparams=dict(update_skipping=0.0)
+    ),
+    "riemannion": Case(peers.riemannion, dict(learning_rate=0.02)),
+    "lora_pre_adam": Case(
+        peers.lora_pre_adam, dict(learning_rate=0.02, rank=2, **DENSE), static_args=("rank",)
+    ),
+    "lora_pre_muon": Case(
+        peers.lora_pre_muon,
+        dict(learning_rate=0.02, rank=2, **DENSE),
+        static_args=("rank", "ns_steps"),
+        inject_atol=1e-7,
+    ),
+    "limuon": Case(
+        peers.limuon,
+        dict(learning_rate=0.02, rank=2, **DENSE),
+        static_args=("rank", "oversampling", "ns_steps"),
+        inject_atol=1e-7,
+    ),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request) -> Case:
+    return CASES[request.param]
+
+
+class CompileCounter:
+    """Counts backend compilations (``jax.monitoring`` events) while active."""
+
+    _active: list[CompileCounter] = []
+    _registered = False
+
+    def __init__(self) -> None:
+        self.count = 0
+        if not CompileCounter._registered:
+            jax.monitoring.register_event_duration_secs_listener(CompileCounter._on_event)
+            CompileCounter._registered = True
+
+    @staticmethod
+    def _on_event(name: str, secs: float, **kwargs: Any) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            for counter in CompileCounter._active:
+                counter.count += 1
+
+    def __enter__(self) -> CompileCounter:
+        CompileCounter._active.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        CompileCounter._active.remove(self)
+
+
+def _train(opt, params, loss, steps, step=None):
+    step = step or jax.jit(contract._step(opt, loss))
+    state = opt.init(params)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state, step
+
+
+def test_extra_args_and_no_recompile(case):
+    contract.check_extra_args_and_no_recompile(case.factory(**case.hparams))
+
+
+def test_no_compilation_after_the_first_step(case):
+    params, loss = contract.lora_problem()
+    _, _, step = _train(case.factory(**case.hparams), params, loss, 1)
+    with CompileCounter() as counter:
+        _train(case.factory(**case.hparams), params, loss, 3, step=step)
+    assert counter.count == 0
+
+
+def test_inject_hyperparams_without_recompiling(case):
+    if case.inject_atol:
+        _check_inject_with_atol(case)
+    else:
+        contract.check_inject_hyperparams(case.factory, case.hparams, case.static_args)
+    opt = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.hparams)
+    params, loss = contract.lora_problem()
+    grads = jax.grad(loss)(params)
+    update = jax.jit(lambda s: opt.update(grads, s, params))
+    state = opt.init(params)
+    _, state = update(state)
+    # Same dtype and weak type, only the value changes (made before counting: an
+    # eager multiply compiles too).
+    rates = [state.hyperparams["learning_rate"] * s for s in (0.5, 0.25)]
+    with CompileCounter() as counter:
+        for rate in rates:
+            state.hyperparams["learning_rate"] = rate
+            _, state = update(state)
+    assert counter.count == 0
+
+
+def _check_inject_with_atol(case: Case) -> None:
+    opt = case.factory(**case.hparams)
+    inj = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.hparams)
+    params, loss = contract.lora_problem()
+    grads = jax.grad(loss)(params)
+    u, s = jax.jit(opt.update)(grads, opt.init(params), params)
+    u_i, s_i = jax.jit(inj.update)(grads, inj.init(params), params)
+    chex.assert_trees_all_close(u_i, u, rtol=1e-5, atol=case.inject_atol)
+    chex.assert_trees_all_close(s_i.inner_state, s, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_params_with_bfloat16_moments(case):
+    kwargs = dict(case.hparams)
+    if "mu_dtype" in inspect.signature(case.factory).parameters:
+        kwargs["mu_dtype"] = "bfloat16"
+    opt = case.factory(**kwargs)
+    params, loss = contract.lora_problem(jnp.bfloat16)
+    start = float(loss(params))
+    new, state, _ = _train(opt, params, loss, 20)
+    chex.assert_trees_all_equal_dtypes(new, params)
+    chex.assert_tree_all_finite(new)
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype in (jnp.bfloat16, jnp.float32) for x in floats)
+    if "mu_dtype" in kwargs:  # the momenta follow mu_dtype
+        assert any(x.dtype == jnp.bfloat16 and x.ndim >= 2 for x in floats)
+    assert float(loss(new)) < start
+
+
+def test_preserves_dtype_and_multisteps(case):
+    contract.check_preserves_dtype_and_multisteps(case.factory(**case.hparams))
+
+
+def test_apply_if_finite_skips_a_nan_step(case):
+    opt = optax.apply_if_finite(case.factory(**case.hparams), max_consecutive_errors=3)
+    params, loss = contract.lora_problem()
+    state = opt.init(params)
+    bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), jax.grad(loss)(params))
+    u, state = jax.jit(opt.update)(bad, state, params)
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+    assert int(state.notfinite_count) == 1 and not bool(state.last_finite)
+    chex.assert_tree_all_finite(state.inner_state)
+    u, state = jax.jit(opt.update)(jax.grad(loss)(params), state, params)
+    assert int(state.notfinite_count) == 0
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(u)) > 0
+
+
+def test_state_type_stable(case):
+    contract.check_state_type_stable(case.factory(**case.hparams))
+
+
+def test_schedule_equals_constant(case):
+    contract.check_schedule_equals_constant(case.factory, case.hparams)
+
+
+def test_wrappers(case):
+    contract.check_wrappers(case.factory(**case.hparams))
+
+
+def test_loss_decreases(case):
+    hparams = {**case.hparams, **case.train_hparams, "learning_rate": 0.05}
+    contract.check_lora_loss_decreases(case.factory(**hparams))
+
+
+def _sharding_problem():
+    rng = np.random.default_rng(3)
+    params = {
+        "layer": {
+            "lora_a": jnp.asarray(rng.standard_normal((2, 16, 4)) / 4, jnp.float32),
+            "lora_b": jnp.asarray(rng.standard_normal((2, 4, 24)) / 2, jnp.float32),
+        },
+        "bias": jnp.zeros((24,), jnp.float32),
+    }
+    target = jnp.asarray(rng.standard_normal((2, 16, 24)) / 16, jnp.float32)
+
+    def loss(p):
+        pred = p["layer"]["lora_a"] @ p["layer"]["lora_b"] + p["bias"]
+        return jnp.sum((pred - target) ** 2)
+
+    return params, loss
+
+
+def test_sharded_over_8_devices_equals_one_device(case):
+    # FSDP-style: a sharded along m, b along n, over all 8 host devices.
+    params, loss = _sharding_problem()
+    opt = case.factory(**case.hparams)
+    expected, _, _ = _train(opt, params, loss, 3)
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    specs = {"layer": {"lora_a": P(None, "x", None), "lora_b": P(None, None, "x")}, "bias": P()}
+    sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    got, state, _ = _train(opt, sharded, loss, 3)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+    for name in ("lora_a", "lora_b"):  # the params keep their FSDP sharding
+        want = NamedSharding(mesh, specs["layer"][name])
+        assert got["layer"][name].sharding.is_equivalent_to(want, 3), name
