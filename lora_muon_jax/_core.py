@@ -104,13 +104,14 @@ def scale_by_lora_muon(
       mu_dtype: dtype of the momentum (e.g. ``"bfloat16"``); ``None`` keeps each
         param's dtype. Pass dtypes as strings under ``inject_hyperparams``.
       eps: eigenvalues of the r×r Grams below ``eps · λ_max`` count as zero
-        (``"gram"`` only): directions with no mass get no step. The threshold
-        used is ``max(eps, 100 eps_f32, (2 eps_dtype)²)`` for factors of
-        ``dtype`` (about 1.2e-5 for float32 and float16, 2.4e-4 for bfloat16), so
-        that a partner direction too weak to be whitened to 1% in float32 Grams, or
-        to survive rounding of the update to the param dtype, gets no step; and
-        directions whose update would overflow the param dtype (float16) count as
-        zero as well.
+        (``"gram"`` only): directions with no mass get no step. For the partner
+        factor's Gram (whitening) the threshold is raised to
+        ``max(eps, 100 eps_f32, (2 eps_dtype)²)`` for factors of ``dtype`` (about
+        1.2e-5 for float32 and float16, 2.4e-4 for bfloat16): a partner direction
+        too weak to be whitened to 1% from float32 Grams, or to survive rounding
+        of the update to the param dtype, gets no step. So do partner directions
+        whose update would overflow the param dtype (float16). The momentum side
+        (the polar factor) uses ``eps`` itself.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
@@ -215,6 +216,7 @@ def lora_muon(
     adam_eps_root: jax.typing.ArrayLike = 0.0,
     adam_weight_decay: jax.typing.ArrayLike = 0.0,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    allow_no_pairs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LoRA-Muon: Muon's spectral steepest descent for LoRA adapters.
 
@@ -266,6 +268,9 @@ def lora_muon(
       adam_eps_root: AdamW :math:`ε_{root}` for leaves in no pair.
       adam_weight_decay: AdamW weight decay for leaves in no pair.
       adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+      allow_no_pairs: accept a tree in which ``pairs`` finds no pair (AdamW on
+        every leaf). Without it such a tree raises at ``init``, naming the leaves
+        that look like LoRA factors; with it, it still does if any leaf does.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
@@ -327,4 +332,5 @@ def lora_muon(
         adam_weight_decay=adam_weight_decay,
         mu_dtype=mu_dtype,
         label="lora_muon",
+        allow_no_pairs=allow_no_pairs,
     )

@@ -55,7 +55,7 @@ OVERFLOW_MARGIN = 16.0
 
 
 def dtype_rtol(dtype: jax.typing.DTypeLike, eps: jax.typing.ArrayLike) -> jax.Array:
-    """The relative eigenvalue threshold for factors of ``dtype``: ``max(eps, ...)``.
+    """The partner-whitening threshold for factors of ``dtype``: ``max(eps, ...)``.
 
     ``max(eps, 100 eps_f32, (2 eps_dtype)²)``: about 1.2e-5 for float32 and float16
     factors, 2.4e-4 for bfloat16 (singular-value ratios 3.5e-3 and 1.6e-2).
@@ -72,7 +72,8 @@ class Factor(NamedTuple):
     partner: int
     partner_layout: FactorLayout
     tall: bool  # the left factor ``a`` (``m×r``)
-    rtol: jax.Array  # threshold for the pair's dtype (see dtype_rtol)
+    rtol: jax.Array  # partner-whitening threshold for the pair's dtype (dtype_rtol)
+    polar_rtol: jax.Array  # threshold of the polar factor's pseudo-inverse (eps)
     dtype_max: float  # the largest finite value of the factor's dtype
 
 
@@ -84,10 +85,11 @@ def factors_of(
     for pair in pairs:
         dtype = leaves[pair.a_index].dtype
         rtol, big = dtype_rtol(dtype, eps), float(jnp.finfo(dtype).max)
+        polar = jnp.asarray(eps, jnp.float32)
         la = pair.layout("a", leaves[pair.a_index].ndim)
         lb = pair.layout("b", leaves[pair.b_index].ndim)
-        out.append(Factor(pair.a_index, la, pair.b_index, lb, True, rtol, big))
-        out.append(Factor(pair.b_index, lb, pair.a_index, la, False, rtol, big))
+        out.append(Factor(pair.a_index, la, pair.b_index, lb, True, rtol, polar, big))
+        out.append(Factor(pair.b_index, lb, pair.a_index, la, False, rtol, polar, big))
     return out
 
 
@@ -137,10 +139,11 @@ def solve_rxr(
         flats = [_flat(s_grams[i]) for i in idx]
         s = _linalg.after(jnp.concatenate(flats), *previous)
         k = jnp.concatenate([_flat(k_grams[i]) for i in idx])
-        rtol = jnp.concatenate(
-            [_sharding.replicate(rtols[i]).reshape(-1) for i in idx]
+        rtol = jnp.concatenate([_sharding.replicate(rtols[i]).reshape(-1) for i in idx])
+        polar = jnp.concatenate(
+            [jnp.full((f.shape[0],), factors[i].polar_rtol, jnp.float32) for i, f in zip(idx, flats)]
         )
-        t = _whitened_polar.whitened_polar(s, k, rtol, solver)
+        t = _whitened_polar.whitened_polar(s, k, rtol, polar, solver)
         previous = (t,)
         start = 0
         for i, f in zip(idx, flats):

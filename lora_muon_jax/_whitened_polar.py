@@ -87,17 +87,17 @@ def _pinv_power(lam: jax.Array, keep: jax.Array, power: float) -> jax.Array:
 
 
 def _whiten_and_polar(
-    wt: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike
+    wt: jax.Array, k: jax.Array, polar_rtol: jax.typing.ArrayLike
 ) -> jax.Array:
     """``T = Wᵀ (W K Wᵀ)^{+1/2} W`` for a whitening given as ``Wᵀ``, by one ``eigh``."""
     c = mm(_t(wt), mm(k, wt))
-    mu, u, keep = eigh_psd(c, rtol)
+    mu, u, keep = eigh_psd(c, polar_rtol)
     z = mm(wt, u * _pinv_power(mu, keep, -0.25)[..., None, :])
     return mm(z, _t(z))
 
 
 def whitened_polar_eigh(
-    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike
+    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike, polar_rtol: jax.typing.ArrayLike
 ) -> jax.Array:
     """``T`` by two eigendecompositions: the exact pseudo-inverse route.
 
@@ -105,7 +105,7 @@ def whitened_polar_eigh(
     zero rows): any ``W`` with ``W S Wᵀ = Π`` gives the same ``T``.
     """
     lam, vecs, keep = eigh_psd(s, rtol)
-    return _whiten_and_polar(vecs * _pinv_power(lam, keep, -0.5)[..., None, :], k, rtol)
+    return _whiten_and_polar(vecs * _pinv_power(lam, keep, -0.5)[..., None, :], k, polar_rtol)
 
 
 def _condition_ok(s: jax.Array, s_inv: jax.Array, rtol: jax.Array) -> jax.Array:
@@ -146,17 +146,19 @@ def _cholesky_whitening(s: jax.Array, rtol: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def _polar_newton_schulz(
-    w: jax.Array, k: jax.Array, rtol: jax.Array
+    w: jax.Array, k: jax.Array, polar_rtol: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``T = Wᵀ (W K Wᵀ)^{-1/2} W`` by Newton–Schulz, and whether it converged."""
     c = sym(mm(w, mm(_unit_or_identity(k), _t(w))))
     z = inv_sqrt_newton_schulz(c)
-    ok = jnp.all((_whitening_residual(z, c) < NS_RESIDUAL) & _condition_ok(c, mm(z, z), rtol))
+    ok = jnp.all(
+        (_whitening_residual(z, c) < NS_RESIDUAL) & _condition_ok(c, mm(z, z), polar_rtol)
+    )
     return mm(_t(w), mm(z, w)), ok
 
 
 def whitened_polar_cholesky(
-    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike
+    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike, polar_rtol: jax.typing.ArrayLike
 ) -> jax.Array:
     """``T`` by Cholesky whitening and a Newton–Schulz polar; the fastest on CPU.
 
@@ -166,10 +168,12 @@ def whitened_polar_cholesky(
     whitened momentum), the whole stack takes :func:`whitened_polar_eigh` inside a
     ``lax.cond``.
     """
-    rtol_m = _per_matrix(rtol, s)
+    rtol_m, polar_m = _per_matrix(rtol, s), _per_matrix(polar_rtol, s)
     w, ok_w = _cholesky_whitening(s, rtol_m)
-    t, ok_t = _polar_newton_schulz(w, k, rtol_m)
-    return jax.lax.cond(ok_w & ok_t, lambda: t, lambda: whitened_polar_eigh(s, k, rtol_m))
+    t, ok_t = _polar_newton_schulz(w, k, polar_m)
+    return jax.lax.cond(
+        ok_w & ok_t, lambda: t, lambda: whitened_polar_eigh(s, k, rtol_m, polar_m)
+    )
 
 
 def _ns_scalings(steps: int, lower: float) -> tuple[float, ...]:
@@ -214,7 +218,7 @@ def _whitening_residual(r: jax.Array, s: jax.Array) -> jax.Array:
 
 
 def whitened_polar_newton_schulz(
-    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike
+    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike, polar_rtol: jax.typing.ArrayLike
 ) -> jax.Array:
     """``T`` with matrix products only; :func:`whitened_polar_eigh` as the fallback.
 
@@ -224,23 +228,34 @@ def whitened_polar_newton_schulz(
     allows; otherwise (rank-deficient factors or momenta, say) the whole stack takes
     the eigendecomposition route inside a ``lax.cond``.
     """
-    rtol_m = _per_matrix(rtol, s)
+    rtol_m, polar_m = _per_matrix(rtol, s), _per_matrix(polar_rtol, s)
     s1 = _unit_or_identity(s)
     r = inv_sqrt_newton_schulz(s1)
-    ok_r = jnp.all((_whitening_residual(r, s1) < NS_RESIDUAL) & _condition_ok(s1, mm(r, r), rtol_m))
-    t, ok_t = _polar_newton_schulz(r, k, rtol_m)
-    return jax.lax.cond(ok_r & ok_t, lambda: t, lambda: whitened_polar_eigh(s, k, rtol_m))
+    ok_r = jnp.all(
+        (_whitening_residual(r, s1) < NS_RESIDUAL) & _condition_ok(s1, mm(r, r), rtol_m)
+    )
+    t, ok_t = _polar_newton_schulz(r, k, polar_m)
+    return jax.lax.cond(
+        ok_r & ok_t, lambda: t, lambda: whitened_polar_eigh(s, k, rtol_m, polar_m)
+    )
 
 
 def whitened_polar(
-    s: jax.Array, k: jax.Array, rtol: jax.typing.ArrayLike, solver: Solver = "auto"
+    s: jax.Array,
+    k: jax.Array,
+    rtol: jax.typing.ArrayLike,
+    polar_rtol: jax.typing.ArrayLike,
+    solver: Solver = "auto",
 ) -> jax.Array:
     """``T = R (R K R)^{+1/2} R`` with ``R = S^{+1/2}`` for stacks of ``r×r`` Grams.
 
     Args:
       s: ``(N, r, r)`` partner Grams (PSD, float32; unit trace or zero).
       k: ``(N, r, r)`` momentum Grams (PSD, float32; unit trace or zero).
-      rtol: relative eigenvalue threshold of the pseudo-inverses, a scalar or ``(N,)``.
+      rtol: relative eigenvalue threshold of the partner Grams' pseudo-inverse
+        square root (whitening), a scalar or ``(N,)``.
+      polar_rtol: relative threshold of the whitened momentum Gram's pseudo-inverse
+        square root (the polar factor), a scalar or ``(N,)``.
       solver: ``"cholesky"``, ``"newton_schulz"``, ``"eigh"`` or ``"auto"`` (the
         first on CPU, the second on GPU and TPU).
 
@@ -248,12 +263,17 @@ def whitened_polar(
       ``(N, r, r)`` symmetric ``T``, float32, finite for finite inputs.
     """
     if solver == "auto":
-        rtol = jnp.asarray(rtol, jnp.float32)
+        rtol, polar_rtol = (jnp.asarray(x, jnp.float32) for x in (rtol, polar_rtol))
         return jax.lax.platform_dependent(
-            s, k, rtol, cpu=whitened_polar_cholesky, default=whitened_polar_newton_schulz
+            s,
+            k,
+            rtol,
+            polar_rtol,
+            cpu=whitened_polar_cholesky,
+            default=whitened_polar_newton_schulz,
         )
     return {
         "cholesky": whitened_polar_cholesky,
         "newton_schulz": whitened_polar_newton_schulz,
         "eigh": whitened_polar_eigh,
-    }[solver](s, k, rtol)
+    }[solver](s, k, rtol, polar_rtol)
