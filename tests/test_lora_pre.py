@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -23,8 +25,8 @@ ADAM_VARIANTS = {
 }
 MUON_VARIANTS = {
     "muon": dict(learning_rate=0.02, rank=2, **DENSE),
-    "muon_plain_svd": dict(
-        learning_rate=0.02, rank=3, nesterov=False, orthogonalizer="svd", **DENSE
+    "muon_nesterov_svd": dict(
+        learning_rate=0.02, rank=3, nesterov=True, orthogonalizer="svd", **DENSE
     ),
 }
 ALL = [(lp.lora_pre_adam, v) for v in ADAM_VARIANTS.values()] + [
@@ -50,7 +52,7 @@ def _np_msign(x):
 
 
 def _reference(
-    kind, grads, factors, *, b1=0.9, b2=0.999, eps=1e-8, delta=1e-6, nesterov=True, order
+    kind, grads, factors, *, b1=0.9, b2=0.999, eps=1e-8, delta=1e-6, nesterov=False, order
 ):
     """LoRA-Pre from the equations (peers.md §4), float64, one 2-D matrix."""
     f = [np.asarray(x, np.float64) for x in factors]
@@ -74,8 +76,11 @@ def _reference(
     return np.stack(out), f
 
 
-@pytest.mark.parametrize("kind,order", [("adam", "jacobi"), ("muon", "gauss_seidel")])
-def test_matches_float64_reference_on_stacked_leaf(kind, order):
+@pytest.mark.parametrize(
+    "kind,order,nesterov",
+    [("adam", "jacobi", False), ("muon", "gauss_seidel", False), ("muon", "jacobi", True)],
+)
+def test_matches_float64_reference_on_stacked_leaf(kind, order, nesterov):
     rng = np.random.default_rng(0)
     steps, layers, p, q, r = 6, 2, 7, 5, 3
     grads = rng.standard_normal((steps, layers, p, q)) + 2.0 * rng.standard_normal((layers, p, 1))
@@ -86,9 +91,10 @@ def test_matches_float64_reference_on_stacked_leaf(kind, order):
         ref_kw = dict(b1=0.8, b2=0.95, eps=1e-6, delta=1e-4, order=order)
     else:
         tx = lp.scale_by_lora_pre_muon(
-            0.8, rank=r, orthogonalizer="svd", damping=1e-4, seed=3, factor_update=order
+            0.8, rank=r, orthogonalizer="svd", damping=1e-4, seed=3, factor_update=order,
+            nesterov=nesterov,
         )
-        ref_kw = dict(b1=0.8, delta=1e-4, order=order)
+        ref_kw = dict(b1=0.8, delta=1e-4, order=order, nesterov=nesterov)
     state = tx.init({"w": jnp.zeros((layers, p, q))})
     init = [np.asarray(x["w"]) for x in state[1:]]
     got = []
@@ -101,6 +107,32 @@ def test_matches_float64_reference_on_stacked_leaf(kind, order):
         np.testing.assert_allclose(got[i], want, rtol=2e-4, atol=2e-5, err_msg=f"{kind} layer {i}")
         for x, y in zip(state[1:], final):
             np.testing.assert_allclose(np.asarray(x["w"][i]), y, rtol=2e-4, atol=1e-5)
+
+
+def test_muon_default_has_no_nesterov_term():
+    # The sources of the paper's Algorithm 2 orthogonalize the plain momentum. With
+    # m_B = 0 the first direction is g either way; from step 2 Nesterov's differs.
+    for fn in (lp.scale_by_lora_pre_muon, lp.lora_pre_muon):
+        assert inspect.signature(fn).parameters["nesterov"].default is False
+    rng = np.random.default_rng(2)
+    grads = rng.standard_normal((3, 6, 5))
+    outs = {}
+    for nesterov in (False, True):
+        tx = lp.scale_by_lora_pre_muon(
+            0.9, rank=5, orthogonalizer="svd", nesterov=nesterov, seed=1
+        )
+        state, us = tx.init({"w": jnp.zeros((6, 5))}), []
+        for g in grads:
+            u, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state)
+            us.append(np.asarray(u["w"]))
+        outs[nesterov] = us
+    default = lp.scale_by_lora_pre_muon(0.9, rank=5, orthogonalizer="svd", seed=1)
+    state = default.init({"w": jnp.zeros((6, 5))})
+    for g, want in zip(grads, outs[False]):
+        u, state = default.update({"w": jnp.asarray(g, jnp.float32)}, state)
+        np.testing.assert_allclose(np.asarray(u["w"]), want, atol=1e-6)
+    np.testing.assert_allclose(outs[True][0], outs[False][0], atol=1e-5)
+    assert np.abs(outs[True][2] - outs[False][2]).max() > 1e-2
 
 
 def test_newton_step_products_at_full_square_rank():

@@ -24,8 +24,8 @@ from lora_muon_jax.peers._lora_rite import lora_rite as lora_rite
 from lora_muon_jax.peers._lora_rite import scale_by_lora_rite as scale_by_lora_rite
 from lora_muon_jax.peers._riemannion import RiemannionState as RiemannionState
 from lora_muon_jax.peers._riemannion import riemannion as riemannion
-from lora_muon_jax.peers._riemannion import riemannion_loi_init as riemannion_loi_init
 from lora_muon_jax.peers._riemannion import scale_by_riemannion as scale_by_riemannion
+from lora_muon_jax.peers._riemannion_loi import riemannion_loi_init as riemannion_loi_init
 from lora_muon_jax.peers._spectron import SpectronState as SpectronState
 from lora_muon_jax.peers._spectron import scale_by_spectron as scale_by_spectron
 from lora_muon_jax.peers._spectron import spectron as spectron

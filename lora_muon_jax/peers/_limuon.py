@@ -8,12 +8,13 @@ SVD. It is a *dense-weight* optimizer: trees with LoRA factor pairs are rejected
 Sources. No public code ("TBD"). Primary: the abstract (arXiv 2509.14562 v1-v3:
 STORM-style variance reduction plus randomized SVD, lower memory, ``O(ε^{-3})``
 sample complexity, a Newton–Schulz variant). Secondary, and in agreement: the
-project's ``peers.md`` §5 (papernotes of the ICML 2026 version, the themoonlight
-review, the zij summary): Algorithm 1 (``M_0 = ∇f(W_0; ξ_0)``, ``O_t = U_t V_tᵀ``,
+project's earlier notes (``peers.md`` §5, not in this repository), built from the
+papernotes page of the ICML 2026 version, the themoonlight review and the zij
+summary: Algorithm 1 (``M_0 = ∇f(W_0; ξ_0)``, ``O_t = U_t V_tᵀ``,
 ``M_{t+1} = g + (1-β)(M_t - g̃)``, Option #2 with ``M̂_t = RSVD_r̂(M_t)``) and
 Algorithm 2 (Gaussian sketch with oversampling ``s ≥ 2``, QR, small SVD). Re-read
 for this implementation: the themoonlight review and the zij page state the same
-recursion and the same ``g̃ = ∇f(W_t; ξ_{t+1})``.
+recursion and the same ``g̃ = ∇f(W_t; ξ_{t+1})``. Addresses: see :func:`limuon`.
 """
 
 from __future__ import annotations
@@ -423,6 +424,19 @@ def limuon(
 
     References:
       See :func:`scale_by_limuon`.
+
+    Sources:
+      Primary: Huang, Luo, Chen, *LiMuon: Light and Fast Muon Optimizer for Large
+      Models*, arXiv 2509.14562 (https://arxiv.org/abs/2509.14562), read as
+      its abstract (v1-v3). Authors' code: not found (the papernotes page lists
+      it as "TBD").
+      Secondary: the papernotes summary of the ICML 2026 version,
+      https://en.papernotes.org/ICML2026/optimization/limuon_light_and_fast_muon_optimizer_for_large_models/;
+      the zij page, https://junaidaliop.github.io/zij/math/limuon/ (the STORM
+      recursion with ``g̃ = ∇f(W_t; ξ_{t+1})``); the alphaXiv overview,
+      https://www.alphaxiv.org/overview/2509.14562; the themoonlight review
+      (address not found). Third-party PyTorch ``LiMuon`` classes citing
+      Algorithms 1 and 2 exist in public code; their repository: not found.
     """
     _check(_ALIAS_FN, beta, rank, oversampling, orthogonalizer, ns_coeffs, ns_steps, eps)
     _validation.check_choice(_ALIAS_FN, "shape_scaling", shape_scaling, _dense.SHAPE_SCALINGS)

@@ -14,17 +14,20 @@ Sources. The paper's full text and code were not readable when this was written
 (the official repository, ``github.com/mrflogs/LoRA-Pre``, still holds only a
 README at 29c53c6; re-checked). Primary: the abstract and introduction (arXiv
 2602.24283v1: EMA as online regression, low-rank factorization of the momentum,
-Adam and Muon, Llama 60M-1B). Secondary: the project's ``peers.md`` §4 (from a
-third-party implementation of Algorithm 1, Eq. 11-12, App. B.1, App. C.1),
-papernotes (ICLR 2026), the zij summary and a third-party PyTorch ``LowRankAdam``
-that cites Algorithm 1. They agree on the Newton step of each factor (Theorem
-3.1), ``γ1 = 1-√β1``, ``γ2 = 1-β2^{1/4}``, the ``|g|`` factors squared on
-reconstruction, ``m_B = 0``, ``m_A ~ N(0, 0.02²)`` at init and ``δ = 1e-6``. They
-disagree on (i) whether the second factor's step sees the first one's (Gauss–Seidel:
-the PyTorch code; Jacobi: ``peers.md``, zij) and (ii) which product forms the moment
-used in the step. Our choices, with the reasons, are in :func:`newton_steps` and
-:func:`scale_by_lora_pre_adam`; both orders are available. The Muon variant's rule is
-our inference (``peers.md`` §4 [I]).
+Adam and Muon, Llama 60M-1B). Secondary: the project's earlier notes
+(``peers.md`` §4, not in this repository; from a third-party implementation of
+Algorithm 1, Eq. 11-12, App. B.1, App. C.1), papernotes (ICLR 2026), the zij
+summary, a third-party PyTorch ``LowRankAdam`` that cites Algorithm 1 and a
+third-party ``LoRAPreMuon`` that cites Algorithm 2. They agree on the Newton step
+of each factor (Theorem 3.1), ``γ1 = 1-√β1``, ``γ2 = 1-β2^{1/4}``, the ``|g|``
+factors squared on reconstruction, ``m_B = 0``, ``m_A ~ N(0, 0.02²)`` at init and
+``δ = 1e-6``. They disagree on (i) whether the second factor's step sees the first
+one's (Gauss–Seidel: the PyTorch code; Jacobi: ``peers.md``, zij) and (ii) which
+product forms the moment used in the step. Our choices, with the reasons, are in
+:func:`newton_steps` and :func:`scale_by_lora_pre_adam`; both orders are
+available. The Muon variant's rule is our inference (``peers.md`` §4 [I]); its
+momentum has no Nesterov term by default, as in the one source for Algorithm 2.
+Addresses: see :func:`lora_pre_adam` and :func:`lora_pre_muon`.
 
 Helpers shared with LiMuon (LoRA-pair rejection, matrix labels, the AdamW fallback,
 Muon's shape scaling, the orthogonalizers) live in :mod:`lora_muon_jax.peers._dense`.
@@ -471,6 +474,19 @@ def lora_pre_adam(
 
     References:
       See :func:`scale_by_lora_pre_adam`.
+
+    Sources:
+      Primary: Wang, Liang, He, Wang, Tan, *Taming Momentum: Rethinking Optimizer
+      States Through Low-Rank Approximation*, arXiv 2602.24283
+      (https://arxiv.org/abs/2602.24283), ICLR 2026
+      (https://openreview.net/forum?id=9Q0dNBYeEY); only its abstract and
+      introduction could be read. Authors' code: https://github.com/mrflogs/LoRA-Pre,
+      which holds a README and a license only (commit 29c53c6).
+      Secondary: the papernotes summary,
+      https://en.papernotes.org/ICLR2026/model_compression/taming_momentum_rethinking_optimizer_states_through_low-rank_approximation/;
+      the zij page with Algorithm 1's equations,
+      https://junaidaliop.github.io/zij/math/lorapre/; a third-party PyTorch
+      ``LowRankAdam`` citing Algorithm 1 (repository: not found).
     """
     _check_lora_pre(_ADAM_ALIAS_FN, rank, damping, init_scale, state_dtype, factor_update)
     matrix_tx = optax.chain(
@@ -506,7 +522,7 @@ def scale_by_lora_pre_muon(
     beta: jax.typing.ArrayLike = 0.95,
     *,
     rank: int,
-    nesterov: bool = True,
+    nesterov: bool = False,
     orthogonalizer: _dense.Orthogonalizer = "newton_schulz",
     ns_coeffs: Any = _dense.MUON_NS_COEFFS,
     ns_steps: int = 5,
@@ -533,14 +549,19 @@ def scale_by_lora_pre_muon(
         m_t & \text{otherwise}\end{cases}, \qquad u = \operatorname{msign}(d_t),
 
     the same direction as :func:`optax.contrib.scale_by_muon` (its bias
-    corrections included) when ``m_B m_A`` equals Muon's buffer. The paper reports
-    "LoRA-Pre Muon" but its rule could not be read; this one is our inference
-    (``peers.md`` §4 [I]). State: ``(p+q) r`` floats per matrix plus a count.
+    corrections included, ``nesterov`` alike) when ``m_B m_A`` equals Muon's
+    buffer. The paper reports "LoRA-Pre Muon" but its rule could not be read;
+    this one is our inference (the project's earlier notes, ``peers.md`` §4 [I]).
+    Nesterov is off by default: the one source found for the paper's Algorithm 2
+    (see :func:`lora_pre_muon`) orthogonalizes the plain heavy-ball momentum, and
+    none has a Nesterov term; ``nesterov=True`` gives optax's default instead.
+    State: ``(p+q) r`` floats per matrix plus a count.
 
     Args:
       beta: Muon's momentum decay :math:`β` in ``(0, 1)``.
       rank: rank of the momentum factors (capped at ``min(p, q)``). Static.
-      nesterov: Nesterov momentum, as :func:`optax.contrib.muon` (default on).
+      nesterov: Nesterov momentum, as :func:`optax.contrib.muon`; off by default,
+        as in the sources of the paper's Algorithm 2.
       orthogonalizer: ``"newton_schulz"`` (Muon's, default), ``"polar_express"``
         or ``"svd"`` (exact). Static.
       ns_coeffs: Newton–Schulz coefficients, shape ``(3,)`` or ``(k, 3)``.
@@ -637,7 +658,7 @@ def lora_pre_muon(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     rank: int,
-    nesterov: bool = True,
+    nesterov: bool = False,
     orthogonalizer: _dense.Orthogonalizer = "newton_schulz",
     ns_coeffs: Any = _dense.MUON_NS_COEFFS,
     ns_steps: int = 5,
@@ -676,7 +697,8 @@ def lora_pre_muon(
       beta: momentum decay.
       weight_decay: decoupled weight decay of matrix leaves (times :math:`η`).
       rank: rank of the momentum factors. Static.
-      nesterov: Nesterov momentum (default, as optax).
+      nesterov: Nesterov momentum as optax's (default off: the sources of the
+        paper's Algorithm 2 have none).
       orthogonalizer: ``"newton_schulz"``, ``"polar_express"`` or ``"svd"``.
       ns_coeffs: Newton–Schulz coefficients.
       ns_steps: Newton–Schulz steps. Static.
@@ -720,10 +742,23 @@ def lora_pre_muon(
       >>> for _ in range(40):
       ...   params, state = step(params, state)
       >>> print(f"{loss(params):.2f}")
-      0.05
+      0.06
 
     References:
       See :func:`scale_by_lora_pre_muon`.
+
+    Sources:
+      Primary: as :func:`lora_pre_adam` (arXiv 2602.24283; the Muon variant is
+      its Algorithm 2, which could not be read). Authors' code:
+      https://github.com/mrflogs/LoRA-Pre (README only).
+      Secondary: lyc51758/kronecker-pre, ``muon_optimizers.py``
+      (https://github.com/lyc51758/kronecker-pre), a third-party ``LoRAPreMuon``
+      that cites Algorithm 2: the factors track a heavy-ball momentum (factor
+      steps scaled by ``1/(1-μ)``) and the updated product ``m_B m_A`` goes
+      through Newton–Schulz, with no Nesterov term; the papernotes summary
+      (address in :func:`lora_pre_adam`), which reports LoRA-Pre Muon results.
+      No source with a Nesterov term was found, hence the default
+      ``nesterov=False``.
     """
     fn = _MUON_ALIAS_FN
     _check_lora_pre(fn, rank, damping, init_scale, state_dtype, factor_update)

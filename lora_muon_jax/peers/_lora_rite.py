@@ -1,4 +1,8 @@
-"""LoRA-RITE: transformation-invariant adaptive preconditioning of LoRA factor pairs."""
+"""LoRA-RITE: transformation-invariant adaptive preconditioning of LoRA factor pairs.
+
+Sources (paper, the authors' code, reimplementations, with addresses) are listed in
+:func:`lora_rite`.
+"""
 
 from __future__ import annotations
 
@@ -483,6 +487,7 @@ def lora_rite(
     adam_eps_root: jax.typing.ArrayLike = 0.0,
     adam_weight_decay: jax.typing.ArrayLike = 0.0,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    allow_no_pairs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LoRA-RITE: invariant adaptive preconditioning for LoRA adapters.
 
@@ -533,6 +538,8 @@ def lora_rite(
       adam_eps_root: AdamW :math:`ε_{root}` for leaves in no pair.
       adam_weight_decay: AdamW weight decay for leaves in no pair.
       adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+      allow_no_pairs: accept a tree without LoRA pairs (AdamW on every leaf); see
+        :func:`lora_muon_jax.lora_muon`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
@@ -565,6 +572,19 @@ def lora_rite(
 
     References:
       See :func:`scale_by_lora_rite`.
+
+    Sources:
+      Primary: Yen, Si, Meng, Yu, Duvvuri, Dhillon, Hsieh, Kumar, *LoRA Done
+      RITE*, arXiv 2410.20625 (https://arxiv.org/abs/2410.20625), ICLR 2025.
+      Authors' code: https://github.com/gkevinyen5418/LoRA-RITE (``lora_rite.py``),
+      by its README the first author's PyTorch reimplementation of the original
+      JAX code; the JAX code itself: not found. :func:`scale_by_lora_rite`
+      follows that PyTorch file (commit ``c9bb451``) and lists where it differs.
+      Secondary: kozistr/pytorch_optimizer,
+      ``pytorch_optimizer/optimizer/lora_rite.py``
+      (https://github.com/kozistr/pytorch_optimizer); Cesista, Crowson, Simal,
+      Biderman, *LoRA-Muon* (https://arxiv.org/abs/2606.12921), which relates
+      LoRA-RITE's QR-coordinate core to the spectral update.
     """
     _check_hparams(
         _ALIAS_FN, b1, b2, eps, clip_unmagnified_grad, update_skipping, update_capping
@@ -596,4 +616,5 @@ def lora_rite(
         adam_weight_decay=adam_weight_decay,
         mu_dtype=mu_dtype,
         label="lora_rite",
+        allow_no_pairs=allow_no_pairs,
     )

@@ -9,33 +9,16 @@ carried from the previous tangent space by projection, orthogonalizes the result
 retracts with a rank-``r`` truncated SVD. The optimizer writes new factors, so its
 update is ``new − old``.
 
-Sources. The full paper text could not be read when this was written: the arXiv
-HTML pages of v1 and v2 were reachable only as far as the abstract and the
-introduction, and the authors' repository ``Bogachevv/RiemanianFinetune`` was not
-retrievable. What is implemented therefore rests on:
-
-* primary, the abstract of arXiv:2507.12142 (v1 "RiemannLoRA", v2 "LoRA meets
-  Riemannion"): the optimizer generalizes Muon to ``M_r``, the initialization is
-  gradient-informed, and the geometric operations use autodiff products;
-* the standard embedded geometry of ``M_r`` (tangent space, orthogonal projection,
-  projection as vector transport, truncated-SVD retraction; Vandereycken 2013,
-  Absil et al. 2008);
-* secondary sources, which agree on the structure: the paper summaries at
-  sciencestack.ai and alphaxiv.org (LOI formula ``ΔW₀ = α U[:, :r] V[:, r:2r]ᵀ`` and
-  the names OrthoLR/ProjectLR), and two public third-party re-implementations that
-  cite the paper's Algorithm 4. Both orthogonalize the transported momentum and
-  then project it onto the tangent space. Both use heavy-ball momentum. One says
-  the paper's decoupled weight decay acts inside the retraction (``(1 − λη) X − η D``)
-  and that the paper returns the left-orthogonal gauge (``A_L = U``, ``B = Σ Vᵀ``).
-  The two disagree on one point: whether the stored momentum is the raw transported
-  momentum or the orthogonalized, projected direction. This module stores the raw
-  momentum, as Muon does. None of these details could be checked against the PDF.
+What is implemented follows the full v2 text of the paper (arXiv 2507.12142v2):
+Eq. 6-12, Alg. 1 (OrthoLR), Alg. 2 (ProjectLR), Alg. 4/5 (one step), with the
+paper's two momentum readings available as ``stored_momentum`` (see
+:func:`scale_by_riemannion`). The locally optimal initialization (§5, Alg. 3,
+Alg. 5 lines 1-3) lives in :mod:`lora_muon_jax.peers._riemannion_loi`. Sources
+and the points where the paper is ambiguous are listed in :func:`riemannion`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, TypeAlias
 
 import jax
@@ -47,16 +30,16 @@ from lora_muon_jax import _linalg, _pairs, _pairwise, _sharding, _validation
 __all__ = [
     "RiemannionState",
     "riemannion",
-    "riemannion_loi_init",
     "scale_by_riemannion",
 ]
 
 _SCALE_FN = "scale_by_riemannion"
 _ALIAS_FN = "riemannion"
-_LOI_FN = "riemannion_loi_init"
 
 Gauge: TypeAlias = Literal["balanced", "left_orthogonal"]
-_GAUGES = ("balanced", "left_orthogonal")
+GAUGES = ("balanced", "left_orthogonal")
+StoredMomentum: TypeAlias = Literal["buffer", "direction"]
+_STORED_MOMENTA = ("buffer", "direction")
 
 
 class RiemannionState(NamedTuple):
@@ -138,6 +121,148 @@ def _project(
 # One pair.
 
 
+class _Frame(NamedTuple):
+    """A point ``X = a_x b`` in orthonormal bases: ``X = U C Vᵀ``.
+
+    ``u``/``v`` span the column space of ``a_x`` and the row space of ``b`` (columns
+    whose singular value is below ``eps · σ_max`` are zeroed), ``core`` is ``C``,
+    and ``s_inv``, ``wa_t``, ``wb_t`` turn factor gradients into products with the
+    dense gradient (see :func:`_riemannian_gradient`).
+    """
+
+    u: jax.Array  # (…, m, r)
+    v: jax.Array  # (…, n, r)
+    core: jax.Array  # (…, r, r)
+    s_inv: jax.Array  # (…, 2, r): pseudo-inverse singular values of a_x and b
+    wa_t: jax.Array  # (…, r, r): a_x = U diag(s_a) W_aᵀ
+    wb_t: jax.Array  # (…, r, r): b = W_b diag(s_b) Vᵀ
+
+
+def _frame(a_x: jax.Array, b: jax.Array, eps: jax.Array) -> _Frame:
+    """Rank-revealing bases of ``col(a_x)`` and ``row(b)``: thin QRs, then r×r SVDs.
+
+    As accurate as an SVD of each factor, with no Gram matrix. At a rank-deficient
+    start (``b = 0``) the row space is empty, so every later product acts in
+    ``col(a)`` only.
+    """
+    qa, ra, qb, rb = _qr_pair(a_x, _t(b))
+    # LAPACK calls one at a time (_linalg.after): this SVD after both QRs.
+    p, s, wt = _svd(_linalg.after(jnp.stack([ra, rb], axis=-3), qa, qb))
+    keep = _keep(s, eps)
+    s = jnp.where(keep, s, 0.0)
+    u = _linalg.mm(qa, p[..., 0, :, :]) * keep[..., 0, None, :]
+    v = _linalg.mm(qb, p[..., 1, :, :]) * keep[..., 1, None, :]
+    wa_t, wb_t = wt[..., 0, :, :], wt[..., 1, :, :]
+    core = s[..., 0, :, None] * _linalg.mm(wa_t, _t(wb_t)) * s[..., 1, None, :]
+    return _Frame(u, v, core, _pinv_diag(s, keep), wa_t, wb_t)
+
+
+def _riemannian_gradient(
+    frame: _Frame, g_ax: jax.Array, g_b: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Tangent coordinates ``(Ġ_A, Ġ_B)`` of ``P_T(G)`` from the factor gradients.
+
+    ``g_b = a_xᵀ G`` gives ``Uᵀ G`` and ``g_ax = G bᵀ`` gives ``G V``; only diagonal
+    (pseudo-)inverses appear. ``P_T(G) = Ġ_A Vᵀ + U Ġ_B`` with ``Uᵀ Ġ_A = 0``.
+    """
+    grad_b = frame.s_inv[..., 0, :, None] * _linalg.mm(frame.wa_t, g_b)
+    g_v = _linalg.mm(g_ax, _t(frame.wb_t)) * frame.s_inv[..., 1, None, :]
+    grad_a = g_v - _linalg.mm(frame.u, _linalg.mm(_t(frame.u), g_v))
+    return grad_a, grad_b
+
+
+class _Direction(NamedTuple):
+    """``D = P_T(msign(d))`` as ``Q_1 K Q_2ᵀ``; ``ca = Q_1ᵀ U``, ``cb = Q_2ᵀ V``."""
+
+    q1: jax.Array  # (…, m, 2r)
+    q2: jax.Array  # (…, n, 2r)
+    k: jax.Array  # (…, 2r, 2r)
+    ca: jax.Array  # (…, 2r, r)
+    cb: jax.Array  # (…, 2r, r)
+
+
+def _projected_msign(
+    u: jax.Array, v: jax.Array, d_a: jax.Array, d_b: jax.Array, eps: jax.Array
+) -> _Direction:
+    """OrthoLR then ProjectLR (Alg. 1, 2) of the tangent vector ``d_a Vᵀ + U d_b``.
+
+    With ``[U, d_a] = Q_1 T_1`` and ``[V, d_bᵀ] = Q_2 T_2`` the tangent matrix is
+    ``Q_1 K₀ Q_2ᵀ`` for a 2r×2r ``K₀``, and ``msign = Q_1 msign(K₀) Q_2ᵀ``; singular
+    values below ``eps · σ_max`` count as zero (exact zeros at a zero start). The
+    projection runs on the same 2r×2r coordinates: with ``A = Q_1ᵀ U``,
+    ``B = Q_2ᵀ V``, ``P_T`` acts as ``Ω ↦ A Aᵀ Ω + (I − A Aᵀ) Ω B Bᵀ``.
+    """
+    r = u.shape[-1]
+    q1, t1, q2, t2 = _qr_pair(
+        jnp.concatenate([u, d_a], -1), jnp.concatenate([v, _t(d_b)], -1)
+    )
+    t1_swapped = jnp.concatenate([t1[..., :, r:], t1[..., :, :r]], -1)
+    pk, sk, wkt = _svd(_linalg.after(_linalg.mm(t1_swapped, _t(t2)), q1, q2))
+    omega = _linalg.mm(pk * _keep(sk, eps)[..., None, :], wkt)
+    ca = _linalg.mm(_t(q1), u)
+    cb = _linalg.mm(_t(q2), v)
+    pa_omega = _linalg.mm(ca, _linalg.mm(_t(ca), omega))
+    k = pa_omega + _linalg.mm(omega - pa_omega, _linalg.mm(cb, _t(cb)))
+    return _Direction(q1, q2, k, ca, cb)
+
+
+class _NewPoint(NamedTuple):
+    a: jax.Array  # new factor a (compute dtype)
+    b: jax.Array  # new factor b
+    u: jax.Array  # (…, m, r) orthonormal basis of the new point
+    v: jax.Array  # (…, n, r)
+    h_a: jax.Array  # (…, r): a_x,new = U h_a
+    h_b: jax.Array  # (…, r): b_new = h_b Vᵀ
+    keep: jax.Array  # (…, r): kept singular values of the new point
+
+
+def _retract(
+    frame: _Frame,
+    direction: _Direction,
+    *,
+    eta: jax.Array,
+    decay: jax.Array,
+    scale: jax.Array,
+    eps: jax.Array,
+    gauge: str,
+) -> _NewPoint:
+    """Rank-r truncated SVD of ``(1 − λη) X − η D`` in 2r×2r coordinates, in ``gauge``.
+
+    ``X`` and ``D`` both lie in ``span(Q_1) ⊗ span(Q_2)`` (``col U ⊆ span Q_1``).
+    The returned factors satisfy ``c · a b = U diag(s) Vᵀ``: ``"balanced"`` gives
+    ``a = U (s/c)^{1/2}``, ``b = (s/c)^{1/2} Vᵀ``; ``"left_orthogonal"`` ``a = U``.
+    """
+    r = frame.u.shape[-1]
+    x_coords = _linalg.mm(direction.ca, _linalg.mm(frame.core, _t(direction.cb)))
+    pn, s_all, qnt = _svd((1.0 - decay) * x_coords - eta * direction.k)
+    s_new = s_all[..., :r]
+    keep = _keep(s_new, eps)
+    s_new = jnp.where(keep, s_new, 0.0)
+    u_new = _linalg.mm(direction.q1, pn[..., :, :r]) * keep[..., None, :]
+    v_new = _linalg.mm(direction.q2, _t(qnt[..., :r, :])) * keep[..., None, :]
+    if gauge == "balanced":
+        h_a = jnp.sqrt(s_new * scale)
+        h_b = jnp.sqrt(s_new / scale)
+    else:  # left_orthogonal: a = U, b = Σ Vᵀ / c.
+        h_a = jnp.where(keep, scale, 0.0)
+        h_b = s_new / scale
+    new_a = u_new * (h_a / scale)[..., None, :]
+    new_b = h_b[..., :, None] * _t(v_new)
+    return _NewPoint(new_a, new_b, u_new, v_new, h_a, h_b, keep)
+
+
+def _transport(
+    point: _NewPoint, y: jax.Array, kt: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The tangent vector ``y @ kt`` projected onto the new tangent space (eager
+    transport), stored as factor velocities ``(mu_a, mu_b)`` with tangent vector
+    ``mu_a b_new + a_x,new mu_b``: ``(m + n) r`` numbers."""
+    n_a, n_b = _project(point.u, point.v, y, kt)
+    mu_a = n_a * _pinv_diag(point.h_b, point.keep)[..., None, :]
+    mu_b = _pinv_diag(point.h_a, point.keep)[..., :, None] * n_b
+    return mu_a, mu_b
+
+
 class _PairOut(NamedTuple):
     a: jax.Array
     b: jax.Array
@@ -160,99 +285,42 @@ def _pair_step(
     eps: jax.Array,
     nesterov: bool,
     gauge: str,
+    stored_momentum: str,
 ) -> _PairOut:
-    """One Riemannion step of a canonical pair (compute dtype); returns the new factors."""
-    r = a.shape[-1]
-    # Work on X = a_x @ b with a_x = c·a; then ∂L/∂a_x = g_a / c and ∂L/∂b = a_xᵀ G.
+    """One Riemannion step of a canonical pair (compute dtype); returns the new factors.
+
+    Works on ``X = a_x b`` with ``a_x = c·a``, so ``∂L/∂a_x = g_a / c``.
+    """
     a_x = scale * a
-    g_ax = g_a / scale
-
-    # Rank-revealing bases of the column space of a and the row space of b: a thin
-    # QR, then an SVD of the r×r triangle (as accurate as an SVD of the factor, no
-    # Gram matrix). At a full-rank point they span the column and row spaces of X;
-    # at a rank-deficient start (b = 0) the empty row space makes every step below
-    # act in col(a) only.
-    qa, ra, qb, rb = _qr_pair(a_x, _t(b))
-    # LAPACK calls one at a time (_linalg.after): this SVD after both QRs.
-    p, s, wt = _svd(_linalg.after(jnp.stack([ra, rb], axis=-3), qa, qb))
-    keep = _keep(s, eps)
-    s = jnp.where(keep, s, 0.0)
-    s_inv = _pinv_diag(s, keep)
-    u = _linalg.mm(qa, p[..., 0, :, :]) * keep[..., 0, None, :]
-    v = _linalg.mm(qb, p[..., 1, :, :]) * keep[..., 1, None, :]
-    wa_t, wb_t = wt[..., 0, :, :], wt[..., 1, :, :]
-    # a_x = U diag(s_a) W_aᵀ and b = W_b diag(s_b) Vᵀ, so X = U C Vᵀ with C r×r.
-    core = s[..., 0, :, None] * _linalg.mm(wa_t, _t(wb_t)) * s[..., 1, None, :]
-    # Dense-gradient products from the factor gradients alone: g_b = a_xᵀ G gives
-    # Uᵀ G, and g_a = G bᵀ gives G V; only diagonal (pseudo-)inverses appear.
-    grad_b = s_inv[..., 0, :, None] * _linalg.mm(wa_t, g_b)
-    g_v = _linalg.mm(g_ax, _t(wb_t)) * s_inv[..., 1, None, :]
-    grad_a = g_v - _linalg.mm(u, _linalg.mm(_t(u), g_v))
-
-    # Vector transport of the stored momentum mu_a b + a_x mu_b: projection onto
-    # the current tangent space (the identity when params are the ones returned).
+    frame = _frame(a_x, b, eps)
+    grad_a, grad_b = _riemannian_gradient(frame, g_a / scale, g_b)
+    # Vector transport of the stored tangent vector mu_a b + a_x mu_b: projection
+    # onto the current tangent space (the identity when params are the ones returned).
     t_a, t_b = _project(
-        u, v, jnp.concatenate([mu_a, a_x], -1), jnp.concatenate([b, mu_b], -2)
+        frame.u, frame.v, jnp.concatenate([mu_a, a_x], -1), jnp.concatenate([b, mu_b], -2)
     )
-    m_a = beta * t_a + (1.0 - beta) * grad_a
-    m_b = beta * t_b + (1.0 - beta) * grad_b
-    if nesterov:
-        d_a = beta * m_a + (1.0 - beta) * grad_a
-        d_b = beta * m_b + (1.0 - beta) * grad_b
-    else:
-        d_a, d_b = m_a, m_b
-
-    # OrthoLR: with [U, d_a] = Q_1 T_1 and [V, d_bᵀ] = Q_2 T_2, the tangent matrix
-    # d_a Vᵀ + U d_b is Q_1 K Q_2ᵀ for a 2r×2r core K, and msign = Q_1 msign(K) Q_2ᵀ.
-    # Singular values below eps·σ_max count as zero (exact zeros at a zero start).
-    q1, t1, q2, t2 = _qr_pair(
-        jnp.concatenate([u, d_a], -1), jnp.concatenate([v, _t(d_b)], -1)
+    # Eq. 10 (EMA form) keeps the buffer M; Alg. 4/5 (heavy ball) keep the direction D.
+    w = 1.0 - beta if stored_momentum == "buffer" else jnp.ones_like(beta)
+    m_a, m_b = beta * t_a + w * grad_a, beta * t_b + w * grad_b
+    d_a, d_b = (beta * m_a + w * grad_a, beta * m_b + w * grad_b) if nesterov else (m_a, m_b)
+    direction = _projected_msign(frame.u, frame.v, d_a, d_b, eps)
+    point = _retract(
+        frame, direction, eta=eta, decay=decay, scale=scale, eps=eps, gauge=gauge
     )
-    t1_swapped = jnp.concatenate([t1[..., :, r:], t1[..., :, :r]], -1)
-    pk, sk, wkt = _svd(_linalg.after(_linalg.mm(t1_swapped, _t(t2)), q1, q2))
-    omega = _linalg.mm(pk * _keep(sk, eps)[..., None, :], wkt)
-    # X and P_T(Q_1 Ω Q_2ᵀ) both live in span(Q_1) ⊗ span(Q_2) (col U ⊆ span Q_1),
-    # so ProjectLR and the retraction run on 2r×2r coordinates. With A = Q_1ᵀ U and
-    # B = Q_2ᵀ V, P_T acts as Ω ↦ A Aᵀ Ω + (I − A Aᵀ) Ω B Bᵀ.
-    ca = _linalg.mm(_t(q1), u)
-    cb = _linalg.mm(_t(q2), v)
-    pa_omega = _linalg.mm(ca, _linalg.mm(_t(ca), omega))
-    direction = pa_omega + _linalg.mm(omega - pa_omega, _linalg.mm(cb, _t(cb)))
-
-    # Retraction: rank-r truncated SVD of (1 − λη) X − η D, all in those coordinates.
-    x_coords = _linalg.mm(ca, _linalg.mm(core, _t(cb)))
-    pn, s_all, qnt = _svd((1.0 - decay) * x_coords - eta * direction)
-    s_new = s_all[..., :r]
-    keep_new = _keep(s_new, eps)
-    s_new = jnp.where(keep_new, s_new, 0.0)
-    u_new = _linalg.mm(q1, pn[..., :, :r]) * keep_new[..., None, :]
-    v_new = _linalg.mm(q2, _t(qnt[..., :r, :])) * keep_new[..., None, :]
-
-    # The returned gauge: X = c·a b with a_x = U h_a, b = h_b Vᵀ.
-    if gauge == "balanced":
-        h_a = jnp.sqrt(s_new * scale)
-        h_b = jnp.sqrt(s_new / scale)
-    else:  # left_orthogonal: a = U, b = Σ Vᵀ / c.
-        h_a = jnp.where(keep_new, scale, 0.0)
-        h_b = s_new / scale
-    new_a = u_new * (h_a / scale)[..., None, :]
-    new_b = h_b[..., :, None] * _t(v_new)
-
-    # Eager transport of the momentum to the new point, stored as factor velocities
-    # (mu_a, mu_b) with tangent vector mu_a b_new + a_x,new mu_b: (m + n) r numbers.
-    n_a, n_b = _project(
-        u_new, v_new, jnp.concatenate([m_a, u], -1), jnp.concatenate([_t(v), m_b], -2)
-    )
-    new_mu_a = n_a * _pinv_diag(h_b, keep_new)[..., None, :]
-    new_mu_b = _pinv_diag(h_a, keep_new)[..., :, None] * n_b
-    return _PairOut(new_a, new_b, new_mu_a, new_mu_b)
+    if stored_momentum == "buffer":  # M = m_a Vᵀ + U m_b
+        y = jnp.concatenate([m_a, frame.u], -1)
+        kt = jnp.concatenate([_t(frame.v), m_b], -2)
+    else:  # D = Q_1 K Q_2ᵀ
+        y, kt = _linalg.mm(direction.q1, direction.k), _t(direction.q2)
+    new_mu_a, new_mu_b = _transport(point, y, kt)
+    return _PairOut(point.a, point.b, new_mu_a, new_mu_b)
 
 
 # ----------------------------------------------------------------------------------
 # Validation.
 
 
-def _check_ranks(fn: str, plan: _pairs.PairPlan, *, factor: int = 1) -> None:
+def check_ranks(fn: str, plan: _pairs.PairPlan, *, factor: int = 1) -> None:
     for pair in plan.pairs:
         if factor * pair.rank > min(pair.m, pair.n):
             what, why = (
@@ -275,6 +343,7 @@ def _check_common(
     lora_scale: Any,
     eps: Any,
     gauge: str,
+    stored_momentum: str,
 ) -> None:
     _validation.check_scalar("learning_rate", learning_rate, low=0.0, fn=fn)
     _validation.check_scalar("beta", beta, low=0.0, high=1.0, high_inclusive=False, fn=fn)
@@ -287,8 +356,8 @@ def _check_common(
             f"{fn}: weight_decay * learning_rate = {lam * eta:g} >= 1; the point would "
             "be scaled by a non-positive factor. Lower one of them."
         )
-    if gauge not in _GAUGES:
-        raise ValueError(f"{fn}: `gauge` must be one of {list(_GAUGES)}; got {gauge!r}.")
+    _validation.check_choice(fn, "gauge", gauge, GAUGES)
+    _validation.check_choice(fn, "stored_momentum", stored_momentum, _STORED_MOMENTA)
 
 
 def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
@@ -317,6 +386,7 @@ def scale_by_riemannion(
     lora_scale: jax.typing.ArrayLike = 1.0,
     pairs: _pairs.PairsLike = "auto",
     gauge: Gauge = "balanced",
+    stored_momentum: StoredMomentum = "buffer",
     mu_dtype: Any = None,
     eps: jax.typing.ArrayLike = 1e-5,
 ) -> optax.GradientTransformationExtraArgs:
@@ -359,17 +429,42 @@ def scale_by_riemannion(
 
     **Returned gauge.** ``"balanced"`` (default) writes
     :math:`a = U (Σ/c)^{1/2}`, :math:`b = (Σ/c)^{1/2} V^\top`; ``"left_orthogonal"``
-    writes :math:`a = U`, :math:`b = Σ V^\top / c` (the paper's gauge according to
-    secondary sources). The product trajectory does not depend on the gauge of the
-    incoming factors (invariance to :math:`(a S, S^{-1} b)`), and the first update
-    rewrites both factors into the chosen gauge.
+    writes :math:`a = U`, :math:`b = Σ V^\top / c`, the paper's
+    :math:`(A_L, B) = (U, ΣV^\top)` (Alg. 4 line 7). The product trajectory does not
+    depend on the gauge of the incoming factors (invariance to
+    :math:`(a S, S^{-1} b)`), and the first update rewrites both factors into the
+    chosen gauge.
 
-    **Momentum.** The EMA form above gives the same directions as heavy-ball momentum
-    :math:`m \leftarrow β P_T(m) + g` (reported for the paper) for a constant
-    :math:`β`, because ``msign`` ignores scale. The state depends on the returned
-    factors: if something else changes the factors between steps, the momentum is
-    re-projected onto the new tangent space. Do not combine this transformation with
-    :func:`with_gauge_rebalancing`; the balanced gauge makes it unnecessary.
+    **Momentum: what is stored.** The paper describes its momentum in two ways that
+    do not agree, and both are offered:
+
+    * ``stored_momentum="buffer"`` (default), Eq. 10-12: the heavy-ball buffer
+      :math:`M_t = β\,\mathcal T(M_{t-1}) + P_T(G_t)` is stored and only the step
+      :math:`P_T(\operatorname{Ortho}_r(M_t))` is orthogonalized. It is written
+      above in EMA form, which gives the same directions for a constant
+      :math:`β` because ``msign`` ignores scale; this is Muon's rule carried to
+      :math:`\mathcal M_r`.
+    * ``stored_momentum="direction"``, Alg. 4 (lines 3, 6) and Alg. 5 (lines 10,
+      13): the projected orthogonalized direction
+      :math:`D_t = P_T(\operatorname{Ortho}_r(M_t))` is stored, and
+      :math:`M_t = β\,\mathcal T(D_{t-1}) + P_T(G_t)` with no :math:`(1 - β)`.
+      :math:`D` has spectral norm about 1 while :math:`G` has the loss's scale, so
+      here the balance of memory and gradient depends on the scale of the loss,
+      unlike the buffer form.
+
+    Both are exactly invariant to the factorization. The prose of §6 describes
+    Alg. 4 line 6 the same way as the algorithms; only Eq. 10-11 store the buffer. With ``nesterov=True`` the direction is
+    :math:`β M_t + w\,P_T(G_t)`, with :math:`w = 1 - β` (buffer) or :math:`1`
+    (direction); the paper has no Nesterov variant. The state depends on the
+    returned factors: if something else changes the factors between steps, the
+    momentum is re-projected onto the new tangent space. Do not combine this
+    transformation with :func:`with_gauge_rebalancing`; the balanced gauge makes it
+    unnecessary.
+
+    **Retraction.** Alg. 4 line 5 (Alg. 5 line 12) as printed retracts
+    :math:`[-η\dot A, A_L][B_R, -η(\dot B + γ B_R)]^\top`, which omits the current
+    point; we retract :math:`(1 - λη) X - η D` (the point carried forward, as in
+    Alg. 6 line 14), so :math:`λ` here is the paper's :math:`γ`.
 
     **Rank-deficient starts.** A pair with ``b = 0`` (Flax's and PEFT's LoRA init) is
     not on :math:`\mathcal M_r`. Singular values below ``eps · σ_max`` count as zero,
@@ -386,11 +481,13 @@ def scale_by_riemannion(
       beta: momentum decay :math:`β` in ``[0, 1)``.
       weight_decay: :math:`λ`, a float or a schedule: the point is scaled by
         :math:`1 - λη` inside the retraction; needs :math:`λη < 1`.
-      nesterov: use :math:`β m + (1-β) g` as the direction. Static.
+      nesterov: use :math:`β m + w g` as the direction (see above). Static.
       lora_scale: :math:`c` in ``ΔW = c · a @ b`` (PEFT's ``alpha / r``).
       pairs: how to find factor pairs; see :func:`find_lora_pairs`. Static.
       gauge: ``"balanced"`` or ``"left_orthogonal"``, the gauge of the returned
         factors. Static.
+      stored_momentum: ``"buffer"`` (Eq. 10-12, default) or ``"direction"``
+        (Alg. 4/5); see above. Static.
       mu_dtype: dtype of the momentum; ``None`` keeps each param's dtype.
       eps: relative threshold below which singular values (of the factors, of the
         momentum and of the new point) count as zero.
@@ -400,9 +497,10 @@ def scale_by_riemannion(
       ``params`` and returns ``new_params − params`` in the params' dtype.
 
     Raises:
-      ValueError: out-of-range hyperparameters or an unknown ``gauge`` (at
-        construction); an unpaired factor, a leaf in no pair, mismatched ranks,
-        ``rank > min(m, n)`` or missing ``params`` (naming the leaf paths).
+      ValueError: out-of-range hyperparameters or an unknown ``gauge`` or
+        ``stored_momentum`` (at construction); an unpaired factor, a leaf in no
+        pair, mismatched ranks, ``rank > min(m, n)`` or missing ``params`` (naming
+        the leaf paths).
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax
@@ -432,12 +530,14 @@ def scale_by_riemannion(
       Jordan et al., `Muon: An optimizer for hidden layers in neural networks
       <https://kellerjordan.github.io/posts/muon/>`_, 2024
     """
-    _check_common(_SCALE_FN, learning_rate, beta, weight_decay, lora_scale, eps, gauge)
+    _check_common(
+        _SCALE_FN, learning_rate, beta, weight_decay, lora_scale, eps, gauge, stored_momentum
+    )
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params: Any) -> RiemannionState:
         plan = _pairwise.check_init(_SCALE_FN, params, pairs)
-        _check_ranks(_SCALE_FN, plan)
+        check_ranks(_SCALE_FN, plan)
         return RiemannionState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -448,7 +548,7 @@ def scale_by_riemannion(
     ) -> tuple[Any, RiemannionState]:
         del extra_args
         tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
-        _check_ranks(_SCALE_FN, tree.plan)
+        check_ranks(_SCALE_FN, tree.plan)
         mu_leaves = tree.treedef.flatten_up_to(state.mu)
         eta = _value_at(learning_rate, state.count)
         lam = _value_at(weight_decay, state.count)
@@ -479,6 +579,7 @@ def scale_by_riemannion(
                 eps=f(eps),
                 nesterov=nesterov,
                 gauge=gauge,
+                stored_momentum=stored_momentum,
             )
             previous = (out.a,)
             per_pair.append((_like(out.a - f(a), a), _like(out.b - f(b), b)))
@@ -505,6 +606,7 @@ def riemannion(
     lora_scale: jax.typing.ArrayLike = 1.0,
     pairs: _pairs.PairsLike = "auto",
     gauge: Gauge = "balanced",
+    stored_momentum: StoredMomentum = "buffer",
     mu_dtype: Any = None,
     eps: jax.typing.ArrayLike = 1e-5,
     adam_b1: jax.typing.ArrayLike = 0.9,
@@ -513,6 +615,7 @@ def riemannion(
     adam_eps_root: jax.typing.ArrayLike = 0.0,
     adam_weight_decay: jax.typing.ArrayLike = 0.0,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    allow_no_pairs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Riemannion: Muon on the fixed-rank manifold for LoRA pairs, AdamW elsewhere.
 
@@ -542,6 +645,8 @@ def riemannion(
       pairs: how to find factor pairs; see :func:`find_lora_pairs`. Static.
       gauge: gauge of the returned factors, ``"balanced"`` or ``"left_orthogonal"``.
         Static.
+      stored_momentum: ``"buffer"`` (Eq. 10-12, default) or ``"direction"`` (the
+        paper's Alg. 4/5); see :func:`scale_by_riemannion`. Static.
       mu_dtype: momentum dtype for every leaf (LoRA and AdamW); ``None`` keeps the
         param dtype.
       eps: relative singular-value threshold; see :func:`scale_by_riemannion`.
@@ -551,6 +656,8 @@ def riemannion(
       adam_eps_root: AdamW :math:`ε_{root}` for leaves in no pair.
       adam_weight_decay: AdamW weight decay for leaves in no pair.
       adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+      allow_no_pairs: accept a tree without LoRA pairs (AdamW on every leaf); see
+        :func:`lora_muon_jax.lora_muon`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
@@ -583,8 +690,28 @@ def riemannion(
 
     References:
       See :func:`scale_by_riemannion`.
+
+    Sources:
+      Primary, read in full: the paper's v2 text, Bogachev et al., arXiv
+      2507.12142v2 (https://arxiv.org/abs/2507.12142v2; HTML
+      https://arxiv.org/html/2507.12142v2), §3-6, Eq. 6-18, Alg. 1-5, App. A-B, F;
+      OpenReview https://openreview.net/forum?id=WtbXgc9GVA. The authors' code,
+      https://github.com/Bogachevv/RiemanianFinetune (named by the papernotes
+      summary), could not be retrieved, so nothing here was checked against it.
+      Secondary: lucmonl/mlopt, ``optimizer/riemannion.py``
+      (https://github.com/lucmonl/mlopt), a federated re-implementation of Alg. 5
+      that reads the stored momentum as the direction (Alg. 5 line 13), shifts
+      the base weight (line 3) and notes the retraction typo of line 12;
+      PyVent/OneTrainer, ``modules/util/optimizer/riemannion.py``
+      (https://github.com/PyVent/OneTrainer), a port that stores the heavy-ball
+      buffer and uses LOI with ``α = −0.01/√r``; the summaries at
+      https://en.papernotes.org/ICLR2026/optimization/lora_meets_riemannion_muon_optimizer_for_parametrization-independent_low-rank_ad/,
+      https://www.alphaxiv.org/overview/2507.12142v2 and
+      https://www.sciencestack.ai/paper/2507.12142.
     """
-    _check_common(_ALIAS_FN, learning_rate, beta, weight_decay, lora_scale, eps, gauge)
+    _check_common(
+        _ALIAS_FN, learning_rate, beta, weight_decay, lora_scale, eps, gauge, stored_momentum
+    )
     return _pairwise.with_adamw_fallback(
         scale_by_riemannion(
             learning_rate,
@@ -594,6 +721,7 @@ def riemannion(
             lora_scale=lora_scale,
             pairs=pairs,
             gauge=gauge,
+            stored_momentum=stored_momentum,
             mu_dtype=mu_dtype,
             eps=eps,
         ),
@@ -606,198 +734,5 @@ def riemannion(
         adam_weight_decay=adam_weight_decay,
         mu_dtype=mu_dtype,
         label="riemannion",
+        allow_no_pairs=allow_no_pairs,
     )
-
-
-# ----------------------------------------------------------------------------------
-# Locally optimal initialization (LOI).
-
-
-def _with_pairs(
-    leaves: list[Any],
-    plan: _pairs.PairPlan,
-    values: list[tuple[jax.Array, jax.Array]],
-) -> list[Any]:
-    """Leaves with every pair's factors replaced by canonical ``(a, b)`` values."""
-    out = list(leaves)
-    for pair, (a, b) in zip(plan.pairs, values):
-        for role, index, x in (("a", pair.a_index, a), ("b", pair.b_index, b)):
-            ref = leaves[index]
-            out[index] = pair.restore(x, role, ref.shape).astype(ref.dtype)
-    return out
-
-
-def riemannion_loi_init(
-    grad_fn: Callable[[Any], Any],
-    params: Any,
-    key: jax.Array,
-    *,
-    alpha: jax.typing.ArrayLike,
-    pairs: _pairs.PairsLike = "auto",
-    lora_scale: jax.typing.ArrayLike = 1.0,
-    oversample: int = 8,
-    power_iters: int = 1,
-    gauge: Gauge = "balanced",
-) -> Any:
-    r"""Locally optimal initialization (LOI) of every LoRA pair from the first gradient.
-
-    With :math:`G_0 = ∂L/∂ΔW` at :math:`ΔW = 0` and its top singular pairs
-    :math:`G_0 ≈ \sum_i σ_i u_i v_i^\top`, each pair is set to
-
-    .. math::
-
-      c\, a b = α\, U_{[:, :r]} V_{[:, r:2r]}^\top .
-
-    Every singular value of this point equals :math:`α`, and its tangent space
-    :math:`\{U_{[:, :r]} K^\top + N V_{[:, r:2r]}^\top\}` contains the whole top-
-    :math:`2r` part of :math:`G_0`. Hence :math:`\|P_T G_0\|_F^2 = \sum_{i \le 2r}
-    σ_i^2`, the most any rank-:math:`r` point can capture, and the first Riemannion
-    step uses all of it. :math:`⟨G_0, α U_{[:, :r]} V_{[:, r:2r]}^\top⟩ = 0`, so adding
-    the adapter changes the loss only at second order in :math:`α`. The frozen
-    weight :math:`W_0` is **not** shifted: this function sees only the tree it is
-    given. To keep the model output exactly unchanged, subtract ``c · a @ b`` from
-    the frozen weights yourself (PiSSA-style). Whether the paper shifts :math:`W_0`
-    could not be checked.
-
-    :math:`G_0` is never formed. A randomized SVD (Halko et al.) reads it only
-    through backprop products: :math:`∂L/∂a` at :math:`a = 0, b = Ω^\top` is
-    :math:`c\, G_0 Ω`, and :math:`∂L/∂b` at :math:`b = 0, a = Q` is
-    :math:`c\, Q^\top G_0` (the paper's BackPropRSVD, per secondary sources). All
-    pairs are sketched together, so every call of ``grad_fn`` sees every adapter at
-    zero. The leaves keep their shapes, so sketches of width
-    :math:`k = 2r + \text{oversample}` (random signs) are fed ``r`` columns per call.
-    That is :math:`(2 + 2\,\text{power\_iters}) \lceil k / r \rceil` gradient
-    evaluations, run one after another with :func:`jax.lax.map` (the memory of one
-    backward pass). The whole computation is one jitted program.
-
-    Args:
-      grad_fn: ``params -> grads``, the gradient of the loss on a fixed batch for a
-        tree shaped like ``params``, e.g. ``jax.grad(loss)``. It is traced (inside
-        :func:`jax.lax.map`), so it must be a pure JAX function.
-      params: the params tree; its LoRA pairs are replaced, other leaves are kept.
-      key: PRNG key for the sketch.
-      alpha: :math:`α > 0`, the spectral norm (and every singular value) of the
-        initial product; about the learning rate is a reasonable scale.
-      pairs: how to find factor pairs; see :func:`find_lora_pairs`.
-      lora_scale: :math:`c` in ``ΔW = c · a @ b``.
-      oversample: extra sketch columns beyond ``2r`` (capped at ``min(m, n)``).
-      power_iters: power iterations of the randomized SVD.
-      gauge: ``"balanced"`` (:math:`a = U_1 (α/c)^{1/2}`, :math:`b = (α/c)^{1/2}
-        V_2^\top`) or ``"left_orthogonal"`` (:math:`a = U_1`, :math:`b = (α/c)
-        V_2^\top`).
-
-    Returns:
-      A tree like ``params`` with every pair initialized, in the params' dtypes.
-
-    Raises:
-      ValueError: ``alpha <= 0``, bad ``oversample``/``power_iters``/``gauge``,
-        ``2r > min(m, n)`` for a pair (naming it), or an unpaired factor.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, numpy as np
-      >>> from lora_muon_jax.peers import riemannion_loi_init
-      >>> target = np.random.default_rng(0).standard_normal((12, 10))
-      >>> params = {'lora_a': jnp.zeros((12, 2)), 'lora_b': jnp.zeros((2, 10))}
-      >>> loss = lambda p: 0.5 * jnp.sum((p['lora_a'] @ p['lora_b'] - target) ** 2)
-      >>> init = riemannion_loi_init(jax.grad(loss), params, jax.random.key(0),
-      ...                            alpha=0.01, power_iters=2)
-      >>> s = np.linalg.svd(init['lora_a'] @ init['lora_b'], compute_uv=False)
-      >>> print(np.round(s[:3], 4))  # rank 2, both singular values alpha
-      [0.01 0.01 0.  ]
-
-    References:
-      Bogachev et al., `LoRA meets Riemannion: Muon Optimizer for
-      Parametrization-independent Low-Rank Adapters
-      <https://arxiv.org/abs/2507.12142>`_, 2025
-
-      Halko, Martinsson, Tropp, `Finding structure with randomness
-      <https://arxiv.org/abs/0909.4061>`_, SIAM Review, 2011
-    """
-    _validation.check_scalar("alpha", alpha, low=0.0, low_inclusive=False, fn=_LOI_FN)
-    _validation.check_scalar(
-        "lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=_LOI_FN
-    )
-    for name, value in (("oversample", oversample), ("power_iters", power_iters)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{_LOI_FN}: `{name}` must be an int >= 0; got {value!r}.")
-    if gauge not in _GAUGES:
-        raise ValueError(
-            f"{_LOI_FN}: `gauge` must be one of {list(_GAUGES)}; got {gauge!r}."
-        )
-
-    paths, leaves, treedef = _pairs.flatten_with_paths(params)
-    plan = _pairs.plan_pairs(paths, leaves, pairs)
-    _check_ranks(_LOI_FN, plan, factor=2)
-    if not plan.pairs:
-        return params
-    dims = [(p.batch_shape, p.m, p.n, p.rank) for p in plan.pairs]
-    widths = [min(2 * r + oversample, m, n) for _, m, n, r in dims]
-    chunks = max(math.ceil(k / r) for k, (_, _, _, r) in zip(widths, dims))
-
-    def impl(
-        leaves: list[Any], key: jax.Array, alpha: jax.Array, c: jax.Array
-    ) -> list[Any]:
-        def grads_at(values):
-            values = _with_pairs(leaves, plan, values)
-            tree = jax.tree_util.tree_unflatten(treedef, values)
-            g_leaves = treedef.flatten_up_to(grad_fn(tree))
-            return [
-                tuple(x.astype(jnp.float32) / c for x in _pairwise.canonical(p, g_leaves))
-                for p in plan.pairs
-            ]
-
-        def apply(sketches, transpose):
-            # G Ω (or Gᵀ Q) for every pair at once, r sketch columns per gradient
-            # call; lax.map runs the calls one after the other (one backward pass
-            # of memory) and traces grad_fn once.
-            padded = [
-                jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, chunks * r - x.shape[-1])])
-                for x, (_, _, _, r) in zip(sketches, dims)
-            ]
-
-            def one(j):
-                values = []
-                for x, (bs, m, n, r) in zip(padded, dims):
-                    cols = jax.lax.dynamic_slice_in_dim(x, j * r, r, axis=-1)
-                    if transpose:  # b = 0, a = Q: ∂L/∂b = c Qᵀ G
-                        values.append((cols, jnp.zeros((*bs, r, n))))
-                    else:  # a = 0, b = Ωᵀ: ∂L/∂a = c G Ω
-                        values.append((jnp.zeros((*bs, m, r)), _t(cols)))
-                return [_t(g_b) if transpose else g_a for g_a, g_b in grads_at(values)]
-
-            stacked = jax.lax.map(one, jnp.arange(chunks))
-            # (chunks, …, p, r) -> (…, p, chunks·r), then the sketch width.
-            return [
-                jnp.moveaxis(y, 0, -2).reshape(*y.shape[1:-1], -1)[..., : x.shape[-1]]
-                for y, x in zip(stacked, sketches)
-            ]
-
-        orth = lambda ys: [_qr(y)[0] for y in ys]  # noqa: E731
-        keys = jax.random.split(key, len(dims))
-        # Random-sign (Rademacher) sketches: as good as Gaussian ones for a
-        # randomized range finder, and much cheaper to compile.
-        omegas = [
-            jax.random.rademacher(k_i, (*bs, n, k), dtype=jnp.float32)
-            for k_i, (bs, m, n, r), k in zip(keys, dims, widths)
-        ]
-        qs = orth(apply(omegas, False))
-        qs = jax.lax.fori_loop(
-            0, power_iters, lambda _, qs: orth(apply(orth(apply(qs, True)), False)), qs
-        )
-        values = []
-        for q, bt, (_, _, _, r) in zip(qs, apply(qs, True), dims):
-            # Gᵀ Q = V S Ŵᵀ, so G ≈ Q Qᵀ G = (Q Ŵ) S Vᵀ.
-            v, _, wt = _svd(bt)
-            u1 = _linalg.mm(q, _t(wt))[..., :, :r]
-            v2 = v[..., :, r : 2 * r]
-            if gauge == "balanced":
-                h = jnp.sqrt(alpha / c)
-                values.append((u1 * h, h * _t(v2)))
-            else:
-                values.append((u1, (alpha / c) * _t(v2)))
-        return _with_pairs(leaves, plan, values)
-
-    out = jax.jit(impl)(
-        leaves, key, jnp.asarray(alpha, jnp.float32), jnp.asarray(lora_scale, jnp.float32)
-    )
-    return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,4 +1,7 @@
-"""Spectron: orthogonalized momentum with spectral renormalization, per LoRA factor pair."""
+"""Spectron: orthogonalized momentum with spectral renormalization, per LoRA factor pair.
+
+Sources (paper, code, reimplementations, with addresses): see :func:`spectron`.
+"""
 
 from __future__ import annotations
 
@@ -312,6 +315,7 @@ def spectron(
     adam_eps_root: jax.typing.ArrayLike = 0.0,
     adam_weight_decay: jax.typing.ArrayLike = 0.0,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    allow_no_pairs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Spectron: orthogonalized momentum with a spectrally renormalized step.
 
@@ -359,6 +363,8 @@ def spectron(
       adam_eps_root: AdamW :math:`ε_{root}` for leaves in no pair.
       adam_weight_decay: AdamW weight decay for leaves in no pair.
       adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+      allow_no_pairs: accept a tree without LoRA pairs (AdamW on every leaf); see
+        :func:`lora_muon_jax.lora_muon`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires
@@ -395,6 +401,21 @@ def spectron(
 
       NVIDIA-NeMo/Emerging-Optimizers, ``orthogonalized_optimizers/spectron.py``
       (a reimplementation: factor-wise decoupled weight decay).
+
+    Sources:
+      Primary: Janson, Oyallon, Belilovsky, *Stabilizing Native Low-Rank LLM
+      Pretraining*, arXiv 2602.12429 (https://arxiv.org/abs/2602.12429), Alg. 1
+      (Spectron) and Alg. 3 (power iteration); its full text was not re-read
+      for this paragraph, and the Newton–Schulz coefficients (its Alg. 2) are
+      taken as its reimplementations cite them. Authors' code: not found (none
+      linked from the abstract, none found by name in public code).
+      Secondary: NVIDIA-NeMo/Emerging-Optimizers,
+      ``emerging_optimizers/orthogonalized_optimizers/spectron.py``
+      (https://github.com/NVIDIA-NeMo/Emerging-Optimizers), which cites Alg. 1
+      and Alg. 3 and decays each factor; Cesista, Crowson, Simal, Biderman,
+      *LoRA-Muon* (https://arxiv.org/abs/2606.12921), which shows Spectron's
+      step depends on the factor gauge; the summary at
+      https://api.emergentmind.com/papers/2602.12429.
     """
     _check_common(_ALIAS_FN, beta, ns_steps, ns_coeffs, power_iterations)
     _validation.check_scalar("weight_decay", weight_decay, low=0.0, fn=_ALIAS_FN)
@@ -422,4 +443,5 @@ def spectron(
         adam_weight_decay=adam_weight_decay,
         mu_dtype=mu_dtype,
         label="spectron",
+        allow_no_pairs=allow_no_pairs,
     )
