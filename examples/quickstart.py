@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from lora_muon_jax import lora_muon
 from lora_muon_jax.data import (
     CharTokenizer,
+    DataUnavailableError,
     load_tinyshakespeare,
     sample_batch,
     split_train_val,
@@ -206,7 +207,10 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
-    text = load_tinyshakespeare(args.data)
+    try:
+        text = load_tinyshakespeare(args.data)
+    except DataUnavailableError as e:  # offline, or --data points at nothing
+        raise SystemExit(f"quickstart.py: {e}") from None
     tok = CharTokenizer.from_text(text)
     train_ids, val_ids = (
         jnp.asarray(x) for x in split_train_val(tok.encode(text), 0.1)

@@ -9,19 +9,61 @@ bfloat16 momentum silently becomes float32). :func:`restore_checkpoint` compares
 the checkpoint's metadata with the target first and raises one error listing
 every differing path.
 
+A damaged checkpoint (a save or copy cut short: a missing or truncated file)
+makes orbax fail deep inside TensorStore, with the JSON spec of the store and
+without the leaf's name, or, for the tree metadata, not at all (it logs a
+warning and reports an empty tree). Here both raise one :class:`CheckpointError`
+naming the checkpoint, the leaf or index file being read and what TensorStore
+found wrong. The OCDBT index (``manifest.ocdbt`` and its B-tree) is listed once
+before orbax reads anything, so a damaged index is one error, not a burst of
+failed concurrent reads.
+
 Requires ``orbax-checkpoint`` (imported on first use).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import jax
 
-__all__ = ["check_checkpoint", "restore_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "check_checkpoint",
+    "restore_checkpoint",
+    "save_checkpoint",
+]
 
 _LISTED = 10
+# TensorStore's status codes for data that is not there or not whole.
+_DAMAGE = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION): ")
+# The stored key TensorStore was reading: "<leaf>/.zarray" or "<leaf>/<chunk>".
+_KEY = re.compile(r'(?:Error reading|Metadata at) "([^"]+?)/(?:\.z\w+|[\d.]+)"')
+_SPEC = re.compile(r"\s*\[tensorstore_spec=.*", re.S)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored into the target: damaged or another tree.
+
+    The message names the checkpoint directory and every leaf path concerned:
+    stored vs target shape and dtype, paths on one side only, or the leaf whose
+    bytes are missing or cut short (and TensorStore's account of it).
+
+    Examples:
+      >>> import tempfile, os, jax.numpy as jnp
+      >>> from lora_muon_jax.checkpoint import CheckpointError, save_checkpoint, check_checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+      >>> save_checkpoint(path, {'w': jnp.ones(3)})
+      >>> os.remove(os.path.join(path, '_METADATA'))  # a copy that lost a file
+      >>> try:
+      ...   check_checkpoint(path, {'w': jnp.ones(3)})
+      ... except CheckpointError as e:
+      ...   print(str(e).splitlines()[0].split(': ')[1])
+      reading its tree metadata failed.
+    """
 
 
 def _orbax() -> Any:
@@ -50,9 +92,97 @@ def _is_array_meta(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _is_damage(error: BaseException) -> bool:
+    """Whether TensorStore said, somewhere in the chain, that stored bytes are bad."""
+    return any(_DAMAGE.search(str(e)) for e in _chain(error))
+
+
+def _damage(directory: str, what: str, error: BaseException) -> CheckpointError:
+    """One readable error for a checkpoint whose files are missing or cut short."""
+    found = [str(e) for e in _chain(error) if _DAMAGE.search(str(e))]
+    detail = _SPEC.sub("", found[-1] if found else f"{type(error).__name__}: {error}")
+    keys = sorted({k for text in found for k in _KEY.findall(text)})
+    leaf = f" (leaf {', '.join(keys)})" if keys else ""
+    return CheckpointError(
+        f"The checkpoint at {directory} is damaged or incomplete: reading {what} "
+        f"failed{leaf}.\n  {detail[:600]}\nA file in it is missing or shorter than "
+        "its index says: a save or a copy that did not finish? Restore an earlier "
+        "checkpoint, or copy this one again."
+    )
+
+
+def _unfinished_saves(directory: Path) -> list[str]:
+    # Orbax writes into "<name>.orbax-checkpoint-tmp..." and renames when done.
+    parent = directory.parent
+    if not parent.is_dir():
+        return []
+    return sorted(
+        str(p) for p in parent.glob(f"{directory.name}.orbax-checkpoint-tmp*")
+    )
+
+
+def _check_index(directory: str) -> None:
+    """Reads the OCDBT index (orbax's default layout) in one synchronous listing.
+
+    Orbax reads every leaf's metadata concurrently; when the index itself is damaged
+    they all fail, and the reads still in flight print "Event loop is closed"
+    tracebacks after the first error. One listing finds the same damage first.
+    """
+    root = Path(directory)
+    if not (root / "manifest.ocdbt").exists():
+        if any(root.glob("ocdbt.process_*")):  # OCDBT data without its root manifest
+            raise CheckpointError(
+                f"The checkpoint at {directory} is damaged or incomplete: reading its "
+                f"array index failed.\n  {root / 'manifest.ocdbt'} is missing.\n"
+                "Restore an earlier checkpoint, or copy this one again."
+            )
+        return  # not OCDBT: orbax reads it file by file
+    import tensorstore as ts  # an orbax dependency
+
+    base = {"driver": "file", "path": os.path.abspath(directory) + os.sep}
+    try:
+        keys = ts.KvStore.open({"driver": "ocdbt", "base": base}).result().list().result()
+    except ValueError as e:
+        raise _damage(directory, "its array index", e) from e
+    if not keys:
+        raise CheckpointError(
+            f"The checkpoint at {directory} is damaged or incomplete: its array index "
+            f"({root / 'manifest.ocdbt'}) lists no arrays.\nRestore an earlier "
+            "checkpoint, or copy this one again."
+        )
+
+
 def _stored(directory: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    if not os.path.isdir(directory):
+        partial = _unfinished_saves(Path(directory).absolute())
+        hint = (
+            f" Only an unfinished save is there: {partial} (the saving process "
+            "stopped before it completed)."
+            if partial
+            else ""
+        )
+        raise FileNotFoundError(f"No checkpoint at {directory}: not a directory.{hint}")
     ocp = _orbax()
-    meta = ocp.StandardCheckpointer().metadata(os.fspath(directory))
+    from etils import epath  # an orbax dependency
+
+    _check_index(directory)
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        # The handler, not StandardCheckpointer.metadata, which turns an unreadable
+        # tree into a logged warning and an empty tree ("every leaf missing").
+        meta = handler.metadata(epath.Path(os.path.abspath(directory)))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise _damage(directory, "its tree metadata", e) from e
+    finally:
+        handler.close()
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array_meta)
@@ -85,8 +215,12 @@ def check_checkpoint(
       allow_cast: accept stored arrays of another dtype (orbax casts them).
 
     Raises:
-      ValueError: listing every path missing from the checkpoint, present only in
-        it, or stored with another shape or dtype.
+      CheckpointError: (a :class:`ValueError`) listing every path missing from the
+        checkpoint, present only in it, or stored with another shape or dtype; or
+        naming the file or leaf of a damaged checkpoint whose tree metadata cannot
+        be read.
+      FileNotFoundError: no directory at ``directory`` (an unfinished save next to
+        it is named).
 
     Examples:
       >>> import tempfile, os, jax.numpy as jnp
@@ -123,7 +257,7 @@ def check_checkpoint(
         if items
     ]
     if parts:
-        raise ValueError(
+        raise CheckpointError(
             f"The checkpoint at {os.fspath(directory)} does not match the target tree:"
             + "".join(f"\n  {title}:{_listed(items)}" for title, items in parts)
             + "\nWas it written by a different model or optimizer (rank, layers, "
@@ -160,7 +294,11 @@ def restore_checkpoint(
       A tree like ``target`` holding the stored values.
 
     Raises:
-      ValueError: see :func:`check_checkpoint`.
+      CheckpointError: the tree differs (see :func:`check_checkpoint`), or the
+        checkpoint is damaged: an array file missing or cut short. The message
+        names the leaf and what TensorStore found (e.g. a byte range past the end
+        of a truncated file).
+      FileNotFoundError: no checkpoint at ``directory``.
 
     Examples:
       >>> import tempfile, os, jax, jax.numpy as jnp
@@ -178,4 +316,11 @@ def restore_checkpoint(
     """
     check_checkpoint(directory, target, allow_cast=allow_cast)
     ocp = _orbax()
-    return ocp.StandardCheckpointer().restore(os.path.abspath(os.fspath(directory)), target)
+    try:
+        return ocp.StandardCheckpointer().restore(
+            os.path.abspath(os.fspath(directory)), target
+        )
+    except Exception as e:  # TensorStore read errors arrive as a bare Exception
+        if not _is_damage(e):
+            raise
+        raise _damage(os.fspath(directory), "the stored arrays", e) from e

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "DATA_ENV_VAR",
+    "DataUnavailableError",
     "TINYSHAKESPEARE_SHA256",
     "TINYSHAKESPEARE_URL",
     "CharTokenizer",
@@ -42,6 +44,38 @@ DATA_ENV_VAR = "LORA_MUON_JAX_DATA"
 _FILENAMES = ("tinyshakespeare.txt", "input.txt")
 _CACHE_NAME = _FILENAMES[0]
 _TIMEOUT_S = 60.0
+# What a download that never reached the file raises: no network, DNS, refused or
+# reset connections, HTTP errors (URLError covers HTTPError) and timeouts.
+_NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError)
+
+
+class DataUnavailableError(FileNotFoundError):
+    """The corpus is nowhere on disk and could not be downloaded.
+
+    The message says every way to provide it: ``--data`` (the examples' flag) or
+    ``path=``, ``$LORA_MUON_JAX_DATA``, and the cache file that a download would
+    have written. A :class:`FileNotFoundError`, so code that treats a missing corpus
+    as "skip" keeps working offline.
+
+    Examples:
+      >>> import tempfile
+      >>> from lora_muon_jax.data import DataUnavailableError, load_tinyshakespeare
+      >>> try:
+      ...     load_tinyshakespeare(tempfile.mkdtemp())  # an empty directory
+      ... except DataUnavailableError as e:
+      ...     print(isinstance(e, FileNotFoundError), "`--data`" in str(e))
+      True True
+    """
+
+
+def _how_to_provide(cached: Path, sha256: str | None) -> str:
+    digest = f" (sha256 {sha256})" if sha256 is not None else ""
+    return (
+        f"Get it from {TINYSHAKESPEARE_URL}{digest} on a machine with network "
+        "access, then either pass its file or directory with `--data` (the "
+        f"examples) or `path=` (Python), or set ${DATA_ENV_VAR} to it, or copy it "
+        f"to the cache, {str(cached)!r}."
+    )
 
 
 def default_cache_dir() -> Path:
@@ -92,7 +126,11 @@ def _fetch(url: str, out: IO[bytes]) -> None:
 
 
 def _download(cache_dir: Path, sha256: str | None) -> Path:
-    """Downloads into ``cache_dir`` atomically: a verified temp file, then a rename."""
+    """Downloads into ``cache_dir`` atomically: a verified temp file, then a rename.
+
+    A network failure becomes one :class:`DataUnavailableError` saying how to
+    provide the file by hand; nothing is left in the cache either way.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / _CACHE_NAME
     fd, tmp_name = tempfile.mkstemp(
@@ -101,7 +139,15 @@ def _download(cache_dir: Path, sha256: str | None) -> Path:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            _fetch(TINYSHAKESPEARE_URL, f)
+            try:
+                _fetch(TINYSHAKESPEARE_URL, f)
+            except _NETWORK_ERRORS as e:
+                reason = getattr(e, "reason", None) or e
+                raise DataUnavailableError(
+                    "TinyShakespeare is not on disk and downloading it failed "
+                    f"({type(e).__name__}: {reason}). "
+                    + _how_to_provide(target, sha256)
+                ) from e
             f.flush()
             os.fsync(f.fileno())
         got = _sha256(tmp)
@@ -154,10 +200,14 @@ def load_tinyshakespeare(
       The corpus text (1,115,394 characters, 65 distinct).
 
     Raises:
-      FileNotFoundError: nothing at ``path`` or ``$LORA_MUON_JAX_DATA``, or nowhere at
-        all with ``download=False``; the message lists every place looked.
+      DataUnavailableError: (a :class:`FileNotFoundError`) nothing at ``path`` or
+        ``$LORA_MUON_JAX_DATA``; or nowhere on disk with ``download=False``; or the
+        download failed for want of a network (no route, DNS, refused, reset,
+        timeout, HTTP error). The message lists the places looked and how to
+        provide the file: ``--data``/``path=``, ``$LORA_MUON_JAX_DATA``, the cache
+        path. Nothing is left in the cache.
       ValueError: a file (or download) whose SHA-256 is not ``sha256``.
-      OSError: the download failed (nothing is left in the cache).
+      OSError: writing the cache failed.
 
     Examples:
       >>> import pathlib, tempfile
@@ -170,9 +220,10 @@ def load_tinyshakespeare(
     if path is not None:
         found, tried = _in_dir_or_file(Path(path))
         if found is None:
-            raise FileNotFoundError(
+            raise DataUnavailableError(
                 f"TinyShakespeare not found at `path`={str(path)!r} (looked for "
-                f"{tried}). Pass the file or the directory holding it."
+                f"{tried}). Pass the file or the directory holding it (`--data` in "
+                "the examples)."
             )
         return _read_verified(found, sha256, "`path`")
 
@@ -180,7 +231,7 @@ def load_tinyshakespeare(
     if env:
         found, tried = _in_dir_or_file(Path(env))
         if found is None:
-            raise FileNotFoundError(
+            raise DataUnavailableError(
                 f"TinyShakespeare not found at ${DATA_ENV_VAR}={env!r} (looked for "
                 f"{tried}). Point it at the file or its directory, or unset it to use "
                 "the download cache."
@@ -192,11 +243,10 @@ def load_tinyshakespeare(
     if cached.is_file():
         return _read_verified(cached, sha256, "the cache")
     if not download:
-        raise FileNotFoundError(
+        raise DataUnavailableError(
             f"TinyShakespeare not found: no `path`, ${DATA_ENV_VAR} unset, and no "
-            f"{str(cached)!r} in the cache; `download=False`. Get it from "
-            f"{TINYSHAKESPEARE_URL} (sha256 {sha256}) and pass `path=` or set "
-            f"${DATA_ENV_VAR}."
+            f"{str(cached)!r} in the cache; `download=False`. "
+            + _how_to_provide(cached, sha256)
         )
     return _read_verified(_download(cache, sha256), sha256, "the download")
 

@@ -6,13 +6,20 @@ finishes the run and saves the result, which must equal the parent's
 uninterrupted run bit for bit. Covered: a pytree run with bfloat16 momenta and an
 ``nnx.Optimizer`` run with float32 momenta (each compile costs seconds, so each
 dtype is covered once).
+
+Damaged checkpoints are made by cutting real orbax files short or deleting them on
+disk (as an interrupted copy would); every restore must raise one error naming the
+checkpoint and the leaf or file at fault.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -23,7 +30,13 @@ import pytest
 from flax import nnx
 
 import lora_muon_jax as lmj
-from lora_muon_jax.checkpoint import check_checkpoint, restore_checkpoint, save_checkpoint
+from lora_muon_jax.checkpoint import _dotted  # orbax's names for stored leaves
+from lora_muon_jax.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from tests import contract
 from tests.test_nnx import TwoAdapters, numpy_init
 
@@ -166,3 +179,105 @@ def test_checkpoint_from_a_different_tree_names_the_paths(tmp_path):
     assert "\n    params.extra.lora_a: (4, 2) float32" in missing
     assert "\n    opt_state.inner_states.lora_muon.inner_state.0.mu.extra.lora_b: (2, 4)" in missing
     assert "\n    params.bias: (10,) float32" in only
+
+
+# ------------------------------------------------------------------ damaged files
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A LoRA-Muon checkpoint whose arrays are big enough to get their own data files.
+
+    OCDBT inlines values under 1 KiB into its index; random (incompressible) float32
+    factors of 2 x 256 x 8 are 16 KiB each, so they live in ``ocdbt.process_0/d/``.
+    """
+    rng = np.random.default_rng(0)
+    params = {
+        "layer": {
+            "lora_a": jnp.asarray(rng.standard_normal((2, 256, 8)), jnp.float32),
+            "lora_b": jnp.asarray(rng.standard_normal((2, 8, 128)), jnp.float32),
+        },
+        "bias": jnp.zeros((128,), jnp.float32),
+    }
+    tree = {"params": params, "opt_state": lmj.lora_muon(0.1).init(params)}
+    path = tmp_path_factory.mktemp("saved") / "ckpt"
+    save_checkpoint(path, tree)
+    return path, tree
+
+
+def _biggest_data_file(path: Path) -> Path:
+    return max((p for p in (path / "ocdbt.process_0" / "d").iterdir()), key=lambda p: p.stat().st_size)
+
+
+def _cut(file: Path, keep: float = 0.5) -> None:
+    with open(file, "r+b") as f:
+        f.truncate(int(file.stat().st_size * keep))
+
+
+# damage -> (what the message must contain besides the checkpoint path, a leaf named?)
+DAMAGE = {
+    "array_file_cut_short": (lambda p: _cut(_biggest_data_file(p)), ["OUT_OF_RANGE", "not valid for value of size"], True),
+    "array_file_missing": (lambda p: _biggest_data_file(p).unlink(), ["FAILED_PRECONDITION"], True),
+    "tree_metadata_cut_short": (lambda p: _cut(p / "_METADATA"), ["tree metadata", "JSONDecodeError"], False),
+    "tree_metadata_missing": (lambda p: (p / "_METADATA").unlink(), ["tree metadata", "_METADATA", "does not exist"], False),
+    "every_array_file_cut_short": (
+        lambda p: [_cut(f) for f in (p / "ocdbt.process_0" / "d").iterdir()],
+        ["the stored arrays"],
+        True,
+    ),
+    "manifest_cut_short": (lambda p: _cut(p / "manifest.ocdbt"), ["array index", "DATA_LOSS", "manifest.ocdbt"], False),
+    "manifest_missing": (lambda p: (p / "manifest.ocdbt").unlink(), ["array index", "manifest.ocdbt is missing"], False),
+    "index_node_cut_short": (lambda p: [_cut(f) for f in (p / "d").iterdir()], ["array index", "OUT_OF_RANGE"], False),
+    "empty_directory": (lambda p: [shutil.rmtree(p), p.mkdir()], ["_METADATA", "does not exist"], False),
+}
+
+
+def _restore_damaged(copy, target):
+    """The error of restoring a damaged copy, with orbax's abandoned reads drained.
+
+    When one array read fails, orbax drops the reads still in flight; they end as
+    "Exception ignored in <coroutine ...>" or "Event loop is closed" reports when
+    garbage-collected, which pytest would pin on whichever test runs then. Collect
+    them here, inside this test (whose marker ignores them).
+    """
+    try:
+        with pytest.raises(CheckpointError) as e:
+            restore_checkpoint(copy, target)
+    finally:
+        time.sleep(0.2)
+        gc.collect()
+    return e.value
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_checkpoint_names_the_leaf_or_file(saved, tmp_path, damage):
+    path, tree = saved
+    target = jax.eval_shape(lambda: tree)
+    copy = tmp_path / "ckpt"
+    shutil.copytree(path, copy)
+    make, parts, names_leaf = DAMAGE[damage]
+    make(copy)
+    error = _restore_damaged(copy, target)
+    msg = str(error)
+    assert isinstance(error, ValueError)  # callers catching ValueError still do
+    assert msg.startswith(f"The checkpoint at {copy} is damaged or incomplete"), msg
+    assert "[tensorstore_spec=" not in msg and len(msg) < 1500, msg  # no JSON dump
+    for part in parts:
+        assert part in msg, (part, msg)
+    leaves = {_dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+    named = [leaf for leaf in leaves if f"(leaf {leaf}" in msg]
+    assert bool(named) == names_leaf, msg
+    # The undamaged original still restores, equal to what was saved.
+    _assert_bitwise_equal(restore_checkpoint(path, target), tree)
+
+
+def test_missing_checkpoint_names_an_unfinished_save(tmp_path):
+    # Orbax saves into "<name>.orbax-checkpoint-tmp-<n>" and renames it when done; a
+    # process killed mid-save leaves only that.
+    unfinished = tmp_path / "ckpt.orbax-checkpoint-tmp-1234"
+    unfinished.mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        restore_checkpoint(tmp_path / "ckpt", {"w": jnp.zeros(3)})
+    assert f"No checkpoint at {tmp_path / 'ckpt'}" in str(e.value)
+    assert str(unfinished) in str(e.value) and "unfinished save" in str(e.value)

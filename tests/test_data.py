@@ -2,6 +2,11 @@
 
 import hashlib
 import os
+import socket
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -137,8 +142,9 @@ def test_failed_download_leaves_nothing_in_the_cache(isolated, monkeypatch):
 
     monkeypatch.setattr(data, "_fetch", half_then_fail)
     cache = isolated / "cache"
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(data.DataUnavailableError) as err:
         data.load_tinyshakespeare(cache_dir=cache)
+    assert isinstance(err.value.__cause__, ConnectionResetError)
     assert list(cache.iterdir()) == []  # no partial file, no temp file
     # The next attempt downloads again instead of trusting a half-written file.
     monkeypatch.setattr(data, "_fetch", lambda url, out: out.write(b"complete"))
@@ -146,6 +152,59 @@ def test_failed_download_leaves_nothing_in_the_cache(isolated, monkeypatch):
         data.load_tinyshakespeare(cache_dir=cache, sha256=_digest("complete"))
         == "complete"
     )
+
+
+_OFFLINE = {
+    "no_route": urllib.error.URLError(OSError(101, "Network is unreachable")),
+    "dns": urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution")),
+    "refused": ConnectionRefusedError(111, "Connection refused"),
+    "timeout": TimeoutError("timed out"),
+    "http_403": urllib.error.HTTPError(data.TINYSHAKESPEARE_URL, 403, "Forbidden", None, None),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(_OFFLINE))
+def test_offline_is_one_error_saying_how_to_provide_the_file(isolated, monkeypatch, failure):
+    def offline(url, out):
+        raise _OFFLINE[failure]
+
+    monkeypatch.setattr(data, "_fetch", offline)
+    with pytest.raises(data.DataUnavailableError) as err:
+        data.load_tinyshakespeare()
+    msg = str(err.value)
+    cache_file = data.default_cache_dir() / "tinyshakespeare.txt"
+    assert cache_file == isolated / "xdg" / "lora_muon_jax" / "tinyshakespeare.txt"
+    for part in ("`--data`", f"${data.DATA_ENV_VAR}", str(cache_file), data.TINYSHAKESPEARE_URL):
+        assert part in msg, (part, msg)
+    assert err.value.__cause__ is _OFFLINE[failure]  # the network error stays attached
+    assert isinstance(err.value, FileNotFoundError)  # "no corpus" handlers still apply
+    assert list(cache_file.parent.iterdir()) == []  # no partial or temp file left
+
+
+def test_quickstart_offline_exits_with_the_message_and_no_traceback(tmp_path):
+    # A real offline run: no corpus anywhere, and every HTTPS request goes to a
+    # proxy port that refuses connections (a freshly freed local port).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k.lower() not in {"no_proxy", data.DATA_ENV_VAR.lower()}}
+    env.update(
+        XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        https_proxy=f"http://127.0.0.1:{port}",
+        HTTPS_PROXY=f"http://127.0.0.1:{port}",
+        JAX_PLATFORMS="cpu",
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "quickstart.py"), "--steps", "1"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    cache_file = tmp_path / "xdg" / "lora_muon_jax" / "tinyshakespeare.txt"
+    for part in ("`--data`", f"${data.DATA_ENV_VAR}", str(cache_file), "URLError"):
+        assert part in proc.stderr, (part, proc.stderr)
+    assert not (tmp_path / "outputs").exists()  # it stopped before training
 
 
 def test_corrupt_download_is_rejected_and_not_cached(isolated, monkeypatch):

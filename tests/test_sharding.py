@@ -38,6 +38,9 @@ LAYOUTS = {
 def _collectives(hlo: str) -> list[tuple[str, list[int]]]:
     """(kind, element counts of each operand shape) for every collective in the HLO."""
     out = []
+    # Tuples of 6+ operands carry `/*index=5*/` comments, whose `=` would hide the
+    # collective from the pattern: drop comments first.
+    hlo = re.sub(r"/\*.*?\*/", "", hlo)
     for shape_text, kind in _COLLECTIVE.findall(hlo):
         sizes = [math.prod(int(d) for d in dims.split(",") if d) for dims in _SHAPE.findall(shape_text)]
         out.append((kind, sizes))

@@ -635,6 +635,10 @@ def riemannion(
     Works inside :func:`optax.chain`, :func:`optax.partition`, :func:`optax.masked`,
     :class:`optax.MultiSteps`, :func:`optax.apply_if_finite` and under
     :func:`optax.inject_hyperparams` (list a callable ``pairs`` in ``static_args``).
+    The momentum lives in the tangent space of the current point and is transported
+    to the next one, so the updates must be applied: calling ``update`` again and
+    again on unchanged params transports it onto the same point every time and it
+    grows without bound (NaN after a few hundred calls).
 
     Args:
       learning_rate: :math:`η`, a float or a schedule.
