@@ -32,7 +32,7 @@ from flax import nnx
 from lora_muon_jax import lora_muon, lora_param_labels
 from lora_muon_jax.data import (
     CharTokenizer,
-    load_tinyshakespeare,
+    load_tinyshakespeare_or_exit,
     sample_batch,
     split_train_val,
 )
@@ -87,7 +87,7 @@ def is_norm_scale(path: tuple, value: object) -> bool:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    text = load_tinyshakespeare(args.data)
+    text = load_tinyshakespeare_or_exit(args.data, "finetune_nnx.py")
     tok = CharTokenizer.from_text(text)
     train_ids, val_ids = (
         jnp.asarray(x) for x in split_train_val(tok.encode(text), 0.1)

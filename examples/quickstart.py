@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 from lora_muon_jax import lora_muon
 from lora_muon_jax.data import (
     CharTokenizer,
-    DataUnavailableError,
-    load_tinyshakespeare,
+    load_tinyshakespeare_or_exit,
     sample_batch,
     split_train_val,
 )
@@ -207,10 +206,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
-    try:
-        text = load_tinyshakespeare(args.data)
-    except DataUnavailableError as e:  # offline, or --data points at nothing
-        raise SystemExit(f"quickstart.py: {e}") from None
+    text = load_tinyshakespeare_or_exit(args.data, "quickstart.py")
     tok = CharTokenizer.from_text(text)
     train_ids, val_ids = (
         jnp.asarray(x) for x in split_train_val(tok.encode(text), 0.1)

@@ -22,7 +22,7 @@ from flax import nnx
 from lora_muon_jax import lora_muon
 from lora_muon_jax.data import (
     CharTokenizer,
-    load_tinyshakespeare,
+    load_tinyshakespeare_or_exit,
     sample_batch,
     split_train_val,
 )
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[tuple[int, float, float]]:
     args = parse_args(argv)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
-    text = load_tinyshakespeare(args.data)
+    text = load_tinyshakespeare_or_exit(args.data, "schedule.py")
     tok = CharTokenizer.from_text(text)
     train_ids, _ = (jnp.asarray(x) for x in split_train_val(tok.encode(text), 0.1))
 

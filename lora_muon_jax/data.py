@@ -31,6 +31,7 @@ __all__ = [
     "CharTokenizer",
     "default_cache_dir",
     "load_tinyshakespeare",
+    "load_tinyshakespeare_or_exit",
     "sample_batch",
     "split_train_val",
 ]
@@ -249,6 +250,27 @@ def load_tinyshakespeare(
             + _how_to_provide(cached, sha256)
         )
     return _read_verified(_download(cache, sha256), sha256, "the download")
+
+
+def load_tinyshakespeare_or_exit(path: str | os.PathLike[str] | None, program: str) -> str:
+    """:func:`load_tinyshakespeare` for command-line programs: a clear exit, no traceback.
+
+    Args:
+      path: as for :func:`load_tinyshakespeare`.
+      program: the program's name, to prefix the message.
+
+    Returns:
+      The corpus text.
+
+    Raises:
+      SystemExit: with the :class:`DataUnavailableError` message (which names
+        ``--data``, ``$LORA_MUON_JAX_DATA`` and the cache path) when the corpus is
+        neither on disk nor downloadable.
+    """
+    try:
+        return load_tinyshakespeare(path)
+    except DataUnavailableError as e:
+        raise SystemExit(f"{program}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
