@@ -296,14 +296,6 @@ def test_both_loop_orders_give_the_same_iterates():
 # -------------------------------------------------------------------------- contract
 
 
-def test_contract_extra_args():
-    contract.check_extra_args_and_no_recompile(lm.limuon(**VARIANTS["option2"]))
-
-
-def test_contract_inject_hyperparams():
-    check_inject_hyperparams(lm.limuon, VARIANTS["option1"], STATIC, atol=1e-7)
-
-
 def test_no_recompile_with_prev_grads_and_bf16_state_stable():
     params = {"w": jnp.ones((3, 6, 4), jnp.bfloat16), "b": jnp.zeros(4, jnp.bfloat16)}
     tx = lm.limuon(0.05, rank=2)
@@ -328,19 +320,6 @@ def test_no_recompile_with_prev_grads_and_bf16_state_stable():
 
 def test_converges_on_optax_common_problems():
     contract.check_converges_on_common_problems(lm.limuon(learning_rate=1e-2, rank=1))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_full_contract(name):
-    hparams = VARIANTS[name]
-    contract.check_extra_args_and_no_recompile(lm.limuon(**hparams))
-    check_inject_hyperparams(lm.limuon, hparams, STATIC, atol=1e-7)
-    contract.check_preserves_dtype_and_multisteps(lm.limuon(**hparams))
-    contract.check_state_type_stable(lm.limuon(**hparams))
-    contract.check_wrappers(lm.limuon(**hparams))
-    contract.check_schedule_equals_constant(lm.limuon, hparams)
-    contract.check_lora_loss_decreases(lm.limuon(**{**hparams, "learning_rate": 0.05}), steps=60)
 
 
 def test_flax_example_runs_and_learns():

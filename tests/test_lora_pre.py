@@ -388,34 +388,11 @@ def check_inject_hyperparams(factory, hparams, static_args, atol=0.0):
     chex.clear_trace_counter()
 
 
-def test_contract_extra_args():
-    contract.check_extra_args_and_no_recompile(lp.lora_pre_adam(**ADAM_VARIANTS["adam"]))
-
-
-@pytest.mark.slow  # test_limuon covers the alias plumbing; test_rank_must_be_static here
-def test_contract_inject_hyperparams():
-    check_inject_hyperparams(lp.lora_pre_adam, ADAM_VARIANTS["adam_wd"], STATIC[lp.lora_pre_adam])
-
-
 @pytest.mark.parametrize("factory,lr", [(lp.lora_pre_adam, 1e-2), (lp.lora_pre_muon, 1e-2)])
 def test_converges_on_optax_common_problems(factory, lr):
     contract.check_converges_on_common_problems(factory(learning_rate=lr, rank=1))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("factory,hparams", ALL, ids=IDS)
-def test_full_contract(factory, hparams):
-    contract.check_extra_args_and_no_recompile(factory(**hparams))
-    atol = 0.0 if factory is lp.lora_pre_adam else 1e-7
-    check_inject_hyperparams(factory, hparams, STATIC[factory], atol=atol)
-    contract.check_preserves_dtype_and_multisteps(factory(**hparams))
-    contract.check_state_type_stable(factory(**hparams))
-    contract.check_wrappers(factory(**hparams))
-    contract.check_schedule_equals_constant(factory, hparams)
-    contract.check_lora_loss_decreases(factory(**{**hparams, "learning_rate": 0.05}), steps=60)
-
-
-@pytest.mark.slow
 def test_jacobi_muon_variant_diverges_where_gauss_seidel_converges():
     # Why Gauss–Seidel is the default: near the optimum of a quadratic Muon's momentum
     # averages out, and Jacobi's second-order term then dominates the buffer.
@@ -433,7 +410,6 @@ def test_jacobi_muon_variant_diverges_where_gauss_seidel_converges():
     assert results["gauss_seidel"] < 1e-3 and results["jacobi"] > 1.0, results
 
 
-@pytest.mark.slow
 def test_nnx_optimizer_on_a_dense_mlp():
     model = nnx.Sequential(
         nnx.Linear(6, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 3, rngs=nnx.Rngs(1))

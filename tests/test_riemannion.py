@@ -573,31 +573,6 @@ OTHER = dict(
 )
 
 
-@pytest.mark.parametrize("variant", [DEFAULT, OTHER], ids=["default", "other"])
-def test_extra_args_and_no_recompile(variant):
-    contract.check_extra_args_and_no_recompile(riem.riemannion(**variant))
-
-
-def test_inject_hyperparams():
-    contract.check_inject_hyperparams(riem.riemannion, OTHER)
-
-
-def test_preserves_dtype_and_multisteps():
-    contract.check_preserves_dtype_and_multisteps(riem.riemannion(**DEFAULT))
-
-
-def test_state_type_stable():
-    contract.check_state_type_stable(riem.riemannion(**OTHER), dtypes=(jnp.float16,))
-
-
-def test_schedule_equals_constant():
-    contract.check_schedule_equals_constant(riem.riemannion, DEFAULT)
-
-
-def test_wrappers():
-    contract.check_wrappers(riem.riemannion(**OTHER))
-
-
 def test_explicit_sharding_keeps_param_shardings():
     # QR needs whole columns: factors are gathered along m and n, the results go
     # back to the params' shardings, and the numbers match one device.

@@ -245,18 +245,6 @@ VARIANTS = {
 }
 
 
-def test_extra_args_and_no_recompile():
-    contract.check_extra_args_and_no_recompile(spectron(**VARIANTS["options"]))
-
-
-def test_lora_loss_decreases():
-    contract.check_lora_loss_decreases(spectron(0.2, beta=0.9))
-
-
-def test_inject_hyperparams():
-    contract.check_inject_hyperparams(spectron, VARIANTS["options"], static_args=STATIC)
-
-
 def test_map_params_on_leafless_placeholder():
     tx = spectron(0.1)
     params, _ = contract.lora_problem()
@@ -265,27 +253,6 @@ def test_map_params_on_leafless_placeholder():
     assert jax.tree.structure(mapped) == jax.tree.structure(state)
 
 
-@pytest.mark.slow
-def test_preserves_dtype_and_multisteps():
-    contract.check_preserves_dtype_and_multisteps(spectron(**VARIANTS["defaults"]))
-
-
-@pytest.mark.slow
-def test_wrappers():
-    contract.check_wrappers(spectron(**VARIANTS["defaults"]))
-
-
-@pytest.mark.slow
-def test_state_type_stable():
-    contract.check_state_type_stable(spectron(**VARIANTS["options"]))
-
-
-@pytest.mark.slow
-def test_schedule_equals_constant():
-    contract.check_schedule_equals_constant(spectron, VARIANTS["defaults"])
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_sharded_state_keeps_param_shardings(axis_type):
     _sharded_matches_single_device(spectron(0.1, weight_decay=0.1), axis_type)
