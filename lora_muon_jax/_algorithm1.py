@@ -94,7 +94,9 @@ def lora_muon_pair_step(
     """
     m_a = beta * state.m_a + (1 - beta) * g_a
     m_b = beta * state.m_b + (1 - beta) * g_b
-    src_a, src_b = (beta * m_a + (1 - beta) * g_a, beta * m_b + (1 - beta) * g_b) if nesterov else (m_a, m_b)
+    src_a, src_b = (
+        (beta * m_a + (1 - beta) * g_a, beta * m_b + (1 - beta) * g_b) if nesterov else (m_a, m_b)
+    )
     r_a, r_b = inv_sqrt(a.T @ a), inv_sqrt(b @ b.T)
     d_a = msign(src_a @ r_b) @ r_b
     d_b = r_a @ msign(r_a @ src_b)

@@ -56,7 +56,8 @@ class LoRAPairDiagnostics(NamedTuple):
 class LoRADiagnosticsState(NamedTuple):
     """State of :func:`with_lora_diagnostics`."""
 
-    count: jax.Array  # shape=(), dtype=int32.
+    # shape=(), dtype=int32. The field shadows tuple.count (optax naming).
+    count: jax.Array  # type: ignore[assignment]
     inner_state: optax.OptState
     lora_diagnostics: dict[str, LoRAPairDiagnostics]
 
@@ -164,14 +165,14 @@ def _solve(problems: Sequence[_Problem]) -> list[tuple[jax.Array, ...]]:
             )
             sizes = [f[0].shape[0] for f in flat]
             starts = [sum(sizes[:k]) for k in range(len(sizes))]
-            for i, s, n in zip(idx, starts, sizes):
+            for i, s, n in zip(idx, starts, sizes, strict=True):
                 out[i] = lam[s : s + n].reshape(items[i][0].shape[:-2])
         return out  # type: ignore[return-value]
 
     small_lam, big_lam = batched(small), batched(big)
     return [
         (*(s[k] for k in range(4)), b, top, finite)
-        for s, b, (top, finite) in zip(small_lam, big_lam, weights)
+        for s, b, (top, finite) in zip(small_lam, big_lam, weights, strict=True)
     ]
 
 
@@ -187,7 +188,9 @@ def _metrics(
 ) -> list[LoRAPairDiagnostics]:
     c = jnp.abs(jnp.asarray(lora_scale, jnp.float32))
     out = []
-    for p, (lam_a, lam_b, lam_ta, lam_tb, lam_ab, top, finite) in zip(problems, _solve(problems)):
+    for p, (lam_a, lam_b, lam_ta, lam_tb, lam_ab, top, finite) in zip(
+        problems, _solve(problems), strict=True
+    ):
         la, lb, lda, ldb = p.log_norms
         # log σ(x) = log ‖x‖_F + ½ log λ_max(x̂ᵀx̂); zero factors get the float32 tiny.
         log_sa = jnp.where(
@@ -378,7 +381,7 @@ def with_lora_diagnostics(
         return LoRADiagnosticsState(
             count=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
-            lora_diagnostics={n: _zeros(p) for n, p in zip(names, plan.pairs)},
+            lora_diagnostics={n: _zeros(p) for n, p in zip(names, plan.pairs, strict=True)},
         )
 
     def update_fn(
@@ -400,7 +403,7 @@ def with_lora_diagnostics(
                 )
                 for pair in tree.plan.pairs
             ]
-            return dict(zip(names, _metrics(problems, lora_scale)))
+            return dict(zip(names, _metrics(problems, lora_scale), strict=True))
 
         if every == 1:
             diagnostics = compute()

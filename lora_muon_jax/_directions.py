@@ -67,7 +67,8 @@ def dtype_rtol(dtype: jax.typing.DTypeLike, eps: jax.typing.ArrayLike) -> jax.Ar
 class Factor(NamedTuple):
     """One factor of one pair: its leaf, its partner's leaf, their layouts."""
 
-    index: int
+    # The leaf's position in the flattened tree; the field shadows tuple.index.
+    index: int  # type: ignore[assignment]
     layout: FactorLayout
     partner: int
     partner_layout: FactorLayout
@@ -93,9 +94,7 @@ def factors_of(
     return out
 
 
-def thresholds(
-    f: Factor, inv_s: jax.Array, rank: int, scale: jax.Array
-) -> jax.Array:
+def thresholds(f: Factor, inv_s: jax.Array, rank: int, scale: jax.Array) -> jax.Array:
     """Per-matrix ``rtol``: the dtype threshold, raised where the update would overflow.
 
     The update has entries up to ``scale / σ_min(partner)``; keeping it below
@@ -141,12 +140,15 @@ def solve_rxr(
         k = jnp.concatenate([_flat(k_grams[i]) for i in idx])
         rtol = jnp.concatenate([_sharding.replicate(rtols[i]).reshape(-1) for i in idx])
         polar = jnp.concatenate(
-            [jnp.full((f.shape[0],), factors[i].polar_rtol, jnp.float32) for i, f in zip(idx, flats)]
+            [
+                jnp.full((f.shape[0],), factors[i].polar_rtol, jnp.float32)
+                for i, f in zip(idx, flats, strict=True)
+            ]
         )
         t = _whitened_polar.whitened_polar(s, k, rtol, polar, solver)
         previous = (t,)
         start = 0
-        for i, f in zip(idx, flats):
+        for i, f in zip(idx, flats, strict=True):
             piece = t[start : start + f.shape[0]].reshape(s_grams[i].shape)
             fac = factors[i]
             out[i] = _sharding.like_batch(piece, leaves[fac.index], fac.layout.batch_axes)
@@ -199,13 +201,17 @@ def _thin_product_dot(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.A
     tb = tuple(range(nb))
     if layout.rank_axis > max(layout.matrix_axes):
         out = jax.lax.dot_general(
-            x.astype(jnp.float32), t, (((layout.rank_axis,), (nb,)), (batch, tb)),
+            x.astype(jnp.float32),
+            t,
+            (((layout.rank_axis,), (nb,)), (batch, tb)),
             precision=_linalg.HIGHEST,
         )
         order = batch + layout.matrix_axes + (layout.rank_axis,)
     else:
         out = jax.lax.dot_general(
-            t, x.astype(jnp.float32), (((nb + 1,), (layout.rank_axis,)), (tb, batch)),
+            t,
+            x.astype(jnp.float32),
+            (((nb + 1,), (layout.rank_axis,)), (tb, batch)),
             precision=_linalg.HIGHEST,
         )
         order = batch + (layout.rank_axis,) + layout.matrix_axes
@@ -218,7 +224,7 @@ def per_batch(v: jax.Array, layout: FactorLayout, ndim: int) -> jax.Array:
     order = sorted(range(len(layout.batch_axes)), key=lambda i: layout.batch_axes[i])
     v = v.transpose(order) if order != list(range(len(order))) else v
     shape = [1] * ndim
-    for axis, size in zip(sorted(layout.batch_axes), v.shape):
+    for axis, size in zip(sorted(layout.batch_axes), v.shape, strict=True):
         shape[axis] = size
     return v.reshape(shape)
 
@@ -243,11 +249,11 @@ def gram_directions(
     inv_m, inv_s = norm.inv_norms[0::2], norm.inv_norms[1::2]
     rtols = [
         jnp.broadcast_to(thresholds(f, is_, g.shape[-1], scale), g.shape[:-2])
-        for f, is_, g in zip(factors, inv_s, s_grams)
+        for f, is_, g in zip(factors, inv_s, s_grams, strict=True)
     ]
     ts = solve_rxr(factors, s_grams, k_grams, rtols, sources, solver)
     out = []
-    for f, t, im, is_ in zip(factors, ts, inv_m, inv_s):
+    for f, t, im, is_ in zip(factors, ts, inv_m, inv_s, strict=True):
         src = sources[f.index]
         d = thin_product(src, t * (im * scale)[..., None, None], f.layout)
         out.append(d * per_batch(is_, f.layout, src.ndim))

@@ -36,13 +36,12 @@ class GaugeRebalance(NamedTuple):
 class GaugeRebalanceState(NamedTuple):
     """State of :func:`with_gauge_rebalancing`."""
 
-    count: jax.Array  # shape=(), dtype=int32.
+    # shape=(), dtype=int32. The field shadows tuple.count (optax naming).
+    count: jax.Array  # type: ignore[assignment]
     inner_state: optax.OptState
 
 
-def gauge_scales(
-    a: jax.Array, b: jax.Array, alpha: jax.typing.ArrayLike = 1.0
-) -> jax.Array:
+def gauge_scales(a: jax.Array, b: jax.Array, alpha: jax.typing.ArrayLike = 1.0) -> jax.Array:
     """Per-pair scale ``c = (σ_max(b)/σ_max(a))^{α/2}`` of canonical factors.
 
     Args:
@@ -148,9 +147,7 @@ def with_gauge_rebalancing(
     from lora_muon_jax._core import LoRAMuonState  # the core imports this module
 
     def init_fn(params: Any) -> GaugeRebalanceState:
-        return GaugeRebalanceState(
-            count=jnp.zeros([], jnp.int32), inner_state=inner.init(params)
-        )
+        return GaugeRebalanceState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
 
     def update_fn(
         updates: Any, state: GaugeRebalanceState, params: Any = None, **extra_args: Any
@@ -182,7 +179,7 @@ def with_gauge_rebalancing(
 
         # Per-leaf multiplier for params (c on a, 1/c on b) and momenta (inverse).
         factor_scale: dict[str, tuple[_pairs.LoRAPair, jax.Array, str]] = {}
-        for pair, c in zip(plan.pairs, cs):
+        for pair, c in zip(plan.pairs, cs, strict=True):
             factor_scale[pair.a_path] = (pair, c, "a")
             factor_scale[pair.b_path] = (pair, 1.0 / c, "b")
 
@@ -201,7 +198,7 @@ def with_gauge_rebalancing(
                 return node
             mu_paths, mu_leaves, mu_def = _pairs.flatten_with_paths(node.mu)
             new_mu = []
-            for path, m in zip(mu_paths, mu_leaves):
+            for path, m in zip(mu_paths, mu_leaves, strict=True):
                 key = _pairs.path_str(path)
                 if key in factor_scale:
                     pair, c, role = factor_scale[key]

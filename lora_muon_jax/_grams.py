@@ -41,8 +41,10 @@ _ZERO_SCALE = 1e-30
 def canonical_layout(ndim: int, tall: bool) -> FactorLayout:
     """Layout of ``(*batch, m, r)`` (``tall``) or ``(*batch, r, n)``."""
     batch = tuple(range(ndim - 2))
-    return FactorLayout(ndim - 1, batch, (ndim - 2,)) if tall else FactorLayout(
-        ndim - 2, batch, (ndim - 1,)
+    return (
+        FactorLayout(ndim - 1, batch, (ndim - 2,))
+        if tall
+        else FactorLayout(ndim - 2, batch, (ndim - 1,))
     )
 
 
@@ -83,7 +85,7 @@ class NormalizedGrams(NamedTuple):
 def _normalize_fast(grams: list[jax.Array]) -> NormalizedGrams:
     traces = [_trace(g) for g in grams]
     return NormalizedGrams(
-        grams=[g / t[..., None, None] for g, t in zip(grams, traces)],
+        grams=[g / t[..., None, None] for g, t in zip(grams, traces, strict=True)],
         inv_norms=[jax.lax.rsqrt(t) for t in traces],
     )
 
@@ -129,9 +131,7 @@ def normalized_grams(items: Sequence[tuple[jax.Array, FactorLayout]]) -> Normali
     """
     items = list(items)
     grams = [gram(x, layout) for x, layout in items]
-    in_range = [
-        jnp.all((_trace(g) > _TRACE_MIN) & (_trace(g) < _TRACE_MAX)) for g in grams
-    ]
+    in_range = [jnp.all((_trace(g) > _TRACE_MIN) & (_trace(g) < _TRACE_MAX)) for g in grams]
     ok = jnp.all(jnp.stack(in_range)) if in_range else jnp.array(True)
     return jax.lax.cond(
         ok,

@@ -15,6 +15,8 @@ the ``r×r`` spectral functions of LoRA-Muon's default route live in
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any
 
 import jax
@@ -56,6 +58,7 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
 # Polar Express is safe when the largest singular value is slightly below 1.
 POLAR_EXPRESS_SAFETY = 1.01
 
+
 def after(x: Any, *deps: Any) -> Any:
     """``x`` unchanged, but computed only once every array of ``deps`` is.
 
@@ -73,13 +76,25 @@ def after(x: Any, *deps: Any) -> Any:
     finite ``d`` (and NaN only if ``d`` already is). The cost is one elementwise pass
     over ``x``, a thin factor or an r×r stack.
     """
-    if not deps:
+    leaves = jax.tree.leaves(deps)
+    if not leaves:
         return x
-    zero = sum(
-        jnp.minimum(jnp.abs(d[(0,) * d.ndim].astype(jnp.float32)), 0.0)
-        for d in jax.tree.leaves(deps)
+    zero = functools.reduce(
+        operator.add,
+        (_zero_from(d) for d in leaves),
     )
     return jax.tree.map(lambda a: a + zero.astype(a.dtype), x)
+
+
+def _zero_from(d: jax.Array) -> jax.Array:
+    """``0`` computed from ``d`` (NaN if ``d`` is): one entry, or all under explicit sharding.
+
+    An explicitly sharded array cannot be indexed down to one entry of a sharded
+    axis, so it is reduced instead (a pass over ``d``, replicated result).
+    """
+    if _sharding.explicit_spec(d) is not None:
+        return jnp.minimum(jnp.min(jnp.abs(d.astype(jnp.float32))), 0.0)
+    return jnp.minimum(jnp.abs(d[(0,) * d.ndim].astype(jnp.float32)), 0.0)
 
 
 def sym(x: jax.Array) -> jax.Array:
@@ -191,7 +206,11 @@ def newton_schulz(
         x = frobenius_normalize(x, safety=1.0)
     else:
         x = x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)) + eps)
-    rows = tuple(tuple(r) for r in coeffs) if isinstance(coeffs[0], (tuple, list)) else (tuple(coeffs),)
+    rows = (
+        tuple(tuple(r) for r in coeffs)
+        if isinstance(coeffs[0], (tuple, list))
+        else (tuple(coeffs),)
+    )
     table = rows * steps if len(rows) == 1 else rows[-steps:]
     gram_sharding = _sharding.small_out_sharding(x)
 

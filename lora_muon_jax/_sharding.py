@@ -36,9 +36,7 @@ def _batch_entries(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
     return entries[: ndim - 2]
 
 
-def small_out_sharding(
-    x: Any, batch_axes: tuple[int, ...] | None = None
-) -> PartitionSpec | None:
+def small_out_sharding(x: Any, batch_axes: tuple[int, ...] | None = None) -> PartitionSpec | None:
     """Output sharding for an ``r×r`` result computed from ``x``.
 
     ``x`` is ``(*batch, p, q)`` by default; with ``batch_axes`` its batch axes are

@@ -63,9 +63,7 @@ def check_scalar(
         raise ValueError(f"{fn}: `{name}` must satisfy {lo}{name}{hi}; got {value!r}.")
 
 
-def params_leaves(
-    fn: str, updates_paths: list[Any], params: Any
-) -> list[Any]:
+def params_leaves(fn: str, updates_paths: list[Any], params: Any) -> list[Any]:
     """Leaves of ``params`` in the order of the updates' leaves, checked by path.
 
     Paths are compared with a trailing Flax ``.value`` removed, so Variable-wrapped

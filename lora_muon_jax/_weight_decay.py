@@ -16,7 +16,9 @@ _FN = "split_weight_decay"
 class SplitWeightDecayState(NamedTuple):
     """State of :func:`split_weight_decay`."""
 
-    count: jax.Array  # shape=(), dtype=int32: step of the learning-rate schedule.
+    # shape=(), dtype=int32: step of the learning-rate schedule.
+    # The field shadows tuple.count (optax naming).
+    count: jax.Array  # type: ignore[assignment]
 
 
 def _value_at(x: optax.ScalarOrSchedule, count: jax.Array) -> Any:
@@ -129,7 +131,7 @@ def split_weight_decay(
             out = (s - 1.0) * p.astype(jnp.float32) + u.astype(jnp.float32) / s
             return out.astype(u.dtype)
 
-        out = [one(u, p) for u, p in zip(leaves, p_leaves)]
+        out = [one(u, p) for u, p in zip(leaves, p_leaves, strict=True)]
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
     tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -61,9 +61,7 @@ def _per_matrix(rtol: jax.typing.ArrayLike, s: jax.Array) -> jax.Array:
     return jnp.broadcast_to(rtol, s.shape[:-2])[..., None]
 
 
-def eigh_psd(
-    s: jax.Array, rtol: jax.typing.ArrayLike
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def eigh_psd(s: jax.Array, rtol: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Eigendecomposition of a PSD stack with a relative zero threshold.
 
     Args:
@@ -86,9 +84,7 @@ def _pinv_power(lam: jax.Array, keep: jax.Array, power: float) -> jax.Array:
     return jnp.where(keep, jnp.where(keep, lam, 1.0) ** power, 0.0)
 
 
-def _whiten_and_polar(
-    wt: jax.Array, k: jax.Array, polar_rtol: jax.typing.ArrayLike
-) -> jax.Array:
+def _whiten_and_polar(wt: jax.Array, k: jax.Array, polar_rtol: jax.typing.ArrayLike) -> jax.Array:
     """``T = Wᵀ (W K Wᵀ)^{+1/2} W`` for a whitening given as ``Wᵀ``, by one ``eigh``."""
     c = mm(_t(wt), mm(k, wt))
     mu, u, keep = eigh_psd(c, polar_rtol)
@@ -151,9 +147,7 @@ def _polar_newton_schulz(
     """``T = Wᵀ (W K Wᵀ)^{-1/2} W`` by Newton–Schulz, and whether it converged."""
     c = sym(mm(w, mm(_unit_or_identity(k), _t(w))))
     z = inv_sqrt_newton_schulz(c)
-    ok = jnp.all(
-        (_whitening_residual(z, c) < NS_RESIDUAL) & _condition_ok(c, mm(z, z), polar_rtol)
-    )
+    ok = jnp.all((_whitening_residual(z, c) < NS_RESIDUAL) & _condition_ok(c, mm(z, z), polar_rtol))
     return mm(_t(w), mm(z, w)), ok
 
 
@@ -171,9 +165,7 @@ def whitened_polar_cholesky(
     rtol_m, polar_m = _per_matrix(rtol, s), _per_matrix(polar_rtol, s)
     w, ok_w = _cholesky_whitening(s, rtol_m)
     t, ok_t = _polar_newton_schulz(w, k, polar_m)
-    return jax.lax.cond(
-        ok_w & ok_t, lambda: t, lambda: whitened_polar_eigh(s, k, rtol_m, polar_m)
-    )
+    return jax.lax.cond(ok_w & ok_t, lambda: t, lambda: whitened_polar_eigh(s, k, rtol_m, polar_m))
 
 
 def _ns_scalings(steps: int, lower: float) -> tuple[float, ...]:
@@ -231,13 +223,9 @@ def whitened_polar_newton_schulz(
     rtol_m, polar_m = _per_matrix(rtol, s), _per_matrix(polar_rtol, s)
     s1 = _unit_or_identity(s)
     r = inv_sqrt_newton_schulz(s1)
-    ok_r = jnp.all(
-        (_whitening_residual(r, s1) < NS_RESIDUAL) & _condition_ok(s1, mm(r, r), rtol_m)
-    )
+    ok_r = jnp.all((_whitening_residual(r, s1) < NS_RESIDUAL) & _condition_ok(s1, mm(r, r), rtol_m))
     t, ok_t = _polar_newton_schulz(r, k, polar_m)
-    return jax.lax.cond(
-        ok_r & ok_t, lambda: t, lambda: whitened_polar_eigh(s, k, rtol_m, polar_m)
-    )
+    return jax.lax.cond(ok_r & ok_t, lambda: t, lambda: whitened_polar_eigh(s, k, rtol_m, polar_m))
 
 
 def whitened_polar(

@@ -87,7 +87,7 @@ def assert_finite_updates(updates: Any) -> None:
     paths, leaves, _ = _pairs.flatten_with_paths(updates)
     bad = [
         _pairs.path_str(p)
-        for p, x in zip(paths, leaves)
+        for p, x in zip(paths, leaves, strict=True)
         if not bool(jnp.all(jnp.isfinite(jnp.asarray(x).astype(jnp.float32))))
     ]
     assert not bad, f"Non-finite updates at {bad}."
@@ -145,7 +145,9 @@ def assert_product_step_within_budget(
             for name, term in (("Δa b", ta), ("a Δb", tb)):
                 norms = _spectral(term)
                 np.testing.assert_allclose(
-                    norms, learning_rate / 2, rtol=rtol,
+                    norms,
+                    learning_rate / 2,
+                    rtol=rtol,
                     err_msg=f"Pair at {path}: ‖{name}‖₂ is not η/2.",
                 )
     return updates
@@ -206,9 +208,9 @@ def assert_gauge_invariant(
     moved = _product_trajectory(
         tx, _rescale_pairs(params, scale, pairs), loss_fn, steps, pairs, lora_scale
     )
-    for t, (p0, p1) in enumerate(zip(base, moved)):
+    for t, (p0, p1) in enumerate(zip(base, moved, strict=True)):
         for path in p0:
-            err = np.linalg.norm(p1[path] - p0[path]) / max(np.linalg.norm(p0[path]), 1e-30)
+            err = np.linalg.norm(p1[path] - p0[path]) / max(float(np.linalg.norm(p0[path])), 1e-30)
             assert err <= rtol, (
                 f"Pair at {path}: after step {t + 1} the product differs by {err:.3g} "
                 f"(relative) when the factors are rescaled by {scale:g}; rtol={rtol:g}."
