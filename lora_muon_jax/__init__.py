@@ -28,12 +28,17 @@ from lora_muon_jax._pairs import LoRAFactor as LoRAFactor
 from lora_muon_jax._pairs import LoRAPair as LoRAPair
 from lora_muon_jax._pairs import PairRule as PairRule
 from lora_muon_jax._pairs import find_lora_pairs as find_lora_pairs
+from lora_muon_jax._pairs import leading_batch_axes as leading_batch_axes
 from lora_muon_jax._pairs import lora_param_labels as lora_param_labels
+from lora_muon_jax._pairs import peft_adapter as peft_adapter
 from lora_muon_jax._proxy import ProxyResult as ProxyResult
 from lora_muon_jax._proxy import ProxyRow as ProxyRow
 from lora_muon_jax._proxy import proxy_lr_search as proxy_lr_search
 from lora_muon_jax._weight_decay import SplitWeightDecayState as SplitWeightDecayState
 from lora_muon_jax._weight_decay import split_weight_decay as split_weight_decay
+from lora_muon_jax.peft_io import PeftAdapter as PeftAdapter
+from lora_muon_jax.peft_io import load_peft_adapter as load_peft_adapter
+from lora_muon_jax.peft_io import save_peft_adapter as save_peft_adapter
 
 try:
     __version__ = _metadata.version("lora_muon_jax")
@@ -52,16 +57,21 @@ __all__ = [
     "LoRAPairDiagnostics",
     "PairRule",
     "PairState",
+    "PeftAdapter",
     "ProxyResult",
     "ProxyRow",
     "SplitWeightDecayState",
     "find_lora_pairs",
+    "leading_batch_axes",
+    "load_peft_adapter",
     "lora_muon",
     "lora_muon_pair_step",
     "lora_pair_diagnostics",
     "lora_param_labels",
+    "peft_adapter",
     "proxy_lr_search",
     "rebalance_pair",
+    "save_peft_adapter",
     "scale_by_lora_muon",
     "split_weight_decay",
     "with_gauge_rebalancing",

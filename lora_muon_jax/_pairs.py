@@ -6,12 +6,20 @@ know, for every leaf, whether it is the left factor ``a``, the right factor ``b`
 neither, and where its rank, matrix and batch axes are. Everything here is static: it
 reads only paths, shapes and dtypes, so it runs at trace time on params, updates,
 ``jax.ShapeDtypeStruct`` trees and Flax ``nnx.State`` trees alike.
+
+Factor names are matched on the whole key path, so nested dicts and flat dicts with
+dotted keys (a PEFT state dict such as ``…q_proj.lora_A.default.weight``) are read
+the same way. A pair optimizer never falls back to AdamW silently: a tree in which
+no pair is found raises (:func:`require_pairs`) unless the caller opts into
+fallback-only with ``allow_no_pairs=True``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeAlias, Union
 
@@ -26,13 +34,28 @@ __all__ = [
     "PairRule",
     "PairsLike",
     "find_lora_pairs",
+    "leading_batch_axes",
     "lora_param_labels",
+    "peft_adapter",
 ]
+
+_LOG = logging.getLogger("lora_muon_jax")
 
 # Characters that may separate a factor name from the rest of a key, so that
 # `kernel_lora_a` (qwix), `lora_a.kernel` (MaxText) and `q.lora_A.weight` (flat PEFT
 # names) all contain the token `lora_a` / `lora_A`, while `lora_alpha` does not.
 _SEPARATORS = "._-/:"
+
+# A leaf whose path reads like a LoRA factor (`lora_a`, `lora_B`, `lora_A.default`,
+# `lora_embedding_A`, `lora_up`/`lora_down`, `lora/a`, `kernel_lora_b`, …) but that
+# no rule paired: evidence that `pairs` does not fit the tree.
+_FACTOR_LIKE = re.compile(
+    r"(?:^|[._\-/:])lora(?:_embedding)?[._\-/:]?(?:a|b|down|up)(?:$|[._\-/:])",
+    re.IGNORECASE,
+)
+# DoRA's per-column magnitude (PEFT `lora_magnitude_vector`): a vector, trained by
+# the AdamW fallback.
+_DORA_MAGNITUDE = "lora_magnitude_vector"
 
 
 class FactorAxes(NamedTuple):
@@ -70,6 +93,74 @@ A_AXES = FactorAxes(rank_axis=-1)  # a: (*batch, m, r)
 B_AXES = FactorAxes(rank_axis=-2)  # b: (*batch, r, n)
 
 
+AxesFn: TypeAlias = Callable[
+    [tuple[int, ...], tuple[int, ...]], tuple[FactorAxes, FactorAxes]
+]
+
+
+def leading_batch_axes(
+    a_shape: Sequence[int], b_shape: Sequence[int]
+) -> tuple[FactorAxes, FactorAxes]:
+    """Layout of ``a: (*batch, *in, r)``, ``b: (*batch, r, *out)`` from the shapes.
+
+    This is how qwix (``kernel_lora_a/b``) and gemma's ``peft`` modules store their
+    factors: the rank is the last axis of ``a``; batch axes are the leading axes the
+    two factors share, with the rank right after them in ``b``; every other axis
+    is a matrix axis (an axis only one factor has is always a matrix axis). So an
+    einsum adapter for ``BTNH,NHD->BTD`` with ``a: (N, H, r)``, ``b: (r, D)`` gives
+    ``m = N·H``, ``n = D`` and a DenseGeneral adapter with batch dims,
+    ``a: (B, D, r)``, ``b: (B, r, N, H)``, gives ``batch = (B,)``, ``n = N·H``.
+
+    When several batch counts fit (a stacked axis whose size equals the rank),
+    the most batch axes win. A layer axis in the middle (MaxText's scanned
+    layers, ``a: (m, L, r)``, ``b: (r, L, n)``) is not a leading axis: that
+    reading is refused as ambiguous rather than guessed; use the ``"maxtext"``
+    preset or explicit :class:`FactorAxes` for it.
+
+    Args:
+      a_shape: shape of the left factor.
+      b_shape: shape of the right factor.
+
+    Returns:
+      ``(a_axes, b_axes)`` with non-negative axes.
+
+    Raises:
+      ValueError: no axis of ``b`` after the shared leading axes has the rank of
+        ``a``, or the layer-axis-in-the-middle ambiguity above.
+
+    Examples:
+      >>> from lora_muon_jax import leading_batch_axes
+      >>> leading_batch_axes((4, 8, 2), (2, 16))      # einsum NHr,rD: no batch
+      (FactorAxes(rank_axis=2, batch_axes=()), FactorAxes(rank_axis=0, batch_axes=()))
+      >>> leading_batch_axes((3, 16, 2), (3, 2, 4, 8))  # DenseGeneral, batch dim 3
+      (FactorAxes(rank_axis=2, batch_axes=(0,)), FactorAxes(rank_axis=1, batch_axes=(0,)))
+    """
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        raise ValueError(f"factors need ndim >= 2; got shapes {a_shape} and {b_shape}.")
+    rank = a_shape[-1]
+    for k in range(min(len(a_shape), len(b_shape)) - 2, -1, -1):
+        if a_shape[:k] == b_shape[:k] and b_shape[k] == rank:
+            break
+    else:
+        raise ValueError(
+            f"the rank {rank} (last axis of a, shape {a_shape}) is not the axis of b "
+            f"(shape {b_shape}) right after the leading axes the factors share."
+        )
+    if k == 0 and len(a_shape) >= 3 and len(b_shape) >= 3 and a_shape[1] == b_shape[1]:
+        raise ValueError(
+            f"ambiguous layout: a {a_shape} and b {b_shape} share axis 1 (size "
+            f"{a_shape[1]}), as MaxText's scanned layers store their layer axis. Use "
+            "pairs='maxtext' for that layout, or a PairRule with explicit FactorAxes "
+            "if axis 1 is a matrix axis."
+        )
+    batch = tuple(range(k))
+    return (
+        FactorAxes(rank_axis=len(a_shape) - 1, batch_axes=batch),
+        FactorAxes(rank_axis=k, batch_axes=batch),
+    )
+
+
 class PairRule(NamedTuple):
     """Names two sibling leaves as the factors ``a`` (left) and ``b`` (right).
 
@@ -87,6 +178,16 @@ class PairRule(NamedTuple):
       scope: if given, the parent key both factors must sit under (e.g. ``"lora"``
         for gemma's ``lora/a``, ``lora/b``); keys must then equal ``a`` and ``b``
         exactly, so that short names cannot match unrelated leaves.
+      axes_from_shapes: if given, a function ``(a_shape, b_shape) -> (a_axes,
+        b_axes)`` that reads the layout from the two shapes (it replaces ``a_axes``
+        and ``b_axes``), for libraries whose factor layout depends on the wrapped
+        op, e.g. :func:`leading_batch_axes` for qwix and gemma. It raises
+        ``ValueError`` when the shapes fit no layout.
+
+    The token may sit in any key of the path, not only the last: PEFT's
+    ``q_proj.lora_A.default.weight`` matches ``"lora_A"`` both as one dotted key
+    and as nested dicts, and a token may span keys (``"lora_A.default"``; ``/``
+    and ``.`` are interchangeable there).
     """
 
     a: str
@@ -94,6 +195,7 @@ class PairRule(NamedTuple):
     a_axes: FactorAxes = A_AXES
     b_axes: FactorAxes = B_AXES
     scope: str | None = None
+    axes_from_shapes: AxesFn | None = None
 
 
 class LoRAFactor(NamedTuple):
@@ -115,7 +217,9 @@ PairFn: TypeAlias = Callable[[tuple[str, ...], Any], Union[LoRAFactor, None]]
 PairsLike: TypeAlias = Union[str, PairRule, Sequence[PairRule], PairFn]
 
 # MaxText scans layers with `param_scan_axis: 1`, so the layer axis sits in the
-# middle: a (emb, L, r), b (r, L, heads, head_dim).
+# middle, both for its PEFT-converted adapters (`lora_a.kernel`: a (emb, L, r),
+# b (r, L, heads, head_dim)) and for its native qwix ones (`kernel_lora_a`:
+# a (emb, L, r), b (r, L, heads·head_dim)).
 _MAXTEXT_SCANNED = PairRule(
     "lora_a",
     "lora_b",
@@ -123,17 +227,82 @@ _MAXTEXT_SCANNED = PairRule(
     b_axes=FactorAxes(rank_axis=0, batch_axes=(1,)),
 )
 
+# Hugging Face PEFT stores torch layouts: Linear and Conv lora_A (r, in, *kernel),
+# lora_B (out, r, *1), ΔW = lora_B @ lora_A, so the left factor is lora_B;
+# Embedding lora_embedding_A (r, vocab), lora_embedding_B (dim, r) with
+# ΔW = (lora_embedding_B @ lora_embedding_A)ᵀ (vocab × dim), so the left factor
+# is lora_embedding_A. The adapter name, if any, follows the factor name
+# (`lora_A.default.weight` in a model's state dict, `lora_A.weight` in a file).
+_PEFT_LINEAR_AXES = (
+    FactorAxes(rank_axis=1, batch_axes=()),
+    FactorAxes(rank_axis=0, batch_axes=()),
+)
+_PEFT_EMBEDDING_AXES = (
+    FactorAxes(rank_axis=0, batch_axes=()),
+    FactorAxes(rank_axis=1, batch_axes=()),
+)
+
+
+def peft_adapter(name: str | None = None) -> tuple[PairRule, ...]:
+    """Rules for Hugging Face PEFT LoRA factors, optionally of one named adapter.
+
+    A PEFT model's state dict names factors ``<module>.lora_A.<adapter>.weight``
+    (``lora_B``, and ``lora_embedding_A.<adapter>`` for embeddings); an adapter
+    file (``adapter_model.safetensors``) drops the adapter name. With ``name=None``
+    (the ``"peft"`` preset) every adapter's factors are paired, each adapter its
+    own pair; with a name only that adapter's factors are, and the other adapters'
+    leaves are left to the fallback (freeze them, e.g. with
+    :func:`optax.set_to_zero` in an :func:`optax.partition`).
+
+    DoRA's ``lora_magnitude_vector`` is not a factor: pair optimizers send it to
+    their AdamW fallback (and log a note).
+
+    Args:
+      name: the adapter name (PEFT's ``adapter_name``, ``"default"`` unless set).
+
+    Returns:
+      A tuple of :class:`PairRule` to pass as ``pairs=``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_muon_jax import find_lora_pairs, peft_adapter
+      >>> S = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+      >>> q = 'base_model.model.layers.0.q_proj.'
+      >>> sd = {q + 'lora_A.default.weight': S(4, 32), q + 'lora_B.default.weight': S(24, 4),
+      ...       q + 'lora_A.other.weight': S(2, 32), q + 'lora_B.other.weight': S(24, 2)}
+      >>> [(p.m, p.n, p.rank) for p in find_lora_pairs(sd, 'peft')]
+      [(24, 32, 4), (24, 32, 2)]
+      >>> [(p.m, p.n, p.rank) for p in find_lora_pairs(sd, peft_adapter('other'))]
+      [(24, 32, 2)]
+    """
+    if name is not None and (
+        not isinstance(name, str) or not name or any(c in name for c in "./")
+    ):
+        raise ValueError(
+            f"peft_adapter: `name` must be a non-empty adapter name without '.' or "
+            f"'/'; got {name!r}."
+        )
+    suffix = "" if name is None else "." + name
+    return (
+        PairRule("lora_B" + suffix, "lora_A" + suffix, *_PEFT_LINEAR_AXES),
+        PairRule(
+            "lora_embedding_A" + suffix, "lora_embedding_B" + suffix, *_PEFT_EMBEDDING_AXES
+        ),
+    )
+
+
 PRESETS: Mapping[str, tuple[PairRule, ...]] = {
-    # flax.nnx LoRA / LoRALinear, linen modules and qwix (`kernel_lora_a`):
-    # a (*batch, in, r), b (*batch, r, out).
+    # flax.nnx LoRA / LoRALinear and linen modules: a (*batch, in, r),
+    # b (*batch, r, out).
     "flax": (PairRule("lora_a", "lora_b"),),
-    # Hugging Face PEFT: lora_A (r, in), lora_B (out, r), ΔW = lora_B @ lora_A, so the
-    # left factor is lora_B.
-    "peft": (PairRule("lora_B", "lora_A"),),
-    # gemma `peft`: a submodule `lora` holding `a` (in, r) and `b` (r, out).
-    "gemma": (PairRule("a", "b", scope="lora"),),
-    # qwix: `{weight}_lora_a` / `{weight}_lora_b` siblings.
-    "qwix": (PairRule("lora_a", "lora_b"),),
+    # Hugging Face PEFT, every adapter of a state dict or file; see peft_adapter.
+    "peft": peft_adapter(),
+    # gemma `peft` (LoRADense, LoRAEinsum, LoRADenseGeneral): a submodule `lora`
+    # holding `a` (*batch, *in, r) and `b` (*batch, r, *out).
+    "gemma": (PairRule("a", "b", scope="lora", axes_from_shapes=leading_batch_axes),),
+    # qwix: `{weight}_lora_a` / `{weight}_lora_b` siblings; dot_general adapters
+    # are (*batch, in, r) / (*batch, r, out), einsum ones (*in, r) / (r, *out).
+    "qwix": (PairRule("lora_a", "lora_b", axes_from_shapes=leading_batch_axes),),
     # MaxText with scanned layers (layer axis at 1) and unscanned layers.
     "maxtext": (_MAXTEXT_SCANNED,),
     "maxtext_unscanned": (
@@ -145,6 +314,8 @@ PRESETS: Mapping[str, tuple[PairRule, ...]] = {
         ),
     ),
 }
+# "auto" reads only layouts it cannot misread: qwix's einsum layouts and MaxText's
+# scanned layers fail loudly under it and need their own preset.
 PRESETS["auto"] = PRESETS["flax"] + PRESETS["peft"] + PRESETS["gemma"]
 
 
@@ -313,37 +484,61 @@ class _Match(NamedTuple):
     b: int
     a_axes: FactorAxes
     b_axes: FactorAxes
+    axes_from_shapes: AxesFn | None = None
+
+
+def joined_name(name: Sequence[str]) -> str:
+    """A key path as one dotted string (``/`` read as ``.``), for token matching."""
+    return ".".join(name).replace("/", ".")
+
+
+class _Index(NamedTuple):
+    exact: dict[tuple[str, ...], int]
+    joined: dict[str, list[int]]
+
+
+def _partners(
+    name: tuple[str, ...], rule: PairRule, own: str, other: str, index: _Index
+) -> tuple[list[str], list[list[int]]]:
+    """The partner names ``name`` asks for as factor ``own``, and the leaves found."""
+    if rule.scope is not None:
+        # Scoped rules name short keys (`a`, `b`): the last key, exactly, under `scope`.
+        if len(name) < 2 or name[-2] != rule.scope or name[-1] != own:
+            return [], []
+        partner = name[:-1] + (other,)
+        shown = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in partner))
+        return [shown], [[index.exact[partner]] if partner in index.exact else []]
+    keys = [pre + other + post for pre, post in _token_matches(joined_name(name), own)]
+    return keys, [index.joined.get(k, []) for k in keys]
 
 
 def _match_by_rules(
     names: list[tuple[str, ...]], rules: tuple[PairRule, ...], shown: list[str]
 ) -> list[_Match]:
-    index = {n: i for i, n in enumerate(names)}
+    index = _Index({n: i for i, n in enumerate(names)}, {})
+    for i, n in enumerate(names):
+        index.joined.setdefault(joined_name(n), []).append(i)
     matches: list[_Match] = []
     orphans: list[str] = []
     for rule in rules:
         for role, own, other in (("a", rule.a, rule.b), ("b", rule.b, rule.a)):
             for i, name in enumerate(names):
-                if not name:
-                    continue
-                if rule.scope is not None and (len(name) < 2 or name[-2] != rule.scope):
-                    continue
-                # Scoped rules name short keys (`a`, `b`): match them exactly.
-                found = (
-                    [("", "")] if name[-1] == own else []
-                ) if rule.scope is not None else _token_matches(name[-1], own)
-                for pre, post in found:
-                    partner = name[:-1] + (pre + other + post,)
-                    j = index.get(partner)
-                    if j is None:
-                        orphans.append(
-                            f"{shown[i]} looks like LoRA factor `{role}` "
-                            f"({own!r} of {rule}) but its partner "
-                            f"{jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in partner))}"
-                            " is missing"
+                keys, found = _partners(name, rule, own, other, index)
+                for key, js in zip(keys, found, strict=True):
+                    if len(js) > 1:
+                        raise ValueError(
+                            f"{shown[i]} looks like LoRA factor `{role}`, but its partner "
+                            f"name {key!r} fits several leaves: "
+                            f"{', '.join(shown[j] for j in js)}."
                         )
-                    elif role == "a":
-                        match = _Match(i, j, rule.a_axes, rule.b_axes)
+                if keys and not any(found):
+                    orphans.append(
+                        f"{shown[i]} looks like LoRA factor `{role}` ({own!r} of "
+                        f"{_rule_str(rule)}) but its partner {keys[0]} is missing"
+                    )
+                if role == "a":
+                    for (j,) in filter(None, found):
+                        match = _Match(i, j, rule.a_axes, rule.b_axes, rule.axes_from_shapes)
                         if match not in matches:  # the same pair from two rules
                             matches.append(match)
     if orphans:
@@ -353,6 +548,13 @@ def _match_by_rules(
             "your names differ."
         )
     return matches
+
+
+def _rule_str(rule: PairRule) -> str:
+    parts = [f"{rule.a!r}", f"{rule.b!r}"]
+    if rule.scope is not None:
+        parts.append(f"scope={rule.scope!r}")
+    return f"PairRule({', '.join(parts)})"
 
 
 def _match_by_fn(
@@ -420,14 +622,22 @@ def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
                 f"LoRA factor {where} must be an array with ndim >= 2; got "
                 f"{getattr(x, 'shape', type(x))}."
             )
-    a_axes = _resolve_axes(m.a_axes, len(xa.shape), f"LoRA factor a at {shown[m.a]}")
-    b_axes = _resolve_axes(m.b_axes, len(xb.shape), f"LoRA factor b at {shown[m.b]}")
-    ra, rb = xa.shape[a_axes.rank_axis], xb.shape[b_axes.rank_axis]
     what = f"a at {shown[m.a]} (shape {tuple(xa.shape)}) and b at {shown[m.b]} (shape {tuple(xb.shape)})"
+    a_ax, b_ax = m.a_axes, m.b_axes
+    if m.axes_from_shapes is not None:
+        try:
+            a_ax, b_ax = m.axes_from_shapes(tuple(xa.shape), tuple(xb.shape))
+        except ValueError as err:
+            raise ValueError(f"LoRA layout of {what}: {err}") from None
+    a_axes = _resolve_axes(a_ax, len(xa.shape), f"LoRA factor a at {shown[m.a]}")
+    b_axes = _resolve_axes(b_ax, len(xb.shape), f"LoRA factor b at {shown[m.b]}")
+    ra, rb = xa.shape[a_axes.rank_axis], xb.shape[b_axes.rank_axis]
     if ra != rb:
         raise ValueError(
             f"LoRA rank mismatch: {what} have ranks {ra} (axis {a_axes.rank_axis} of a) "
-            f"and {rb} (axis {b_axes.rank_axis} of b)."
+            f"and {rb} (axis {b_axes.rank_axis} of b). If the layout differs, use the "
+            "preset of the library that wrote it (pairs='qwix', 'gemma', 'maxtext', "
+            "'peft') or set the PairRule's FactorAxes."
         )
     batch_a = tuple(xa.shape[i] for i in a_axes.batch_axes or ())
     batch_b = tuple(xb.shape[i] for i in b_axes.batch_axes or ())
@@ -436,7 +646,9 @@ def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
             f"LoRA batch axes mismatch: {what} have batch shapes {batch_a} (axes "
             f"{a_axes.batch_axes}) and {batch_b} (axes {b_axes.batch_axes}). Scanned or "
             "stacked factors need the same leading axes; set FactorAxes.batch_axes if "
-            "the layer axis is elsewhere."
+            "the layer axis is elsewhere. Multi-axis adapters have their own presets: "
+            "pairs='qwix' or 'gemma' (einsum, DenseGeneral), 'maxtext' (scanned "
+            "layers, layer axis at 1)."
         )
     if xa.dtype != xb.dtype:
         raise ValueError(f"LoRA dtype mismatch: {what} have dtypes {xa.dtype} and {xb.dtype}.")
@@ -495,7 +707,9 @@ def find_lora_pairs(tree: Any, pairs: PairsLike = "auto") -> list[LoRAPair]:
     Args:
       tree: any pytree of arrays.
       pairs: ``"auto"`` (the ``flax``, ``peft`` and ``gemma`` presets), a preset name
-        from :data:`PRESETS`, a :class:`PairRule`, a sequence of them, or a callable
+        from :data:`PRESETS` (``"flax"``, ``"peft"``, ``"gemma"``, ``"qwix"``,
+        ``"maxtext"``, ``"maxtext_unscanned"``), :func:`peft_adapter` of one named
+        adapter, a :class:`PairRule`, a sequence of them, or a callable
         ``(path: tuple[str, ...], leaf) -> LoRAFactor | None``.
 
     Returns:
@@ -504,6 +718,8 @@ def find_lora_pairs(tree: Any, pairs: PairsLike = "auto") -> list[LoRAPair]:
     Raises:
       ValueError: a factor without its partner, a leaf in two pairs, or factors whose
         rank, batch shape or dtype disagree. The message names the leaf paths.
+        Finding no pair is an answer here (an empty list); the optimizers and
+        :func:`lora_param_labels` raise on it instead.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -517,19 +733,143 @@ def find_lora_pairs(tree: Any, pairs: PairsLike = "auto") -> list[LoRAPair]:
     return list(plan_pairs(paths, leaves, pairs).pairs)
 
 
+def _detection_off(pairs: PairsLike) -> bool:
+    """``pairs=()``: no rules at all, i.e. pair detection turned off."""
+    return isinstance(pairs, Sequence) and not isinstance(pairs, str) and len(pairs) == 0
+
+
+def _shown_list(names: Sequence[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _preset_hint(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> str:
+    """Which presets would find pairs in this tree, as a sentence (or "")."""
+    fits = []
+    for preset in PRESETS:
+        if preset == "auto" or (isinstance(pairs, str) and preset == pairs):
+            continue
+        try:
+            found = plan_pairs(paths, leaves, preset).pairs
+        except ValueError:
+            continue
+        if found:
+            fits.append(f"pairs={preset!r} finds {len(found)}")
+    return (" Presets that find pairs here: " + "; ".join(fits) + ".") if fits else ""
+
+
+def require_pairs(
+    owner: str,
+    paths: Sequence[Any],
+    leaves: Sequence[Any],
+    plan: PairPlan,
+    pairs: PairsLike,
+    *,
+    allow_no_pairs: bool = False,
+) -> None:
+    """The no-silent-fallback rule: raises when a tree with leaves has no LoRA pair.
+
+    * Leaves whose names look like LoRA factors (``lora_a``, ``lora_B``,
+      ``lora_A.default``, ``lora_embedding_A``, ``lora/a``, ``kernel_lora_b``,
+      ``lora_up``/``lora_down``, …) but sit in no pair mean that ``pairs`` does not
+      fit the tree: that always raises, naming them (with ``pairs="auto"`` or an
+      explicit preset or rule alike), and says which presets would find pairs.
+    * A tree with no such leaves and no pair raises unless ``allow_no_pairs``
+      (fallback-only: every leaf goes to the fallback).
+    * ``pairs=()`` turns pair detection off: only ``allow_no_pairs`` matters.
+
+    An empty tree (a leafless placeholder) passes. Reads paths and shapes only.
+    """
+    if plan.pairs or not plan.paths:
+        return
+    names = [joined_name(path_names(p)) for p in paths]
+    suspects = [] if _detection_off(pairs) else [
+        shown
+        for shown, name in zip(plan.paths, names, strict=True)
+        if _FACTOR_LIKE.search(name)
+    ]
+    which = "pairs='auto'" if isinstance(pairs, str) and pairs == "auto" else f"pairs={pairs!r}"
+    if suspects:
+        raise ValueError(
+            f"{owner}: {which} found no LoRA factor pair, but these leaves look like "
+            f"LoRA factors: {_shown_list(suspects)}. Every leaf would go to the "
+            "fallback (AdamW in the optimizers). Pass `pairs=` the preset, PairRule "
+            "or callable that names your factors." + _preset_hint(paths, leaves, pairs)
+        )
+    if not allow_no_pairs:
+        raise ValueError(
+            f"{owner}: {which} found no LoRA factor pair among the {len(plan.paths)} "
+            f"leaves ({_shown_list(list(plan.paths), 4)}), so every leaf would go to "
+            "the fallback (AdamW in the optimizers). Pass `allow_no_pairs=True` if "
+            "that is what you want (fallback-only), or `pairs=` a preset, PairRule "
+            "or callable that names your factors." + _preset_hint(paths, leaves, pairs)
+        )
+
+
+def _note_dora(plan: PairPlan, paths: Sequence[Any]) -> None:
+    dora = [
+        plan.paths[i]
+        for i in plan.unpaired
+        if _token_matches(joined_name(path_names(paths[i])), _DORA_MAGNITUDE)
+    ]
+    if dora:
+        _LOG.info(
+            "DoRA magnitude vector(s) %s are not LoRA factors: they get the AdamW "
+            "fallback (or `other_label`).",
+            _shown_list(dora),
+        )
+
+
+def pair_labels(
+    pairs: PairsLike,
+    lora_label: str,
+    other_label: str,
+    *,
+    owner: str,
+    allow_no_pairs: bool = False,
+) -> Callable[[Any], Any]:
+    """:func:`lora_param_labels` with ``owner`` naming the caller in its errors."""
+
+    def labels(tree: Any) -> Any:
+        paths, leaves, treedef = flatten_with_paths(tree)
+        plan = plan_pairs(paths, leaves, pairs)
+        require_pairs(owner, paths, leaves, plan, pairs, allow_no_pairs=allow_no_pairs)
+        _note_dora(plan, paths)
+        out = [lora_label] * len(leaves)
+        for i in plan.unpaired:
+            out[i] = other_label
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return labels
+
+
 def lora_param_labels(
-    pairs: PairsLike = "auto", lora_label: str = "lora", other_label: str = "other"
+    pairs: PairsLike = "auto",
+    lora_label: str = "lora",
+    other_label: str = "other",
+    *,
+    allow_no_pairs: bool = False,
 ) -> Callable[[Any], Any]:
     """A labelling function for :func:`optax.partition`: LoRA factors vs the rest.
+
+    Nothing falls through silently: a tree in which ``pairs`` finds no pair raises
+    (naming the leaves that look like LoRA factors), unless ``allow_no_pairs`` and
+    no leaf looks like one; see :func:`require_pairs`. DoRA's magnitude vectors
+    get ``other_label``, with a note on the ``lora_muon_jax`` logger.
 
     Args:
       pairs: how to find pairs; see :func:`find_lora_pairs`.
       lora_label: label of every leaf that is a factor of a pair.
       other_label: label of every other leaf.
+      allow_no_pairs: accept a tree without pairs (every leaf gets ``other_label``)
+        when no leaf looks like a LoRA factor.
 
     Returns:
       A callable ``tree -> tree of labels`` that gives the same labels on params and
       on updates (it reads only paths), as :func:`optax.partition` requires.
+
+    Raises:
+      ValueError: as :func:`find_lora_pairs`, and when no pair is found (above).
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -538,14 +878,15 @@ def lora_param_labels(
       ...           'head': jnp.ones(3)}
       >>> lora_param_labels()(params)
       {'head': 'other', 'lora_a': 'lora', 'lora_b': 'lora'}
+      >>> lora_param_labels('peft')(params)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: lora_param_labels: pairs='peft' found no LoRA factor pair, ...
     """
-
-    def labels(tree: Any) -> Any:
-        paths, leaves, treedef = flatten_with_paths(tree)
-        plan = plan_pairs(paths, leaves, pairs)
-        out = [lora_label] * len(leaves)
-        for i in plan.unpaired:
-            out[i] = other_label
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    return labels
+    return pair_labels(
+        pairs,
+        lora_label,
+        other_label,
+        owner="lora_param_labels",
+        allow_no_pairs=allow_no_pairs,
+    )

@@ -42,6 +42,7 @@ def flatten(
     p_leaves = _validation.params_leaves(fn, paths, params)
     plan = _pairs.plan_pairs(paths, p_leaves, pairs)
     if require_all_paired:
+        _pairs.require_pairs(fn, paths, p_leaves, plan, pairs)
         _validation.require_all_paired(fn, plan)
     return PairTree(plan, treedef, list(grads), list(p_leaves))
 
@@ -50,6 +51,7 @@ def check_init(fn: str, params: Any, pairs: _pairs.PairsLike) -> _pairs.PairPlan
     """Validates pairs at ``init`` (also on a leafless ``optax.tree.map_params`` placeholder)."""
     paths, leaves, _ = _pairs.flatten_with_paths(params)
     plan = _pairs.plan_pairs(paths, leaves, pairs)
+    _pairs.require_pairs(fn, paths, leaves, plan, pairs)
     _validation.require_all_paired(fn, plan)
     return plan
 
@@ -121,14 +123,18 @@ def with_adamw_fallback(
     label: str = "lora",
     labels: Callable[[Any], Any] | None = None,
     mask_compatible_extra_args: bool = False,
+    allow_no_pairs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``main_tx`` on the leaves labelled ``label``, :func:`optax.adamw` on the rest.
 
     By default the labels come from :func:`lora_param_labels` (paths only: LoRA
     factors vs everything else), so they agree between ``init`` (params, possibly
-    Flax Variables) and ``update`` (updates); dense-weight optimizers pass their own
-    ``labels`` (``label`` for matrices, ``"adam"`` otherwise). The AdamW updates are
-    cast to the param dtype.
+    Flax Variables) and ``update`` (updates), and nothing falls back silently: a
+    tree with no pair raises at ``init`` and at trace time (errors name ``label``
+    as the optimizer), unless ``allow_no_pairs`` and no leaf looks like a LoRA
+    factor (see :func:`lora_muon_jax._pairs.require_pairs`). Dense-weight
+    optimizers pass their own ``labels`` (``label`` for matrices, ``"adam"``
+    otherwise). The AdamW updates are cast to the param dtype.
     """
     adam = optax.adamw(
         learning_rate=learning_rate,
@@ -140,7 +146,9 @@ def with_adamw_fallback(
         mu_dtype=mu_dtype,
     )
     if labels is None:
-        labels = _pairs.lora_param_labels(pairs, lora_label=label, other_label="adam")
+        labels = _pairs.pair_labels(
+            pairs, label, "adam", owner=label, allow_no_pairs=allow_no_pairs
+        )
     return optax.partition(
         {label: main_tx, "adam": optax.chain(adam, cast_updates_like_params())},
         labels,

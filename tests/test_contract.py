@@ -31,8 +31,10 @@ def test_inject_hyperparams_beta_and_weight_decay_schedules():
 
 
 def test_converges_on_optax_common_problems():
-    # No LoRA pairs at all: everything goes to the AdamW fallback.
-    contract.check_converges_on_common_problems(lmj.lora_muon(learning_rate=1e-2))
+    # No LoRA pairs at all: everything goes to the AdamW fallback (opted into).
+    contract.check_converges_on_common_problems(
+        lmj.lora_muon(learning_rate=1e-2, allow_no_pairs=True)
+    )
 
 
 def test_building_blocks_compose_like_the_alias():

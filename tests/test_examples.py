@@ -264,3 +264,17 @@ def test_notebook_runs_sharded_on_8_cpu_devices(tmp_path, corpus_env, monkeypatc
         if c.cell_type == "code"
         for o in c.outputs
     )  # inline plot
+
+
+def test_peft_export(tmp_path):
+    """Fine-tunes a PEFT-named adapter with lora_muon and writes PEFT's two files."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+    out = tmp_path / "adapter"
+    proc = _run("peft_export.py", ["--out", str(out), "--steps", "30"], env)
+    first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", proc.stdout).groups())
+    assert last < 0.2 * first, proc.stdout
+    assert "read back bit-identical: True" in proc.stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)

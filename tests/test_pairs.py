@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -141,3 +145,152 @@ def test_ambiguous_rules_are_rejected():
 def test_callable_with_missing_role():
     with pytest.raises(ValueError, match=r"Unpaired LoRA factor: \['w'\] is factor `a`"):
         lmj.find_lora_pairs({"w": _sds(4, 2)}, lambda path, leaf: LoRAFactor("p", "a"))
+
+
+# --------------------------------------------------------------------------------
+# Names as libraries write them: PEFT nesting with adapter names, multi-axis layouts.
+
+
+def test_peft_state_dict_flat_and_nested_give_the_same_pairs():
+    # Names and shapes as PEFT 0.21.2 writes a model's state dict (tests/data).
+    q = "base_model.model.model.layers.0.self_attn.q_proj."
+    flat = {
+        q + "lora_A.default.weight": _sds(4, 16),
+        q + "lora_B.default.weight": _sds(24, 4),
+        q + "lora_A.other.weight": _sds(2, 16),
+        q + "lora_B.other.weight": _sds(24, 2),
+        q + "lora_magnitude_vector.other.weight": _sds(24),
+        "base_model.model.model.embed_tokens.lora_embedding_A.default": _sds(4, 64),
+        "base_model.model.model.embed_tokens.lora_embedding_B.default": _sds(16, 4),
+    }
+    nested: dict = {}
+    for key, leaf in flat.items():
+        *parents, last = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    for pairs in ("peft", "auto"):
+        got_flat = [(p.m, p.n, p.rank) for p in lmj.find_lora_pairs(flat, pairs)]
+        got_nested = [(p.m, p.n, p.rank) for p in lmj.find_lora_pairs(nested, pairs)]
+        assert sorted(got_flat) == sorted(got_nested) == [(24, 16, 2), (24, 16, 4), (64, 16, 4)]
+    # One adapter by name; the other adapter's leaves are left alone.
+    other = lmj.find_lora_pairs(nested, lmj.peft_adapter("other"))
+    assert [(p.m, p.rank) for p in other] == [(24, 2)]
+    (emb, _) = sorted(lmj.find_lora_pairs(flat, lmj.peft_adapter("default")), key=lambda p: -p.m)
+    assert "lora_embedding_A" in emb.a_path  # ΔW = (B A)ᵀ: vocab × dim
+    with pytest.raises(ValueError, match="adapter name"):
+        lmj.peft_adapter("a.b")
+
+
+@pytest.mark.parametrize(
+    "a_shape,b_shape,expected",
+    [
+        ((8, 2), (2, 12), ((), 8, 12)),  # Dense
+        ((2, 4, 2), (2, 8), ((), 8, 8)),  # Einsum BTNH,NHD->BTD: N, H are matrix axes
+        ((8, 2), (2, 2, 1, 4), ((), 8, 8)),  # Einsum BSD,CKDH->CBSKH
+        ((5, 8, 2), (5, 2, 2, 4), ((5,), 8, 8)),  # DenseGeneral with a batch dim
+        ((4, 16, 4), (4, 4, 8), ((4,), 16, 8)),  # stacked layers, L == r: most batch axes
+    ],
+)
+def test_gemma_and_qwix_layouts_from_shapes(a_shape, b_shape, expected):
+    gemma = {"blk": {"lora": {"a": _sds(*a_shape), "b": _sds(*b_shape)}}}
+    qwix = {"blk": {"kernel_lora_a": _sds(*a_shape), "kernel_lora_b": _sds(*b_shape)}}
+    for tree, pairs in ((gemma, "gemma"), (qwix, "qwix")):
+        (pair,) = lmj.find_lora_pairs(tree, pairs)
+        assert (pair.batch_shape, pair.m, pair.n) == expected
+
+
+def test_layer_axis_in_the_middle_is_not_guessed():
+    tree = {"q": {"kernel_lora_a": _sds(16, 3, 4), "kernel_lora_b": _sds(4, 3, 8)}}
+    with pytest.raises(ValueError, match=r"ambiguous layout.*maxtext"):
+        lmj.find_lora_pairs(tree, "qwix")
+    (pair,) = lmj.find_lora_pairs(tree, "maxtext")
+    assert (pair.batch_shape, pair.m, pair.n) == ((3,), 16, 8)
+    with pytest.raises(ValueError, match="not the axis of b"):
+        lmj.find_lora_pairs({"lora": {"a": _sds(8, 2), "b": _sds(3, 5)}}, "gemma")
+
+
+# --------------------------------------------------------------------------------
+# No silent fallback.
+
+_PEFT_TREE = {
+    "q.lora_A.default.weight": jnp.ones((2, 6)),
+    "q.lora_B.default.weight": jnp.ones((5, 2)),
+    "norm": jnp.ones(5),
+}
+_DENSE_TREE = {"w": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
+
+
+def _pair_optimizers():
+    from lora_muon_jax import peers
+
+    return {
+        "lora_muon": lambda **kw: lmj.lora_muon(0.1, **kw),
+        "lora_rite": lambda **kw: peers.lora_rite(0.1, **kw),
+        "spectron": lambda **kw: peers.spectron(0.1, **kw),
+        "riemannion": lambda **kw: peers.riemannion(0.1, **kw),
+    }
+
+
+@pytest.mark.parametrize("name", ["lora_muon", "lora_rite", "spectron", "riemannion"])
+def test_explicit_preset_that_finds_nothing_raises_at_init(name):
+    tx = _pair_optimizers()[name](pairs="flax")
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: pairs='flax' found no LoRA factor pair.*\['q.lora_A.default.weight'\]"
+        r".*pairs='peft' finds 1",
+    ):
+        jax.eval_shape(tx.init, _PEFT_TREE)  # shapes only: at trace time
+    # The right preset trains.
+    state = _pair_optimizers()[name](pairs="peft").init(_PEFT_TREE)
+    assert state is not None
+
+
+@pytest.mark.parametrize("name", ["lora_muon", "lora_rite", "spectron", "riemannion"])
+def test_no_pairs_needs_the_opt_in(name):
+    make = _pair_optimizers()[name]
+    match = rf"{name}: pairs='auto' found no LoRA factor pair.*allow_no_pairs=True"
+    with pytest.raises(ValueError, match=match):
+        make().init(_DENSE_TREE)
+    tx = make(allow_no_pairs=True)
+    grads = jax.tree.map(jnp.ones_like, _DENSE_TREE)
+    updates, _ = tx.update(grads, tx.init(_DENSE_TREE), _DENSE_TREE)
+    adam = optax.adamw(0.1, weight_decay=0.0)
+    expected, _ = adam.update(grads, adam.init(_DENSE_TREE), _DENSE_TREE)
+    chex.assert_trees_all_close(updates, expected)  # fallback-only: plain AdamW
+
+
+def test_auto_with_factor_like_names_raises_even_with_opt_in():
+    kohya = {"up": {"lora_up.weight": jnp.ones((5, 2)), "lora_down.weight": jnp.ones((2, 6))}}
+    for allow in (False, True):
+        with pytest.raises(ValueError, match=r"pairs='auto'.*look like LoRA factors.*lora_up"):
+            lmj.lora_muon(0.1, allow_no_pairs=allow).init(kohya)
+    # pairs=() turns detection off: fallback-only on purpose.
+    lmj.lora_muon(0.1, pairs=(), allow_no_pairs=True).init(kohya)
+    # A rule for these names pairs them (ΔW = up @ down).
+    rule = PairRule("lora_up", "lora_down", b_axes=FactorAxes(rank_axis=0))
+    assert len(lmj.find_lora_pairs(kohya, rule)) == 1
+
+
+def test_labels_and_building_blocks_raise_too():
+    with pytest.raises(ValueError, match=r"lora_param_labels: pairs='flax' found no LoRA"):
+        lmj.lora_param_labels("flax")(_PEFT_TREE)
+    assert jax.tree.leaves(lmj.lora_param_labels(allow_no_pairs=True)(_DENSE_TREE)) == ["other"] * 2
+    with pytest.raises(ValueError, match=r"scale_by_lora_muon: pairs='flax' found no LoRA"):
+        lmj.scale_by_lora_muon(pairs="flax").init(_PEFT_TREE)
+    # find_lora_pairs answers the question without raising.
+    assert lmj.find_lora_pairs(_DENSE_TREE) == []
+    # A leafless tree (optax.tree.map_params placeholder) is fine.
+    assert lmj.lora_param_labels()({}) == {}
+
+
+def test_dora_magnitude_goes_to_adamw_with_a_note(caplog):
+    tree = {
+        **_PEFT_TREE,
+        "q.lora_magnitude_vector.default.weight": jnp.ones(5),
+    }
+    with caplog.at_level(logging.INFO, logger="lora_muon_jax"):
+        labels = lmj.lora_param_labels("peft")(tree)
+    assert labels["q.lora_magnitude_vector.default.weight"] == "other"
+    assert "DoRA magnitude" in caplog.text and "lora_magnitude_vector" in caplog.text

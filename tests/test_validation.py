@@ -92,7 +92,10 @@ def test_params_tree_must_match_updates():
 
 
 def test_pairs_callable_needs_static_args_under_inject():
-    rule = lambda path, leaf: None
+    def rule(path, leaf):  # names the flax factors, so a pair is found
+        roles = {"lora_a": "a", "lora_b": "b"}
+        return lmj.LoRAFactor(path[:-1], roles[path[-1]]) if path[-1] in roles else None
+
     with pytest.raises(Exception):
         optax.inject_hyperparams(lmj.lora_muon)(learning_rate=0.1, pairs=rule).init(PARAMS)
     tx = optax.inject_hyperparams(lmj.lora_muon, static_args=("pairs",))(learning_rate=0.1, pairs=rule)
