@@ -6,7 +6,8 @@ native rank-``r`` twin of a model best is therefore a candidate rate for the den
 model (the LoRA-Muon paper's "proxy" claim; ``docs/lr_transfer.md`` measures how
 well it holds). :func:`proxy_lr_search` turns that into a tool: it sweeps the rate
 on the rank-``r`` proxy, one compilation for every rate and seed, and returns the
-winner with the whole table.
+winner with the whole table, and the rate it transfers to dense Muon: the optimum
+fitted between the grid's rates (:func:`log_parabola_optimum`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _core, _pairs
+from lora_muon_jax import _core, _pairs, _validation
 
 _FN = "proxy_lr_search"
+
 
 
 class ProxyRow(NamedTuple):
@@ -51,12 +53,66 @@ class ProxyResult(NamedTuple):
       rank: the proxy's adapter rank.
       at_edge: ``best_lr`` is the smallest or largest rate tried, so the optimum
         may lie outside the grid: widen it before trusting ``best_lr``.
+      dense_lr: the rate for dense Muon: ``dense_lr_factor`` times the proxy's
+        optimum fitted between grid rates (:func:`log_parabola_optimum`).
     """
 
     best_lr: float
     table: tuple[ProxyRow, ...]
     rank: int
     at_edge: bool
+    dense_lr: float
+
+
+def log_parabola_optimum(rates: Sequence[float], losses: Sequence[float]) -> float:
+    r"""The rate at the vertex of a parabola in :math:`\log_2 η` through the best loss.
+
+    With :math:`x = \log_2 η` and :math:`L_{i-1}, L_i, L_{i+1}` the lowest finite loss
+    and its two neighbours on the sorted grid, the parabola
+    :math:`L(x) = a x^2 + b x + c` through the three points has its vertex at
+
+    .. math::
+
+      x^\star = -\frac{b}{2a}
+
+    (``numpy.polyfit``, exact for three points), clipped to
+    :math:`[x_{i-1}, x_{i+1}]`. Near its optimum a loss-vs-log-rate curve is flat and
+    seed noise moves the grid's argmin by a whole grid step; the vertex uses the
+    neighbours too. The best grid rate itself is returned when it is on an edge,
+    when a neighbour diverged (``inf``), or when the parabola does not open upwards.
+
+    Args:
+      rates: positive rates (any order, distinct).
+      losses: the loss at each rate (``inf`` for a diverged rate).
+
+    Returns:
+      The fitted optimal rate.
+
+    Raises:
+      ValueError: lengths differ, or no loss is finite.
+
+    Examples:
+      >>> import math
+      >>> from lora_muon_jax._proxy import log_parabola_optimum
+      >>> rates = [0.0125, 0.025, 0.05, 0.1]
+      >>> losses = [math.log2(r / 0.03) ** 2 for r in rates]  # optimum at 0.03
+      >>> print(f"{log_parabola_optimum(rates, losses):.4f}")
+      0.0300
+    """
+    if len(rates) != len(losses):
+        raise ValueError(f"log_parabola_optimum: {len(rates)} rates but {len(losses)} losses.")
+    pairs = sorted(zip((float(r) for r in rates), (float(v) for v in losses)))
+    finite = [k for k, (_, v) in enumerate(pairs) if math.isfinite(v)]
+    if not finite:
+        raise ValueError("log_parabola_optimum: no finite loss.")
+    i = min(finite, key=lambda k: (pairs[k][1], pairs[k][0]))
+    if i in (0, len(pairs) - 1) or not all(math.isfinite(pairs[k][1]) for k in (i - 1, i + 1)):
+        return pairs[i][0]
+    x = np.log2([pairs[k][0] for k in (i - 1, i, i + 1)])
+    a, b, _ = np.polyfit(x, [pairs[k][1] for k in (i - 1, i, i + 1)], 2)
+    if a <= 0:
+        return pairs[i][0]
+    return float(2.0 ** np.clip(-b / (2 * a), x[0], x[2]))
 
 
 def _split_module(obj: Any) -> tuple[Any, Any, Callable[[Any, Any], Any]] | None:
@@ -121,6 +177,7 @@ def proxy_lr_search(
     optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation] = _core.lora_muon,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     diverge_above: float | None = None,
+    dense_lr_factor: float = 1.0,
 ) -> ProxyResult:
     r"""Sweeps LoRA-Muon's learning rate on a rank-``r`` proxy; the winner is for dense Muon.
 
@@ -141,6 +198,19 @@ def proxy_lr_search(
     :math:`\sqrt{\max(1, d_{out}/d_{in})}`; its rate can differ by up to that factor).
     The proxy must share the dense model's width, depth and data; ``r = 2`` is
     usually enough.
+
+    The rate to use is ``dense_lr``: the proxy's optimum fitted between the grid's
+    rates (:func:`log_parabola_optimum`; the grid's argmin alone moves by a whole
+    grid step with seed noise on the flat bottom of the curve), times
+    ``dense_lr_factor``. The TinyShakespeare study (``docs/lr_transfer.md``, section
+    vii) found the proxy's optimum to equal dense Muon's, within seed noise, when
+    both are trained at a budget that reaches the paper's loss; at a much shorter
+    budget (200 steps) dense Muon wanted roughly half of it, at every rank. The ratio
+    did not depend on the rank, so the rank-aware rule :math:`\sqrt{2r/\min(m, n)}`
+    (equal Frobenius norms of the two steps) is not applied. So: give the proxy the
+    dense run's own steps, batch and schedule, and train dense Muon at ``dense_lr``;
+    for a short dense run (a few hundred steps, far from the loss it would reach),
+    pass ``dense_lr_factor=0.5``.
 
     The rate is traced: the training loop (a ``lax.scan``) compiles once for all
     rates and seeds. A seed diverges when its loss becomes NaN/inf or exceeds
@@ -167,13 +237,16 @@ def proxy_lr_search(
       schedule: ``step -> multiplier`` of the rate (warmup, decay); constant 1 if
         ``None``.
       diverge_above: a loss above this counts as diverged (besides NaN/inf).
+      dense_lr_factor: ``dense_lr`` is this times the fitted proxy optimum (``> 0``).
 
     Returns:
-      A :class:`ProxyResult`: ``best_lr``, the table, the rank and ``at_edge``.
+      A :class:`ProxyResult`: ``best_lr``, the table, the rank, ``at_edge`` and
+      ``dense_lr``.
 
     Raises:
-      ValueError: bad ``learning_rates``, ``rank``, ``steps`` or ``seeds``; a proxy
-        with no LoRA pair or with pairs of another rank; every rate diverged.
+      ValueError: bad ``learning_rates``, ``rank``, ``steps``, ``seeds`` or
+        ``dense_lr_factor``; a proxy with no LoRA pair or with pairs of another rank;
+        every rate diverged.
 
     Examples:
       A rank-2 regression target; the proxy is a rank-2 product fit to it.
@@ -201,12 +274,16 @@ def proxy_lr_search(
           1  0.43  diverged=0
       >>> result.best_lr, result.at_edge
       (0.1, False)
+      >>> print(f"{result.dense_lr:.3f}")  # fitted between 0.03 and 0.3
+      0.163
 
     References:
       Cesista, Crowson, Simal, Biderman, `LoRA-Muon: Spectral Steepest Descent on
       the Low-Rank Manifold <https://arxiv.org/abs/2606.12921>`_, 2026
     """
     lrs = _check_args(learning_rates, rank, steps, seeds)
+    _validation.check_scalar("dense_lr_factor", dense_lr_factor, low=0.0, low_inclusive=False,
+                             fn=_FN)
     if schedule is None:
         schedule = lambda count: jnp.ones((), jnp.float32)  # noqa: E731
     threshold = math.inf if diverge_above is None else float(diverge_above)
@@ -278,6 +355,9 @@ def proxy_lr_search(
             f"({', '.join(f'{lr:g}' for lr in lrs)}); try smaller rates."
         )
     best = min(finite, key=lambda row: (row.loss, row.learning_rate)).learning_rate
+    fitted = log_parabola_optimum([row.learning_rate for row in table],
+                                  [row.loss for row in table])
     return ProxyResult(
-        best_lr=best, table=table, rank=rank, at_edge=best in (lrs[0], lrs[-1])
+        best_lr=best, table=table, rank=rank, at_edge=best in (lrs[0], lrs[-1]),
+        dense_lr=float(dense_lr_factor) * fitted,
     )

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import registry
+from benchmarks.study import configs, params, planning, report, store, training
 from benchmarks.study import lr_transfer as lt
-from benchmarks.study import report
 from lora_muon_jax import data
 
 def _have_corpus() -> bool:
@@ -38,27 +39,34 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
     path = tmp_path / "results.json"
     quick = ["--quick", "--results", str(path)]
     assert lt.main([*quick, "--max-runs", "3"]) == 0
-    assert len(lt.load_results(path)["runs"]) == 3
+    assert len(store.load_results(path)["runs"]) == 3
     assert lt.main(quick) == 0  # resumes: only the missing runs
-    first = lt.load_results(path)
-    planned = lt.plan(lt.SECTIONS, lt.QUICK, first["runs"])
+    first = store.load_results(path)
+    sections = configs.SECTIONS + ("long_pilot", "long")
+    planned = planning.plan(sections, configs.QUICK, first["runs"])
     assert {cfg.key() for _, cfg in planned} == set(first["runs"])
-    assert {s for s, _ in planned} == set(lt.SECTIONS) and "grid" in first["meta"]
+    # The quick long section shares the quick budget and model: every one of its runs
+    # is also a run of an earlier section (planned once, under that section).
+    assert {s for s, _ in planned} == set(configs.SECTIONS) and "grid" in first["meta"]
+    index = planning.index_results(first["runs"])
+    assert {c.key() for c in planning.plan_section("long", configs.QUICK, index)} <= set(
+        first["runs"])
     assert lt.main(quick) == 0  # nothing left to do
-    assert lt.load_results(path)["runs"] == first["runs"]
+    assert store.load_results(path)["runs"] == first["runs"]
     assert "0 new runs" in capsys.readouterr().out
 
-    steps = lt.QUICK.budget.steps
+    steps = configs.QUICK.budget.steps
     methods = set()
     for key, rec in first["runs"].items():
-        cfg = lt.RunConfig.from_dict(rec["config"])
+        cfg = configs.RunConfig.from_dict(rec["config"])
         assert cfg.key() == key and cfg.budget.steps == steps
+        assert rec["machine"]["backend"] == "cpu" and rec["machine"]["cores"] >= 1
         methods.add(cfg.method)
         assert rec["status"] == "ok", rec
         assert rec["diverged_step"] is None and rec["steps_run"] == steps
         # A few steps of training: finite, below the uniform prediction log(65) + margin.
         assert 1.5 < rec["val_loss"] < math.log(65) + 0.05
-        assert len(rec["curve"]) == lt.QUICK.budget.chunks
+        assert len(rec["curve"]) == cfg.budget.chunks
         if cfg.method in ("lora_muon", "spectron") and cfg.task == "pretrain":
             # Native pairs start balanced; a gauge c moves log(σa/σb) by 2 log c.
             assert rec["log_norm_ratio"]["init_mean_abs"] == pytest.approx(
@@ -67,46 +75,56 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
             assert rec["base_task_val_loss"] > rec["base_val_loss"]  # the task is shifted
     expected = {"dense_muon", "lora_muon", "spectron", "adamw_lora", "dense_muon_optax",
                 "lora_rite", "riemannion", "lora_pre_muon", "limuon"}
-    expected |= {"psgd_kron"} if lt._psgdax_available() else set()
+    expected |= {"psgd_kron"} if registry.available("psgd_kron") else set()
     assert methods == expected
+    # The long section ran its gauge pair at rank 2's best rate: LoRA-Muon is gauge
+    # invariant (float32 rounding only), Spectron is not.
+    grid = configs.grid_from_dict(first["meta"]["grid"])
+    assert grid == configs.QUICK
+    lr = planning.gauge_lr(grid, planning.index_results(first["runs"]))
+    long = {(c.method, c.gauge): first["runs"][c.key()]["val_loss"]
+            for c in planning.plan_section("long", grid, planning.index_results(first["runs"]))
+            if c.rank == 2 and c.lr == lr and c.method in ("lora_muon", "spectron")}
+    assert long[("lora_muon", 9.0)] == pytest.approx(long[("lora_muon", 1.0)], abs=2e-3)
+    assert long[("spectron", 9.0)] != long[("spectron", 1.0)]
 
     # A run that blows up is a result, with its step, not an exception; the compiled
     # trainer is reused (the rate is traced).
-    grid = lt.grid_from_dict(first["meta"]["grid"])
-    cfg = next(c for c in lt.plan_section("lr", grid, {}) if c.method == "lora_muon")
-    rec = lt.run_config(dataclasses.replace(cfg, lr=1e30))
+    cfg = next(c for c in planning.plan_section("lr", grid, {}) if c.method == "lora_muon")
+    rec = training.run_config(dataclasses.replace(cfg, lr=1e30))
     assert rec["status"] == "diverged" and rec["val_loss"] is None
     assert 0 < rec["diverged_step"] < steps and rec["train_loss"] is None
     chunk = steps // grid.budget.chunks
     # Stopped at the end of the chunk where it diverged; no new compilation.
     assert rec["steps_run"] == chunk * (rec["diverged_step"] // chunk + 1)
     assert rec["compile_s"] == 0
-    lt.record_run(path, cfg.key() + "x", {**rec, "config": cfg.as_dict() | {"lr": 1e30}}, {})
-    assert lt.load_results(path)["runs"][cfg.key() + "x"]["diverged_step"] == rec["diverged_step"]
+    store.record_run(path, cfg.key() + "x", {**rec, "config": cfg.as_dict() | {"lr": 1e30}}, {})
+    assert store.load_results(path)["runs"][cfg.key() + "x"]["diverged_step"] == rec["diverged_step"]
 
     out = tmp_path / "docs" / "lr_transfer.md"
     assert report.main(["--results", str(path), "--out", str(out), "--no-discussion"]) == 0
     text = out.read_text()
-    for n in ("i", "ii", "iii", "iv", "v", "vi"):
+    for n in ("i", "ii", "iii", "iv", "v", "vi", "vii"):
         assert f"## ({n}) " in text
     assert "not run yet" not in text  # every quick curve is in its table
     assert "| LoRA-Muon r=2 |" in text
     assert "| 1/3 |" in text  # the diverged point is kept: 1 of the 3 runs at r=2
-    for png in ("lr_sweep", "rank", "gauge", "shape", "baselines", "finetune"):
+    for png in ("lr_sweep", "rank", "gauge", "shape", "baselines", "finetune", "long"):
         assert (tmp_path / "docs" / "lr_transfer" / f"{png}.png").stat().st_size > 1000
 
 
-def _fake(cfg: lt.RunConfig, loss: float | None) -> tuple[str, dict]:
+def _fake(cfg: configs.RunConfig, loss: float | None) -> tuple[str, dict]:
     return cfg.key(), {"config": cfg.as_dict(), "val_loss": loss,
                        "status": "ok" if loss is not None else "diverged"}
 
 
 def test_plan_extends_a_winning_edge_once_per_round():
-    grid = dataclasses.replace(lt.QUICK, seeds=(0,), spectral_lrs=(0.1, 0.2),
+    grid = dataclasses.replace(configs.QUICK, seeds=(0,), spectral_lrs=(0.1, 0.2),
                                headline_ranks=(), extend=2)
-    dense = lambda lr: lt.RunConfig("dense_muon", lr, 0, None, width=grid.width,  # noqa: E731
-                                    depth=grid.depth, budget=grid.budget)
-    lrs = lambda res: [c.lr for c in lt.plan_section("lr", grid, lt.index_results(res))]  # noqa: E731
+    dense = lambda lr: configs.RunConfig("dense_muon", lr, 0, None,  # noqa: E731
+                                         width=grid.width, depth=grid.depth, budget=grid.budget)
+    lrs = lambda res: [  # noqa: E731
+        c.lr for c in planning.plan_section("lr", grid, planning.index_results(res))]
     assert lrs({}) == [0.1, 0.2]
     res = dict([_fake(dense(0.1), 3.0), _fake(dense(0.2), 2.0)])
     assert lrs(res) == [0.1, 0.2, 0.4]  # best on the upper edge
@@ -121,8 +139,8 @@ def test_plan_extends_a_winning_edge_once_per_round():
 
 
 def test_run_keys_cover_the_whole_configuration():
-    cfg = lt.RunConfig("lora_muon", 0.05, 1, 8)
-    assert lt.RunConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))).key() == cfg.key()
+    cfg = configs.RunConfig("lora_muon", 0.05, 1, 8)
+    assert configs.RunConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))).key() == cfg.key()
     assert "base_lr" not in cfg.as_dict()  # unset fine-tuning fields stay out of the key
     variants = [
         dataclasses.replace(cfg, lr=0.1), dataclasses.replace(cfg, seed=2),
@@ -139,16 +157,16 @@ def test_run_keys_cover_the_whole_configuration():
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "r.json"
-    lt.save_results(path, {"meta": {}, "runs": {"a": {"val_loss": 1.0}}})
+    store.save_results(path, {"meta": {}, "runs": {"a": {"val_loss": 1.0}}})
     with pytest.raises(ValueError):
-        lt.save_results(path, {"meta": {}, "runs": {"a": {"val_loss": float("nan")}}})
-    assert lt.load_results(path)["runs"] == {"a": {"val_loss": 1.0}}
+        store.save_results(path, {"meta": {}, "runs": {"a": {"val_loss": float("nan")}}})
+    assert store.load_results(path)["runs"] == {"a": {"val_loss": 1.0}}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
 
 
 def test_schedule_shape():
-    b = lt.Budget(steps=100, warmup=0.05, cooldown=0.2)
-    s = [float(lt.lr_shape(t, b, 100)) for t in (0, 4, 5, 50, 79, 80, 90, 99)]
+    b = configs.Budget(steps=100, warmup=0.05, cooldown=0.2)
+    s = [float(training.lr_shape(t, b, 100)) for t in (0, 4, 5, 50, 79, 80, 90, 99)]
     np.testing.assert_allclose(s, [0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.05], atol=1e-6)
 
 
@@ -170,50 +188,62 @@ def _tiny_dense(width: int = 16, hidden: int = 16) -> dict:
             "pos": w(8, width)}
 
 
+def _at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
 def test_finetune_inits_keep_the_base_function():
     base = _tiny_dense()
-    kernels = lt._kernels(base)
+    kernels = params.block_kernels(base)
     assert len(kernels) == 6  # q, k, v, o, up, down
-    cfg = lt.RunConfig("lora_muon", 0.1, 0, 3, width=16, depth=1, task="finetune",
-                       init="zero")
-    frozen, adapters = lt.finetune_start(cfg, base)
-    merged = lt.merge_adapters(frozen, adapters)
+    cfg = configs.RunConfig("lora_muon", 0.1, 0, 3, width=16, depth=1, task="finetune",
+                            init="zero")
+    frozen, adapters = params.finetune_start(cfg, base)
+    merged = params.merge_adapters(frozen, adapters)
     for path, w in kernels.items():
-        pair = lt._get_in(adapters, path)
+        pair = _at(adapters, path)
         assert pair["lora_a"].shape == (w.shape[0], 3) and not np.any(pair["lora_b"])
-        np.testing.assert_array_equal(lt._get_in(merged, path)["kernel"], w)
+        np.testing.assert_array_equal(_at(merged, path)["kernel"], w)
+    assert "lora_a" not in merged["blocks"][0]["attn"]["q"]  # merged: a plain dense tree
 
-    frozen, adapters = lt.finetune_start(dataclasses.replace(cfg, init="balanced"), base)
-    merged = lt.merge_adapters(frozen, adapters)
-    ratios = lt.factor_log_ratios(adapters)
+    frozen, adapters = params.finetune_start(dataclasses.replace(cfg, init="balanced"), base)
+    merged = params.merge_adapters(frozen, adapters)
+    ratios = params.factor_log_ratios(adapters)
     assert ratios.shape == (6,) and np.max(np.abs(ratios)) < 1e-4  # balanced factors
     for path, w in kernels.items():
-        pair = lt._get_in(adapters, path)
+        pair = _at(adapters, path)
         assert np.all(np.linalg.norm(np.asarray(pair["lora_b"]), axis=1) > 0)  # b is not 0
         # W₀' + a b = W₀: the model is unchanged, the product sits in the base.
-        np.testing.assert_allclose(lt._get_in(merged, path)["kernel"], w, atol=2e-6)
-        assert not np.allclose(lt._get_in(frozen, path)["kernel"], w)
+        np.testing.assert_allclose(_at(merged, path)["kernel"], w, atol=2e-6)
+        assert not np.allclose(_at(frozen, path)["kernel"], w)
 
 
 def test_gauge_rescales_factors_not_the_product():
-    cfg = lt.RunConfig("lora_muon", 0.1, 0, 2, width=8, depth=1,
-                       budget=lt.Budget(seq_len=4, mlp_ratio=1, heads=2))
-    _, p1 = lt.build_params(cfg, 11)
-    _, p9 = lt.build_params(dataclasses.replace(cfg, gauge=9.0), 11)
-    np.testing.assert_allclose(lt.factor_log_ratios(p9) - lt.factor_log_ratios(p1),
-                               2 * np.log(9.0), rtol=1e-5)
+    cfg = configs.RunConfig("lora_muon", 0.1, 0, 2, width=8, depth=1,
+                            budget=configs.Budget(seq_len=4, mlp_ratio=1, heads=2))
+    _, p1 = params.build_params(cfg, 11)
+    _, p9 = params.build_params(dataclasses.replace(cfg, gauge=9.0), 11)
+    # float64 SVD reference of log σmax(a) − log σmax(b) for one pair.
     q1, q9 = p1["blocks"][0]["attn"]["q"], p9["blocks"][0]["attn"]["q"]
+    ref = [np.log(np.linalg.norm(np.asarray(q["lora_a"], np.float64), 2))
+           - np.log(np.linalg.norm(np.asarray(q["lora_b"], np.float64), 2)) for q in (q1, q9)]
+    r1, r9 = params.factor_log_ratios(p1), params.factor_log_ratios(p9)
+    assert r1.shape == (6,) and np.max(np.abs(r1)) < 1e-4  # native pairs start balanced
+    np.testing.assert_allclose(r9 - r1, 2 * np.log(9.0), rtol=1e-5)
+    np.testing.assert_allclose(ref[1] - ref[0], 2 * np.log(9.0), rtol=1e-6)
     np.testing.assert_allclose(q9["lora_a"] @ q9["lora_b"], q1["lora_a"] @ q1["lora_b"],
                                atol=1e-6)
 
 
 def test_dense_muon_labels_only_block_matrices():
-    params = _tiny_dense(hidden=64)
-    cfg = lt.RunConfig("dense_muon", 0.1, 0, None)
+    tree = _tiny_dense(hidden=64)
+    cfg = configs.RunConfig("dense_muon", 0.1, 0, None)
     steps = 100  # shape(0) = 1/5: five warmup steps
-    tx = lt.make_optimizer(cfg, params, jnp.float32(0.1), steps)
-    grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    tx = training.make_optimizer(cfg, tree, jnp.float32(0.1), steps)
+    grads = jax.tree.map(jnp.ones_like, tree)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(tree), tree)
     q = np.asarray(updates["blocks"][0]["attn"]["q"]["kernel"])
     emb = np.asarray(updates["embed"]["embedding"])
     # Muon (Newton–Schulz) on a rank-1 gradient: a rank-1 step of spectral norm ≈ η/5,

@@ -157,3 +157,41 @@ def test_proxy_without_pairs_or_with_wrong_rank():
                         batch_fn, [0.1])
     with pytest.raises(ValueError, match="another rank"):
         proxy_lr_search(lambda k, r: init_fn(k, 3), loss_fn, batch_fn, [0.1], rank=2)
+
+
+def test_log_parabola_optimum_is_the_vertex_in_log_rate():
+    from lora_muon_jax._proxy import log_parabola_optimum
+
+    # L = 3 (log2 η − log2 0.04)² + 1 on a ×2 grid: the vertex is exactly 0.04, off-grid.
+    rates = [0.0125 * 2.0**k for k in range(-2, 4)]
+    losses = [3 * math.log2(r / 0.04) ** 2 + 1 for r in rates]
+    assert log_parabola_optimum(rates[::-1], losses[::-1]) == pytest.approx(0.04, rel=1e-9)
+    # Uneven spacing: the three-point parabola through (x, L) is still exact.
+    rates = [0.01, 0.03, 0.05, 0.2]
+    losses = [(math.log2(r) - math.log2(0.042)) ** 2 for r in rates]
+    assert log_parabola_optimum(rates, losses) == pytest.approx(0.042, rel=1e-9)
+    # Best on an edge, a diverged neighbour, a concave triple: the best grid rate.
+    assert log_parabola_optimum([0.1, 0.2, 0.4], [3.0, 2.0, 1.0]) == 0.4
+    assert log_parabola_optimum([0.1, 0.2, 0.4], [3.0, 1.0, math.inf]) == 0.2
+    with pytest.raises(ValueError, match="no finite loss"):
+        log_parabola_optimum([0.1], [math.inf])
+    with pytest.raises(ValueError, match="2 rates but 1 losses"):
+        log_parabola_optimum([0.1, 0.2], [1.0])
+
+
+def test_dense_lr_is_the_fitted_optimum_times_the_factor():
+    from lora_muon_jax._proxy import log_parabola_optimum
+
+    lrs = [0.01, 0.03, 0.1, 0.3, 1.0]
+    res = proxy_lr_search(init_fn, loss_fn, batch_fn, lrs, steps=20, seeds=(0,))
+    fitted = log_parabola_optimum(lrs, [row.loss for row in res.table])
+    assert res.dense_lr == pytest.approx(fitted)
+    i = lrs.index(res.best_lr)
+    if 0 < i < len(lrs) - 1:  # between the best rate's neighbours
+        assert lrs[i - 1] <= res.dense_lr <= lrs[i + 1]
+    half = proxy_lr_search(init_fn, loss_fn, batch_fn, lrs, steps=20, seeds=(0,),
+                           dense_lr_factor=0.5)
+    assert half.dense_lr == pytest.approx(0.5 * res.dense_lr) and half.best_lr == res.best_lr
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="dense_lr_factor"):
+            proxy_lr_search(init_fn, loss_fn, batch_fn, lrs, steps=2, dense_lr_factor=bad)

@@ -1,8 +1,16 @@
 """Studies: longer, cached experiments whose results are committed and reported.
 
-* :mod:`benchmarks.study.lr_transfer`: the TinyShakespeare learning-rate transfer
-  study (dense Muon vs LoRA-Muon across rank, width, depth and gauge, with
-  baselines and a fine-tuning part); ``python -m benchmarks.study.lr_transfer``.
-* :mod:`benchmarks.study.report`: turns its cached results into
-  ``docs/lr_transfer.md`` and the plots under ``docs/lr_transfer/``.
+The TinyShakespeare learning-rate transfer study (``python -m
+benchmarks.study.lr_transfer``; methods from :mod:`benchmarks.registry`):
+
+* :mod:`~benchmarks.study.configs`: what a run is (its key), the grids and presets;
+* :mod:`~benchmarks.study.planning`: which runs each section needs, from the results;
+* :mod:`~benchmarks.study.store`: the results file (atomic, locked, kill-safe writes);
+* :mod:`~benchmarks.study.params` and :mod:`~benchmarks.study.training`: one run;
+* :mod:`~benchmarks.study.lr_transfer`: the command line (resumable sweep);
+* :mod:`~benchmarks.study.report` (with :mod:`~benchmarks.study.report_finetune`,
+  :mod:`~benchmarks.study.report_long`, :mod:`~benchmarks.study.report_rule`,
+  :mod:`~benchmarks.study.discussion`, :mod:`~benchmarks.study.figures`,
+  :mod:`~benchmarks.study.aggregate`, :mod:`~benchmarks.study.transfer`): turns the
+  cached results into ``docs/lr_transfer.md`` and the plots under ``docs/lr_transfer/``.
 """

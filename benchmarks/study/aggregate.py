@@ -1,0 +1,145 @@
+"""Results indexed by LR curve, with seed statistics, for the report.
+
+Seed statistics are means with the sample standard deviation over the seeds that
+ran; a diverged run makes its point's mean infinite (never dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from benchmarks.study.configs import FULL, Budget, RunConfig
+
+
+class Point(NamedTuple):
+    lr: float
+    losses: tuple[float, ...]  # per seed, inf when diverged
+    seeds: tuple[int, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else math.nan
+
+    @property
+    def std(self) -> float:
+        finite = [x for x in self.losses if math.isfinite(x)]
+        return float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+
+    @property
+    def diverged(self) -> int:
+        return sum(not math.isfinite(x) for x in self.losses)
+
+
+@dataclasses.dataclass
+class Curve:
+    """All runs sharing a configuration but for the learning rate and the seed."""
+
+    cfg: RunConfig  # the configuration of one of its runs (lr/seed arbitrary)
+    runs: dict[tuple[float, int], dict[str, Any]]
+
+    def points(self, field: str = "val_loss") -> list[Point]:
+        by_lr: dict[float, list[tuple[int, float]]] = defaultdict(list)
+        for (lr, seed), rec in self.runs.items():
+            v = rec.get(field)
+            by_lr[lr].append((seed, math.inf if v is None else float(v)))
+        out = []
+        for lr in sorted(by_lr):
+            pairs = sorted(by_lr[lr])
+            out.append(Point(lr, tuple(v for _, v in pairs), tuple(s for s, _ in pairs)))
+        return out
+
+    def complete(self) -> Curve:
+        """The curve restricted to the seeds that ran at every rate (itself if none did).
+
+        A sweep stopped part-way through a seed leaves that seed at a few rates only;
+        comparing rates on unequal seed sets would pick the argmin among those few.
+        """
+        lrs = {lr for lr, _ in self.runs}
+        by_seed: dict[int, set[float]] = defaultdict(set)
+        for lr, seed in self.runs:
+            by_seed[seed].add(lr)
+        full = {s for s, have in by_seed.items() if have == lrs}
+        if not full or len(full) == len(by_seed):
+            return self
+        return Curve(self.cfg, {k: v for k, v in self.runs.items() if k[1] in full})
+
+    def best(self) -> Point | None:
+        """The LR with the lowest seed-mean loss, over the seeds that ran at every LR."""
+        pts = self.complete().points()
+        if not pts:
+            return None
+        n = max(len(p.losses) for p in pts)
+        full = [p for p in pts if len(p.losses) == n and math.isfinite(p.mean)]
+        if not full:
+            return None
+        return min(full, key=lambda p: (p.mean, p.lr))
+
+    def at(self, lr: float) -> Point | None:
+        for p in self.points():
+            if math.isclose(p.lr, lr, rel_tol=1e-9):
+                return p
+        return None
+
+    def seeds(self) -> int:
+        return len({s for _, s in self.runs})
+
+    def records_at(self, lr: float) -> list[dict[str, Any]]:
+        return [r for (l, _), r in sorted(self.runs.items()) if math.isclose(l, lr, rel_tol=1e-9)]
+
+    def per_seed_best(self) -> dict[int, float]:
+        """Each seed's own argmin rate (finite runs; ties: the smaller rate)."""
+        by_seed: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        for (lr, seed), rec in self.runs.items():
+            v = rec.get("val_loss")
+            if v is not None:
+                by_seed[seed].append((float(v), lr))
+        return {s: min(v)[1] for s, v in sorted(by_seed.items())}
+
+
+class Results:
+    """The results file, indexed by curve."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.runs = data.get("runs", {})
+        self.curves: dict[tuple, Curve] = {}
+        self.errors = [r for r in self.runs.values() if r.get("status") == "error"]
+        for rec in self.runs.values():
+            if rec.get("status") == "error":
+                continue
+            cfg = RunConfig.from_dict(rec["config"])
+            c = self.curves.setdefault(cfg.curve(), Curve(cfg, {}))
+            c.runs[(cfg.lr, cfg.seed)] = rec
+
+    def find(self, budget: Budget | None = None, **fields: Any) -> Curve | None:
+        """The curve whose config has these field values (default budget unless given)."""
+        budget = budget or FULL.budget
+        base = RunConfig(method=fields.pop("method"), lr=0.0, seed=0,
+                         rank=fields.pop("rank", None), budget=budget)
+        cfg = dataclasses.replace(base, **fields)
+        return self.curves.get(cfg.curve())
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float) and math.isinf(x):
+        return "diverged"
+    return f"{x:.{digits}f}"
+
+
+def fmt_lr(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def mean_std(p: Point | None, digits: int = 3) -> str:
+    if p is None:
+        return "–"
+    if p.diverged:
+        return f"diverged ({p.diverged}/{len(p.losses)} seeds)"
+    return f"{p.mean:.{digits}f} ± {p.std:.{digits}f} (n={len(p.losses)})"
