@@ -39,8 +39,7 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from lora_muon_jax.peers._limuon import limuon
-from lora_muon_jax.peers._lora_pre import lora_pre_adam, lora_pre_muon
+from lora_muon_jax.peers import limuon, lora_pre_adam, lora_pre_muon
 
 QUICK_CONFIGS = ((2, 256, 256, 16),)
 CONFIGS = ((4, 512, 512, 32), (4, 1024, 1024, 64), (2, 1024, 4096, 64))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _linalg, _pairs, _pairwise, _sharding, _validation
+from lora_muon_jax import _grams, _linalg, _pairs, _pairwise, _validation
 
 _FN = "with_lora_diagnostics"
 _PAIR_FN = "lora_pair_diagnostics"
@@ -86,10 +86,7 @@ def _unit(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _gram(x: jax.Array, tall: bool) -> jax.Array:
-    spec = "...mr,...ms->...rs" if tall else "...rn,...sn->...rs"
-    return jnp.einsum(
-        spec, x, x, precision=_linalg.HIGHEST, out_sharding=_sharding.small_out_sharding(x)
-    )
+    return _grams.gram(x, _grams.canonical_layout(x.ndim, tall))
 
 
 def _lam_max_of_products(xs: jax.Array, ys: jax.Array) -> jax.Array:
@@ -106,18 +103,23 @@ class _Problem(NamedTuple):
     g_left: jax.Array  # (*batch, 2r, 2r)
     g_right: jax.Array  # (*batch, 2r, 2r)
     log_norms: tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # a, b, Δa, Δb
+    factors: tuple[jax.Array, jax.Array]  # a, b: their σ_max come from _grams
 
 
 def _problem(a: jax.Array, b: jax.Array, da: jax.Array, db: jax.Array) -> _Problem:
     (ua, la), (ub, lb), (uda, lda), (udb, ldb) = (_unit(x) for x in (a, b, da, db))
     left = jnp.concatenate([uda, ua], axis=-1)  # L = [Δa, a]   (*batch, m, 2r)
     right = jnp.concatenate([ub, udb], axis=-2)  # R = [b; Δb]  (*batch, 2r, n)
-    return _Problem(_gram(left, True), _gram(right, False), (la, lb, lda, ldb))
+    return _Problem(_gram(left, True), _gram(right, False), (la, lb, lda, ldb), (a, b))
 
 
-def _solve(problems: Sequence[_Problem]) -> list[tuple[jax.Array, ...]]:
-    """λ_max of the five small eigenproblems of every pair, batched by rank."""
-    # Per pair: σ²(â), σ²(b̂), ‖Δâ b̂‖², ‖â Δb̂‖² (r×r) and the weighted 2r×2r product.
+def _solve(problems: Sequence[_Problem], deps: Sequence[Any]) -> list[tuple[jax.Array, ...]]:
+    """λ_max of the three small eigenproblems of every pair, batched by size.
+
+    The batched calls run one after another and after ``deps``
+    (:func:`lora_muon_jax._linalg.after`): on CPU they are LAPACK calls.
+    """
+    # Per pair: ‖Δâ b̂‖², ‖â Δb̂‖² (r×r) and the weighted 2r×2r product.
     small: list[tuple[jax.Array, jax.Array]] = []
     big: list[tuple[jax.Array, jax.Array]] = []
     weights = []
@@ -126,8 +128,7 @@ def _solve(problems: Sequence[_Problem]) -> list[tuple[jax.Array, ...]]:
         la, lb, lda, ldb = p.log_norms
         g_da, g_a = p.g_left[..., :r, :r], p.g_left[..., r:, r:]
         g_b, g_db = p.g_right[..., :r, :r], p.g_right[..., r:, r:]
-        eye = jnp.broadcast_to(jnp.eye(r, dtype=jnp.float32), g_a.shape)
-        small.append((jnp.stack([g_a, g_b, g_da, g_a]), jnp.stack([eye, eye, g_b, g_db])))
+        small.append((jnp.stack([g_da, g_a]), jnp.stack([g_b, g_db])))
         # L R = ‖Δa‖‖b‖ Δâ b̂ + ‖a‖‖Δb‖ â Δb̂: weight the blocks by the two norms
         # relative to the larger one (log domain: no overflow, zeros give 0).
         log_p, log_q = lda + lb, la + ldb
@@ -145,33 +146,14 @@ def _solve(problems: Sequence[_Problem]) -> list[tuple[jax.Array, ...]]:
             axis=-1,
         )
         outer = d[..., :, None] * d[..., None, :]
-        gl, gr = p.g_left * outer, p.g_right * outer
-        big.append((gl, gr))
+        big.append((p.g_left * outer, p.g_right * outer))
         weights.append((top, finite))
 
-    def batched(items: list[tuple[jax.Array, jax.Array]]) -> list[jax.Array]:
-        # One eigh call per matrix size for the whole tree (small: compile once).
-        groups: dict[int, list[int]] = {}
-        for i, (x, _) in enumerate(items):
-            groups.setdefault(x.shape[-1], []).append(i)
-        out: list[jax.Array | None] = [None] * len(items)
-        for idx in groups.values():
-            flat = [
-                tuple(_sharding.replicate(t).reshape((-1,) + t.shape[-2:]) for t in items[i])
-                for i in idx
-            ]
-            lam = _lam_max_of_products(
-                jnp.concatenate([f[0] for f in flat]), jnp.concatenate([f[1] for f in flat])
-            )
-            sizes = [f[0].shape[0] for f in flat]
-            starts = [sum(sizes[:k]) for k in range(len(sizes))]
-            for i, s, n in zip(idx, starts, sizes, strict=True):
-                out[i] = lam[s : s + n].reshape(items[i][0].shape[:-2])
-        return out  # type: ignore[return-value]
-
-    small_lam, big_lam = batched(small), batched(big)
+    # One eigh call per matrix size for the whole tree (small: compile once).
+    small_lam = _linalg.apply_batched_by_size(_lam_max_of_products, small, deps=deps)
+    big_lam = _linalg.apply_batched_by_size(_lam_max_of_products, big, deps=small_lam)
     return [
-        (*(s[k] for k in range(4)), b, top, finite)
+        (s[0], s[1], b, top, finite)
         for s, b, (top, finite) in zip(small_lam, big_lam, weights, strict=True)
     ]
 
@@ -187,30 +169,35 @@ def _metrics(
     problems: Sequence[_Problem], lora_scale: jax.typing.ArrayLike
 ) -> list[LoRAPairDiagnostics]:
     c = jnp.abs(jnp.asarray(lora_scale, jnp.float32))
+    log_sigmas = _grams.log_spectral_norms(
+        [
+            (x, _grams.canonical_layout(x.ndim, tall))
+            for p in problems
+            for x, tall in zip(p.factors, (True, False), strict=True)
+        ]
+    )
     out = []
-    for p, (lam_a, lam_b, lam_ta, lam_tb, lam_ab, top, finite) in zip(
-        problems, _solve(problems), strict=True
+    for k, (p, (lam_ta, lam_tb, lam_ab, top, finite)) in enumerate(
+        zip(problems, _solve(problems, deps=log_sigmas), strict=True)
     ):
         la, lb, lda, ldb = p.log_norms
-        # log σ(x) = log ‖x‖_F + ½ log λ_max(x̂ᵀx̂); zero factors get the float32 tiny.
-        log_sa = jnp.where(
-            jnp.isfinite(la), la + 0.5 * jnp.log(jnp.maximum(lam_a, 1e-30)), _LOG_TINY
-        )
-        log_sb = jnp.where(
-            jnp.isfinite(lb), lb + 0.5 * jnp.log(jnp.maximum(lam_b, 1e-30)), _LOG_TINY
-        )
-
+        log_sa, log_sb = log_sigmas[2 * k], log_sigmas[2 * k + 1]
         out.append(
             LoRAPairDiagnostics(
-                sigma_a=jnp.where(jnp.isfinite(la), jnp.exp(log_sa), 0.0),
-                sigma_b=jnp.where(jnp.isfinite(lb), jnp.exp(log_sb), 0.0),
-                log_norm_ratio=log_sa - log_sb,
+                sigma_a=jnp.where(jnp.isfinite(log_sa), jnp.exp(log_sa), 0.0),
+                sigma_b=jnp.where(jnp.isfinite(log_sb), jnp.exp(log_sb), 0.0),
+                # A zero factor's log σ counts as the float32 tiny: finite ratios.
+                log_norm_ratio=_log_or_tiny(log_sa) - _log_or_tiny(log_sb),
                 step_a=_norm_from_log(c, lda + lb, lam_ta),
                 step_b=_norm_from_log(c, la + ldb, lam_tb),
                 product_step=_norm_from_log(c, jnp.where(finite, top, -jnp.inf), lam_ab),
             )
         )
     return out
+
+
+def _log_or_tiny(log_sigma: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(log_sigma), log_sigma, _LOG_TINY)
 
 
 def lora_pair_diagnostics(
@@ -231,13 +218,15 @@ def lora_pair_diagnostics(
                   = λ_{max}(W G_R W^\top), \quad G_L = L^\top L = W^\top W,\;
                   G_R = R R^\top,
 
-    a ``2r × 2r`` eigenvalue problem; the factor norms and the two single terms
-    are ``r × r`` problems on blocks of the same Grams. Each factor is first scaled
-    to unit Frobenius norm (norms are carried as logarithms), so huge, tiny and
-    zero factors give finite metrics. All work runs in float32: norms and single
-    terms are accurate to about 1e-6 relative, and so is ``product_step`` unless
-    the two terms cancel; it is found from its square, so its absolute error is
-    at worst about :math:`\sqrt{ε_{f32}} ≈ 3·10^{-4}` of ``step_a + step_b``.
+    a ``2r × 2r`` eigenvalue problem; the two single terms are ``r × r`` problems on
+    blocks of the same Grams, and the factor norms ``r × r`` problems on the
+    factors' own unit-trace Grams (:func:`lora_muon_jax._grams.log_spectral_norms`).
+    Each factor is first scaled to unit Frobenius norm (norms are carried as
+    logarithms), so huge, tiny and zero factors give finite metrics. All work runs
+    in float32: norms and single terms are accurate to about 1e-6 relative, and so
+    is ``product_step`` unless the two terms cancel; it is found from its square,
+    so its absolute error is at worst about :math:`\sqrt{ε_{f32}} ≈ 3·10^{-4}` of
+    ``step_a + step_b``.
 
     Args:
       a: ``(*batch, m, r)`` left factor (canonical layout).

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _grams, _linalg, _pairs, _pairwise, _validation
+from lora_muon_jax import _grams, _pairs, _pairwise, _validation
 
 _FN = "with_gauge_rebalancing"
 
@@ -52,16 +52,12 @@ def gauge_scales(a: jax.Array, b: jax.Array, alpha: jax.typing.ArrayLike = 1.0) 
     Returns:
       ``c`` with shape ``batch``, float32; ``1`` where either factor is zero.
     """
-    norm = _grams.normalized_grams(
+    log_sa, log_sb = _grams.log_spectral_norms(
         [(a, _grams.canonical_layout(a.ndim, True)), (b, _grams.canonical_layout(b.ndim, False))]
     )
-    lam = [jnp.linalg.eigvalsh(_linalg.sym(g))[..., -1] for g in norm.grams]
-    inv_a, inv_b = norm.inv_norms
-    # σ_max(x) = sqrt(λ_max(Ĝ)) · ‖x‖_F and ‖x‖_F = 1 / inv_norm.
-    ok = (lam[0] > 0) & (lam[1] > 0) & (inv_a > 0) & (inv_b > 0)
-    ratio = jnp.sqrt(jnp.where(ok, lam[1] / jnp.where(ok, lam[0], 1.0), 1.0))
-    ratio = ratio * jnp.where(ok, inv_a / jnp.where(ok, inv_b, 1.0), 1.0)
-    return jnp.where(ok, ratio ** (0.5 * jnp.asarray(alpha, jnp.float32)), 1.0)
+    ok = jnp.isfinite(log_sa) & jnp.isfinite(log_sb)
+    log_ratio = jnp.where(ok, log_sb - log_sa, 0.0)  # log(σ_max(b) / σ_max(a))
+    return jnp.where(ok, jnp.exp(0.5 * jnp.asarray(alpha, jnp.float32) * log_ratio), 1.0)
 
 
 def rebalance_pair(

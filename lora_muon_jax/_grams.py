@@ -13,17 +13,21 @@ Scale is handled once, on the Grams: every Gram is divided by its trace, so the
 very small (≲1e-19) or exactly zero matrices cannot be formed directly in float32;
 when any Gram of the step is out of range, all of them are recomputed from
 max-abs-normalized inputs inside a ``lax.cond``, so the common case pays nothing.
+
+The spectral norm ``σ_max`` of a factor is read from the same unit-trace Grams
+(:func:`spectral_norms`, :func:`log_spectral_norms`): this is where the gauge
+rebalancing, the diagnostics and the balanced initialization get it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _sharding
+from lora_muon_jax import _linalg, _sharding
 from lora_muon_jax._pairs import FactorLayout
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -48,25 +52,43 @@ def canonical_layout(ndim: int, tall: bool) -> FactorLayout:
     )
 
 
-def gram(x: jax.Array, layout: FactorLayout) -> jax.Array:
+def gram(
+    x: jax.Array,
+    layout: FactorLayout,
+    *,
+    other: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
     """``xᵀx`` over the matrix axes of a stored factor: ``(*batch, r, r)``, float32.
 
     Args:
       x: a factor (or its momentum) in its stored layout, any float dtype.
       layout: where its rank, batch and matrix axes are.
+      other: a second factor ``y`` stored like ``x`` (same layout and matrix
+        sizes; its rank may differ): the result is then ``xᵀy``,
+        ``(*batch, r_x, r_y)``.
+      dtype: the accumulation and result dtype (float32 by default; the float64
+        references pass float64).
 
     Returns:
-      The Gram of every batch index, accumulated in float32 at full precision.
+      The Gram of every batch index, accumulated in ``dtype`` at full precision.
       Under explicit sharding it is replicated over the matrix axes: only ``r×r``
       numbers are reduced across devices.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from lora_muon_jax._grams import canonical_layout, gram
+      >>> b = jnp.arange(6.0).reshape(2, 3)  # a right factor (r, n): its Gram is b bᵀ
+      >>> gram(b, canonical_layout(b.ndim, tall=False)).tolist()
+      [[5.0, 14.0], [14.0, 50.0]]
     """
     dims = ((layout.matrix_axes, layout.matrix_axes), (layout.batch_axes, layout.batch_axes))
     return jax.lax.dot_general(
         x,
-        x,
+        x if other is None else other,
         dims,
         precision=HIGHEST,
-        preferred_element_type=jnp.float32,
+        preferred_element_type=dtype,
         out_sharding=_sharding.small_out_sharding(x, layout.batch_axes),
     )
 
@@ -138,3 +160,68 @@ def normalized_grams(items: Sequence[tuple[jax.Array, FactorLayout]]) -> Normali
         lambda: _normalize_fast(grams),
         lambda: _normalize_slow(items),
     )
+
+
+def _top_eigenvalues(
+    items: Sequence[tuple[jax.Array, FactorLayout]],
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """``λ_max`` of each unit-trace Gram and ``1/‖x‖_F``: one ``eigvalsh`` per rank."""
+    norm = normalized_grams(items)
+    lam = _linalg.apply_batched_by_size(
+        lambda g: jnp.linalg.eigvalsh(_linalg.sym(g))[..., -1], [(g,) for g in norm.grams]
+    )
+    return lam, norm.inv_norms
+
+
+def spectral_norms(items: Sequence[tuple[jax.Array, FactorLayout]]) -> list[jax.Array]:
+    """``σ_max`` of stored factors, per batch index, float32 (``0`` for a zero factor).
+
+    ``σ_max(x)² = λ_max(xᵀx) = λ_max(Ĝ) ‖x‖_F²`` with the unit-trace Gram ``Ĝ`` of
+    :func:`normalized_grams`: only ``r×r`` eigenvalues are computed (one batched
+    ``eigvalsh`` per rank for all ``items``), and huge or tiny factors take the
+    normalized path, so no step overflows. Use :func:`log_spectral_norms` for ratios
+    of factors far apart in scale.
+
+    Args:
+      items: ``(x, layout)`` pairs; see :func:`gram`.
+
+    Returns:
+      ``σ_max`` of every batch index of every ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from lora_muon_jax._grams import canonical_layout, spectral_norms
+      >>> a = jnp.diag(jnp.array([3.0, 1.0]))
+      >>> b = jnp.zeros((2, 4))
+      >>> norms = spectral_norms([(a, canonical_layout(2, True)), (b, canonical_layout(2, False))])
+      >>> [f"{s:.4f}" for s in norms]
+      ['3.0000', '0.0000']
+    """
+    lams, inv_norms = _top_eigenvalues(items)
+    out = []
+    for lam, inv in zip(lams, inv_norms, strict=True):
+        ok = inv > 0
+        out.append(jnp.where(ok, jnp.sqrt(jnp.maximum(lam, 0.0)) / jnp.where(ok, inv, 1.0), 0.0))
+    return out
+
+
+def log_spectral_norms(items: Sequence[tuple[jax.Array, FactorLayout]]) -> list[jax.Array]:
+    """``log σ_max`` of stored factors, per batch index, float32 (``-inf`` for zero).
+
+    As :func:`spectral_norms`, as ``½ log λ_max(Ĝ) - log(1/‖x‖_F)``: finite for any
+    non-zero factor, so differences of logs give ratios of spectral norms that
+    would overflow or underflow as quotients.
+
+    Args:
+      items: ``(x, layout)`` pairs; see :func:`gram`.
+
+    Returns:
+      ``log σ_max`` of every batch index of every ``x``.
+    """
+    lams, inv_norms = _top_eigenvalues(items)
+    out = []
+    for lam, inv in zip(lams, inv_norms, strict=True):
+        ok = (inv > 0) & (lam > 0)
+        log_sigma = 0.5 * jnp.log(jnp.where(ok, lam, 1.0)) - jnp.log(jnp.where(ok, inv, 1.0))
+        out.append(jnp.where(ok, log_sigma, -jnp.inf))
+    return out

@@ -5,19 +5,22 @@ matrices for the paper's Polar Express) in float32, whatever the dtype of the
 parameters, and maps a zero input to a zero output: directions with no mass get no
 step (pseudo-inverse semantics), never inf or NaN.
 
-Matrix polynomials only (Newton–Schulz, Polar Express, with the coefficient tables
-of the LoRA-Muon paper and of Muon), plus an exact SVD ``msign`` for references;
-the ``r×r`` spectral functions of LoRA-Muon's default route live in
-:mod:`lora_muon_jax._whitened_polar`. Coefficient tables are plain Python
-  tuples and become arrays only at trace time, so nothing is created when an
-  optimizer is constructed.
+Matrix polynomials (Newton–Schulz, Polar Express, with the coefficient tables of
+the LoRA-Muon paper and of Muon), an exact SVD ``msign`` for references, and the
+factorizations the peers share: thin QR, the randomized range finder and SVD, and
+one batched call per matrix size for many small stacks
+(:func:`apply_batched_by_size`). The ``r×r`` spectral functions of LoRA-Muon's
+default route live in :mod:`lora_muon_jax._whitened_polar`. Coefficient tables are
+plain Python tuples and become arrays only at trace time, so nothing is created
+when an optimizer is constructed.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +60,8 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
 )
 # Polar Express is safe when the largest singular value is slightly below 1.
 POLAR_EXPRESS_SAFETY = 1.01
+
+_Tree = TypeVar("_Tree")
 
 
 def after(x: Any, *deps: Any) -> Any:
@@ -228,3 +233,144 @@ def msign_svd(x: jax.Array) -> jax.Array:
     u, s, vt = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
     tol = max(x.shape[-2:]) * jnp.finfo(jnp.float32).eps * jnp.max(s, axis=-1, keepdims=True)
     return mm(u * (s > tol).astype(jnp.float32)[..., None, :], vt)
+
+
+def _flat_batch(x: jax.Array, batch_ndim: int) -> jax.Array:
+    """``x`` with its ``batch_ndim`` leading axes flattened into one, replicated.
+
+    Under explicit sharding the (small) arrays are replicated so that arrays of
+    differently sharded leaves can be joined into one batch.
+    """
+    x = _sharding.replicate(x)
+    return x.reshape((-1,) + x.shape[batch_ndim:])
+
+
+def apply_batched_by_size(
+    fn: Callable[..., jax.Array],
+    items: Sequence[tuple[jax.Array, ...]],
+    *,
+    deps: Sequence[Any] = (),
+) -> list[jax.Array]:
+    """``fn`` on many small stacks, in one call per matrix size instead of one per stack.
+
+    Each item is a tuple of arrays (the arguments of ``fn`` for that item) whose
+    first is a stack ``(*batch_i, p, q)``; the others share its leading ``batch_i``
+    (per-matrix scalars ``(*batch_i,)``, other stacks). Items whose first stack has
+    the same ``(p, q)`` are flattened to one batch axis, concatenated argument by
+    argument and passed to ``fn`` in one call: one batched LAPACK call for a whole
+    model instead of one per leaf (fewer kernels, a smaller program). ``fn``
+    returns one array of shape ``(N, *tail)`` for the ``N`` matrices it was given;
+    it is split back into ``(*batch_i, *tail)`` per item, in the order of
+    ``items``. The calls for different sizes run one after another, and the first
+    after ``deps`` (:func:`after`): on CPU each may be a batched LAPACK call.
+
+    Args:
+      fn: a batched function of ``len(items[0])`` arrays with ``N`` leading.
+      items: the arguments of every item.
+      deps: arrays the first call must wait for.
+
+    Returns:
+      ``fn``'s result of each item.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from lora_muon_jax._linalg import apply_batched_by_size
+      >>> items = [(jnp.eye(2)[None] * 3,), (jnp.eye(3),), (jnp.eye(2) * 5,)]
+      >>> out = apply_batched_by_size(lambda x: jnp.linalg.eigvalsh(x)[:, -1], items)
+      >>> [x.tolist() for x in out]  # two calls: the 2x2 stacks together, then the 3x3
+      [[3.0], 1.0, 5.0]
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(tuple(item[0].shape[-2:]), []).append(i)
+    out: list[Any] = [None] * len(items)
+    previous = tuple(deps)
+    for idx in groups.values():
+        flats = [[_flat_batch(x, items[i][0].ndim - 2) for x in items[i]] for i in idx]
+        joined = [jnp.concatenate(parts) for parts in zip(*flats, strict=True)]
+        result = fn(after(joined[0], *previous), *joined[1:])
+        previous = (result,)
+        start = 0
+        for i, flat in zip(idx, flats, strict=True):
+            size = flat[0].shape[0]
+            piece = result[start : start + size]
+            out[i] = piece.reshape(items[i][0].shape[:-2] + piece.shape[1:])
+            start += size
+    return out
+
+
+def thin_qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Thin QR ``x = Q R`` of a stack ``(*batch, p, k)``; ``Q`` keeps ``x``'s sharding.
+
+    QR needs whole columns: under explicit sharding the matrix axes are gathered for
+    it (``p × k`` numbers per matrix, batch axes stay sharded) and ``Q`` goes back to
+    the sharding of ``x``.
+    """
+    spec = _sharding.explicit_spec(x)
+    if spec is None:
+        return jnp.linalg.qr(x)
+    batch = tuple(_sharding.small_out_sharding(x) or ())[:-2]
+    gathered = jax.sharding.reshard(x, jax.sharding.PartitionSpec(*batch, None, None))
+    q, r = jnp.linalg.qr(gathered)
+    return jax.sharding.reshard(q, spec), r
+
+
+def randomized_range(
+    apply: Callable[[_Tree], _Tree],
+    apply_transpose: Callable[[_Tree], _Tree],
+    sketch: _Tree,
+    power_iters: int,
+) -> _Tree:
+    """Orthonormal bases ``Q`` of the ranges of linear maps known through products.
+
+    The randomized range finder with power iterations (Halko, Martinsson, Tropp
+    2011, Alg. 4.3-4.4): ``Q = orth(A Ω)``, then ``power_iters`` times
+    ``Q ← orth(A orth(Aᵀ Q))``, where ``orth`` is the ``Q`` of a thin QR. The maps
+    are given as functions on pytrees of stacks, so many matrices (or a model's
+    gradient, read through backward passes) are sketched in the same calls.
+
+    Args:
+      apply: ``Ω ↦ A Ω`` for a tree of ``(*batch, n, k)`` stacks.
+      apply_transpose: ``Q ↦ Aᵀ Q`` for a tree of ``(*batch, m, k)`` stacks.
+      sketch: the random ``Ω`` (Gaussian, random signs, ...).
+      power_iters: ``q``, the number of power iterations (a rolled loop).
+
+    Returns:
+      ``Q``: a tree of ``(*batch, m, k)`` stacks with orthonormal columns spanning
+      about the top-``k`` range of each ``A`` (exactly its range if its rank is at
+      most ``k``).
+    """
+
+    def orth(ys: _Tree) -> _Tree:
+        return jax.tree.map(lambda y: thin_qr(y)[0], ys)
+
+    def power_step(_: Any, qs: _Tree) -> _Tree:
+        return orth(apply(orth(apply_transpose(qs))))
+
+    qs = orth(apply(sketch))
+    return jax.lax.fori_loop(0, power_iters, power_step, qs) if power_iters else qs
+
+
+def randomized_svd(
+    x: jax.Array, key: jax.Array, rank: int, oversampling: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rank-``rank`` randomized SVD ``x ≈ U diag(S) Vᵀ`` of a ``(*batch, m, n)`` stack.
+
+    ``Ω ~ N(0, 1)^{n×k}`` with ``k = min(rank + oversampling, m, n)``;
+    ``Q = qr(x Ω)`` (:func:`randomized_range`); ``Ũ Σ Vᵀ = svd(Qᵀ x)``; ``U = Q Ũ``;
+    the top ``min(rank, m, n)`` triplets are kept. Exact when ``rank(x) <= k``, in
+    particular when ``k = min(m, n)``. A zero matrix gives zero singular values (no
+    NaN). Float32 in, float32 out.
+
+    Returns:
+      ``(U, S, V)`` of shapes ``(*batch, m, r)``, ``(*batch, r)``, ``(*batch, n, r)``.
+    """
+    *batch, m, n = x.shape
+    k = min(rank + oversampling, m, n)
+    r = min(rank, m, n)
+    omega = jax.random.normal(key, (*batch, n, k), jnp.float32)
+    xt = jnp.swapaxes(x, -1, -2)
+    q = randomized_range(lambda o: mm(x, o), lambda y: mm(xt, y), omega, 0)
+    small = mm(jnp.swapaxes(q, -1, -2), x)  # (*batch, k, n)
+    ub, s, vt = jnp.linalg.svd(small, full_matrices=False)
+    return mm(q, ub[..., :r]), s[..., :r], jnp.swapaxes(vt[..., :r, :], -1, -2)

@@ -76,24 +76,18 @@ def _orbax() -> Any:
     return ocp
 
 
-def _key(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _dotted(path: Any) -> str:
     # Orbax names stored arrays by their key path joined with dots.
-    return ".".join(_key(k) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 def _is_array_meta(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _chain(e: BaseException) -> list[BaseException]:
+def _chain(error: BaseException) -> list[BaseException]:
     out: list[BaseException] = []
+    e: BaseException | None = error
     while e is not None and e not in out:
         out.append(e)
         e = e.__cause__ or e.__context__
@@ -124,9 +118,7 @@ def _unfinished_saves(directory: Path) -> list[str]:
     parent = directory.parent
     if not parent.is_dir():
         return []
-    return sorted(
-        str(p) for p in parent.glob(f"{directory.name}.orbax-checkpoint-tmp*")
-    )
+    return sorted(str(p) for p in parent.glob(f"{directory.name}.orbax-checkpoint-tmp*"))
 
 
 def _check_index(directory: str) -> None:
@@ -317,9 +309,7 @@ def restore_checkpoint(
     check_checkpoint(directory, target, allow_cast=allow_cast)
     ocp = _orbax()
     try:
-        return ocp.StandardCheckpointer().restore(
-            os.path.abspath(os.fspath(directory)), target
-        )
+        return ocp.StandardCheckpointer().restore(os.path.abspath(os.fspath(directory)), target)
     except Exception as e:  # TensorStore read errors arrive as a bare Exception
         if not _is_damage(e):
             raise

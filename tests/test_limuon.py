@@ -15,7 +15,7 @@ from optax.contrib import MuonDimensionNumbers
 from optax.contrib import _muon as optax_muon
 
 from lora_muon_jax.peers import _limuon as lm
-from lora_muon_jax.peers import _dense as dense
+from lora_muon_jax.peers import _dense_weights as dense
 from tests import contract
 from tests.test_lora_pre import check_inject_hyperparams
 

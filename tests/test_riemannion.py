@@ -16,7 +16,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_muon_jax.peers import _riemannion as riem
-from lora_muon_jax.peers import _riemannion_loi as loi
+from lora_muon_jax.peers._riemannion import loi
 from lora_muon_jax.peers import riemannion_loi_init
 from tests import contract
 from tests.helpers import well_conditioned

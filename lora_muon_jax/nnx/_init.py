@@ -20,27 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_muon_jax import _linalg, _pairs, _validation
+from lora_muon_jax import _grams, _pairs, _validation
 from lora_muon_jax.nnx import _merge
 
 _INIT_FN = "balance_lora_init"
 _CHECK_FN = "check_lora_model"
-
-
-def _sigma_max(mats: list[tuple[jax.Array, bool]]) -> list[jax.Array]:
-    """Largest singular value of each ``(*batch, ·, ·)`` matrix (0 for zero), float32.
-
-    All Grams are ``r × r``, so one batched ``eigvalsh`` serves them all.
-    """
-    scales, grams = [], []
-    for x, tall in mats:
-        s = jnp.max(jnp.abs(x), axis=(-2, -1))
-        y = x / jnp.where(s > 0, s, 1.0)[..., None, None]
-        spec = "...mr,...ms->...rs" if tall else "...rn,...sn->...rs"
-        grams.append(jnp.einsum(spec, y, y, precision=_linalg.HIGHEST))
-        scales.append(s)
-    lam = jnp.linalg.eigvalsh(_linalg.sym(jnp.stack(grams)))[..., -1]
-    return [s * jnp.sqrt(jnp.maximum(lam[i], 0.0)) for i, s in enumerate(scales)]
 
 
 def _scaled_to(x: jax.Array, sigma: jax.Array, target: jax.Array) -> jax.Array:
@@ -81,7 +65,8 @@ def _balance_pair(
     # One draw for both factors (one random-bits program to compile).
     g = jax.random.normal(jax.random.fold_in(key, index), (a.size + b.size,), jnp.float32)
     ga, gb = g[: a.size].reshape(a.shape), g[a.size :].reshape(b.shape)
-    sa, sb, sga, sgb = _sigma_max([(a32, True), (b32, False), (ga, True), (gb, False)])
+    tall, wide = _grams.canonical_layout(a.ndim, True), _grams.canonical_layout(b.ndim, False)
+    sa, sb, sga, sgb = _grams.spectral_norms([(a32, tall), (b32, wide), (ga, tall), (gb, wide)])
     # Non-zero pairs: a pure gauge move to the geometric mean sqrt(σa·σb); the
     # product is unchanged.
     # Pairs with a zero factor: draw it, and give both factors the same σ_max,
@@ -127,7 +112,7 @@ def _balance_tree(
     bases = _merge.find_bases(_INIT_FN, names, plan, base_path)
     leaves = list(leaves)
     updates: dict[int, jax.Array] = {}
-    for k, (pair, base) in enumerate(zip(plan.pairs, bases)):
+    for k, (pair, base) in enumerate(zip(plan.pairs, bases, strict=True)):
         a_leaf, b_leaf = jnp.asarray(leaves[pair.a_index]), jnp.asarray(leaves[pair.b_index])
         kernel = None
         if base is not None:
@@ -174,7 +159,7 @@ def _balance_tree(
         )
         updates[pair.a_index] = pair.restore(new_a, "a", a_leaf.shape)
         updates[pair.b_index] = pair.restore(new_b, "b", b_leaf.shape)
-        if new_kernel is not None:
+        if new_kernel is not None and base is not None and kernel is not None:
             updates[base] = new_kernel.reshape(kernel.shape)
     # Nothing is replaced until every pair passed its checks.
     for i, x in updates.items():

@@ -6,6 +6,11 @@ dtype and error rules as :func:`lora_muon_jax.lora_muon`:
 * on LoRA factor pairs: :func:`spectron`, :func:`lora_rite`, :func:`riemannion`;
 * on dense weights (low-rank optimizer *state*): :func:`lora_pre_adam`,
   :func:`lora_pre_muon`, :func:`limuon`.
+
+Each peer is a subpackage (``_spectron``, ``_lora_rite``, ``_riemannion``,
+``_lora_pre``, ``_limuon``) holding its transformation, its alias, and its
+initializer and solvers beside them; ``peers/README.md`` maps each to its paper,
+its sources and the shared helpers it uses.
 """
 
 from lora_muon_jax.peers._limuon import LiMuonState as LiMuonState
@@ -24,8 +29,8 @@ from lora_muon_jax.peers._lora_rite import lora_rite as lora_rite
 from lora_muon_jax.peers._lora_rite import scale_by_lora_rite as scale_by_lora_rite
 from lora_muon_jax.peers._riemannion import RiemannionState as RiemannionState
 from lora_muon_jax.peers._riemannion import riemannion as riemannion
+from lora_muon_jax.peers._riemannion import riemannion_loi_init as riemannion_loi_init
 from lora_muon_jax.peers._riemannion import scale_by_riemannion as scale_by_riemannion
-from lora_muon_jax.peers._riemannion_loi import riemannion_loi_init as riemannion_loi_init
 from lora_muon_jax.peers._spectron import SpectronState as SpectronState
 from lora_muon_jax.peers._spectron import scale_by_spectron as scale_by_spectron
 from lora_muon_jax.peers._spectron import spectron as spectron

@@ -1,6 +1,8 @@
 """Spectron: orthogonalized momentum with spectral renormalization, per LoRA factor pair.
 
-Sources (paper, code, reimplementations, with addresses): see :func:`spectron`.
+The transformation and its alias; the spectral-norm estimates live in
+:mod:`lora_muon_jax.peers._spectron.power_iteration`. Sources (paper, code,
+reimplementations, with addresses): see :func:`spectron`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _pairs, _pairwise, _sharding, _validation
+from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
+from lora_muon_jax.peers import _adamw_fallback
+from lora_muon_jax.peers._spectron.power_iteration import power_iteration, start_vectors
 
 _SCALE_FN = "scale_by_spectron"
 _ALIAS_FN = "spectron"
@@ -22,15 +26,12 @@ _ALIAS_FN = "spectron"
 # Spectron paper's Algorithm 2, as cited by its reimplementations).
 NS_COEFFS: tuple[tuple[float, float, float], ...] = (_linalg.MUON_NS_COEFFS,)
 
-# Fixed seed of the power-iteration start vectors: the state is deterministic and
-# needs no user key.
-_POWER_SEED = 0
-
 
 class SpectronState(NamedTuple):
     """State of :func:`scale_by_spectron`: momenta and power-iteration vectors."""
 
-    count: jax.Array  # shape=(), dtype=int32.
+    # shape=(), dtype=int32. The field shadows tuple.count (optax naming).
+    count: jax.Array  # type: ignore[assignment]
     mu: optax.Updates  # like params; dtype=mu_dtype (default: the param's dtype).
     # Right singular vector estimates, one per factor matrix: shape (*batch, r), float32.
     power_vectors: optax.Updates
@@ -38,15 +39,15 @@ class SpectronState(NamedTuple):
 
 def _check_coeffs(fn: str, coeffs: Any) -> tuple[tuple[float, float, float], ...]:
     try:
-        table = tuple(tuple(float(c) for c in row) for row in coeffs)
+        rows = tuple(tuple(float(c) for c in row) for row in coeffs)
     except (TypeError, ValueError):
-        table = ()
-    if not table or any(len(row) != 3 or not all(map(math.isfinite, row)) for row in table):
+        rows = ()
+    if not rows or any(len(row) != 3 or not all(map(math.isfinite, row)) for row in rows):
         raise ValueError(
             f"{fn}: `ns_coeffs` must be a non-empty sequence of finite (a, b, c) "
             f"triples; got {coeffs!r}."
         )
-    return table
+    return tuple((a, b, c) for a, b, c in rows)
 
 
 def _check_common(
@@ -62,73 +63,6 @@ def _check_common(
         )
     power = _validation.check_static_int(fn, "power_iterations", power_iterations, 1)
     return steps, table, power
-
-
-def _power_step(
-    x: jax.Array, v: jax.Array, left: bool
-) -> tuple[jax.Array, jax.Array]:
-    """One power iteration for ``σ_max`` of a factor, from a rank-space vector.
-
-    ``x`` is ``a`` (``(*batch, m, r)``, ``left=True``) or ``b`` (``(*batch, r, n)``).
-    With the tall view ``T`` (``a`` or ``bᵀ``): ``u = T v/‖T v‖``, ``z = Tᵀ u``,
-    ``σ = ‖z‖ ≤ σ_max`` and the new ``v = z/‖z‖``. A zero ``T v`` (a zero factor)
-    gives ``σ = 0`` and keeps ``v``.
-    """
-    hi = _linalg.HIGHEST
-    if left:
-        w = jnp.einsum("...mr,...r->...m", x, v, precision=hi)
-    else:
-        w = jnp.einsum("...rn,...r->...n", x, v, precision=hi)
-    w_norm = jnp.linalg.norm(w, axis=-1, keepdims=True)
-    u = w / jnp.where(w_norm > 0, w_norm, 1.0)
-    # z contracts the long (possibly sharded) axis: only r numbers are reduced.
-    small = _sharding.small_out_sharding(x)
-    out = None if small is None else jax.sharding.PartitionSpec(*tuple(small)[:-1])
-    if left:
-        z = jnp.einsum("...mr,...m->...r", x, u, precision=hi, out_sharding=out)
-    else:
-        z = jnp.einsum("...rn,...n->...r", x, u, precision=hi, out_sharding=out)
-    sigma = jnp.linalg.norm(z, axis=-1, keepdims=True)
-    new_v = jnp.where(sigma > 0, z / jnp.where(sigma > 0, sigma, 1.0), v)
-    return sigma[..., 0], new_v
-
-
-def _power_iteration(
-    x: jax.Array, v: jax.Array, left: bool, iterations: int
-) -> tuple[jax.Array, jax.Array]:
-    """``iterations`` warm-started power steps (a rolled loop); returns ``(σ, v)``."""
-
-    def body(_, carry):
-        return _power_step(x, carry[1], left)
-
-    sigma0 = jnp.zeros(v.shape[:-1], v.dtype)
-    return jax.lax.fori_loop(0, iterations, body, (sigma0, v))
-
-
-def _start_vectors(pair: _pairs.LoRAPair, k: int, leaves: Sequence[Any]) -> list[jax.Array]:
-    """Unit start vectors for both factors: the exact top right singular vector.
-
-    It is the top eigenvector of the factor's r×r Gram (one small ``eigh``), so
-    the first ``σ`` are exact whatever the spectral gap; a warm-up of a few power
-    steps can leave them several percent low when the top two singular values are
-    close. A zero factor gets a fixed-seed random unit vector instead.
-    """
-    key = jax.random.fold_in(jax.random.key(_POWER_SEED), k)
-    out = []
-    for role, sub in (("a", 0), ("b", 1)):
-        index = pair.a_index if role == "a" else pair.b_index
-        x = pair.canonical(leaves[index], role).astype(jnp.float32)
-        xt = jnp.swapaxes(x, -1, -2)
-        gram = jnp.matmul(
-            *((xt, x) if role == "a" else (x, xt)),
-            precision=_linalg.HIGHEST,
-            out_sharding=_sharding.small_out_sharding(x),
-        )
-        lam, vecs = jnp.linalg.eigh(gram)
-        v = jax.random.normal(jax.random.fold_in(key, sub), lam.shape, jnp.float32)
-        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-        out.append(jnp.where(lam[..., -1:] > 0, vecs[..., -1], v))
-    return out
 
 
 def scale_by_spectron(
@@ -235,7 +169,7 @@ def scale_by_spectron(
         _, leaves, treedef = _pairs.flatten_with_paths(params)
         vectors = list(leaves)
         for k, pair in enumerate(plan.pairs):
-            v_a, v_b = _start_vectors(pair, k, leaves)
+            v_a, v_b = start_vectors(pair, k, leaves)
             vectors[pair.a_index], vectors[pair.b_index] = v_a, v_b
         return SpectronState(
             count=jnp.zeros([], jnp.int32),
@@ -276,8 +210,8 @@ def scale_by_spectron(
             a, b = (stacked(tree.params, role).astype(jnp.float32) for role in ("a", "b"))
             v_a = jnp.stack([vec_leaves[p.a_index] for p in members])
             v_b = jnp.stack([vec_leaves[p.b_index] for p in members])
-            sigma_a, v_a = _power_iteration(a, v_a, True, power)
-            sigma_b, v_b = _power_iteration(b, v_b, False, power)
+            sigma_a, v_a = power_iteration(a, v_a, True, power)
+            sigma_b, v_b = power_iteration(b, v_b, False, power)
             scale = (1.0 / (sigma_a + sigma_b + 1.0))[..., None, None]
             o_a = _linalg.newton_schulz(stacked(source, "a"), table, steps) * scale
             o_b = _linalg.newton_schulz(stacked(source, "b"), table, steps) * scale
@@ -355,14 +289,10 @@ def spectron(
       pairs: how to find factor pairs; see :func:`find_lora_pairs`. Static.
       mu_dtype: momentum dtype for every leaf (LoRA and AdamW); ``None`` keeps the
         param dtype.
-      weight_decay_mask: optional mask (tree or callable) for the weight decay of
-        LoRA leaves.
-      adam_b1: AdamW :math:`β_1` for leaves in no pair.
-      adam_b2: AdamW :math:`β_2` for leaves in no pair.
-      adam_eps: AdamW :math:`ε` for leaves in no pair.
-      adam_eps_root: AdamW :math:`ε_{root}` for leaves in no pair.
-      adam_weight_decay: AdamW weight decay for leaves in no pair.
-      adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+      weight_decay_mask: optional mask (tree or callable) for the factor-wise decay.
+      adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay, adam_learning_rate:
+        the :func:`optax.adamw` setting of that name for leaves in no pair
+        (``adam_learning_rate=None``: ``learning_rate``).
       allow_no_pairs: accept a tree without LoRA pairs (AdamW on every leaf); see
         :func:`lora_muon_jax.lora_muon`.
 
@@ -377,24 +307,17 @@ def spectron(
     Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> from lora_muon_jax.peers import spectron
-      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-      >>> target = jax.random.normal(k1, (16, 8))
-      >>> params = {'lora_a': jax.random.normal(k2, (16, 4)) * 0.3,
-      ...           'lora_b': jax.random.normal(k3, (4, 8)) * 0.3, 'bias': jnp.zeros(8)}
-      >>> loss = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] + p['bias'] - target) ** 2)
-      >>> tx = spectron(learning_rate=1.0)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   grads = jax.grad(loss)(params)
-      ...   updates, state = tx.update(grads, state, params)
-      ...   return optax.apply_updates(params, updates), state
-      >>> state = tx.init(params)
-      >>> print(f"{loss(params):.2f}")
-      1.38
-      >>> for _ in range(50):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")
-      0.23
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> params = {'lora_a': jax.random.normal(k1, (6, 2)),
+      ...           'lora_b': jax.random.normal(k2, (2, 5))}
+      >>> loss = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] - 1.) ** 2)
+      >>> def product_step(c):  # ‖Δ(a b)‖₂ of one step from the factors (c a, b / c)
+      ...   p = {'lora_a': c * params['lora_a'], 'lora_b': params['lora_b'] / c}
+      ...   tx = spectron(learning_rate=0.1)
+      ...   new = optax.apply_updates(p, tx.update(jax.grad(loss)(p), tx.init(p), p)[0])
+      ...   return jnp.linalg.norm(new['lora_a'] @ new['lora_b'] - p['lora_a'] @ p['lora_b'], 2)
+      >>> print(f"{product_step(1.0):.4f} {product_step(10.0):.4f}")  # below η, gauge-dependent
+      0.0655 0.0712
 
     References:
       See :func:`scale_by_spectron`.
@@ -419,6 +342,9 @@ def spectron(
     """
     _check_common(_ALIAS_FN, beta, ns_steps, ns_coeffs, power_iterations)
     _validation.check_scalar("weight_decay", weight_decay, low=0.0, fn=_ALIAS_FN)
+    adamw = _adamw_fallback.AdamWSettings(
+        adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay
+    )
     lora_tx = optax.chain(
         scale_by_spectron(
             beta,
@@ -432,16 +358,6 @@ def spectron(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _pairwise.with_adamw_fallback(
-        lora_tx,
-        pairs=pairs,
-        learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-        adam_b1=adam_b1,
-        adam_b2=adam_b2,
-        adam_eps=adam_eps,
-        adam_eps_root=adam_eps_root,
-        adam_weight_decay=adam_weight_decay,
-        mu_dtype=mu_dtype,
-        label="spectron",
-        allow_no_pairs=allow_no_pairs,
+    return _adamw_fallback.for_lora_pairs(
+        lora_tx, adamw, learning_rate, _ALIAS_FN, pairs, allow_no_pairs, mu_dtype
     )

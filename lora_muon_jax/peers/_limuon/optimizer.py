@@ -15,10 +15,14 @@ summary: Algorithm 1 (``M_0 = ∇f(W_0; ξ_0)``, ``O_t = U_t V_tᵀ``,
 Algorithm 2 (Gaussian sketch with oversampling ``s ≥ 2``, QR, small SVD). Re-read
 for this implementation: the themoonlight review and the zij page state the same
 recursion and the same ``g̃ = ∇f(W_t; ξ_{t+1})``. Addresses: see :func:`limuon`.
+
+The carried low-rank momentum (Option #2) lives in
+:mod:`lora_muon_jax.peers._limuon.low_rank`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -26,59 +30,27 @@ import jax.numpy as jnp
 import optax
 
 from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
-from lora_muon_jax.peers import _dense
+from lora_muon_jax.peers import _adamw_fallback, _dense_weights
+from lora_muon_jax.peers._limuon.low_rank import (
+    LowRankMomentum,
+    randomized_svd,
+    reconstruct,
+    zero_momentum,
+)
 
 _SCALE_FN = "scale_by_limuon"
 _ALIAS_FN = "limuon"
 PREV_GRADS = "prev_grads"
 
 
-class LowRankMomentum(NamedTuple):
-    """Carried momenta ``M̂ = U diag(S) Vᵀ``: three trees like the params.
-
-    For one ``(*batch, m, n)`` matrix the leaves have shapes ``u: (*batch, m, r̂)``,
-    ``s: (*batch, r̂)``, ``v: (*batch, n, r̂)`` (:func:`randomized_svd` returns
-    them as arrays). Keeping three trees, rather than a tuple per leaf, keeps the
-    state a tree of arrays under Flax's ``nnx.Optimizer``.
-    """
-
-    u: optax.Updates
-    s: optax.Updates
-    v: optax.Updates
-
-
 class LiMuonState(NamedTuple):
     """State of :func:`scale_by_limuon`."""
 
-    count: jax.Array  # shape=(), dtype=int32.
+    # shape=(), dtype=int32. The field shadows tuple.count (optax naming).
+    count: jax.Array  # type: ignore[assignment]
     key: jax.Array  # raw PRNG key data (jax.random.key_data), dtype=uint32.
     # Option #1: the full momenta, like the params. Option #2: a LowRankMomentum.
     mu: optax.Updates | LowRankMomentum
-
-
-def randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversampling: int) -> LowRankMomentum:
-    """Rank-``rank`` randomized SVD of a float32 ``(*batch, m, n)`` stack (Halko et al.).
-
-    ``Ω ~ N(0, 1)^{n×k}`` with ``k = min(rank + oversampling, m, n)``;
-    ``Q = qr(x Ω)``; ``Ũ Σ Vᵀ = svd(Qᵀ x)``; ``U = Q Ũ``; the top ``min(rank, m, n)``
-    triplets are kept. Exact when ``rank(x) <= k``, in particular when
-    ``k = min(m, n)``. A zero matrix gives zero singular values (no NaN).
-    """
-    *batch, m, n = x.shape
-    k = min(rank + oversampling, m, n)
-    r = min(rank, m, n)
-    omega = jax.random.normal(key, (*batch, n, k), jnp.float32)
-    q, _ = jnp.linalg.qr(_linalg.mm(x, omega))
-    small = _linalg.mm(jnp.swapaxes(q, -1, -2), x)  # (*batch, k, n)
-    ub, s, vt = jnp.linalg.svd(small, full_matrices=False)
-    u = _linalg.mm(q, ub[..., :r])
-    return LowRankMomentum(u=u, s=s[..., :r], v=jnp.swapaxes(vt[..., :r, :], -1, -2))
-
-
-def reconstruct(mu: LowRankMomentum) -> jax.Array:
-    """``U diag(S) Vᵀ`` in float32."""
-    u = _pairwise.f32(mu.u) * _pairwise.f32(mu.s)[..., None, :]
-    return _linalg.mm(u, jnp.swapaxes(_pairwise.f32(mu.v), -1, -2))
 
 
 def _prev_leaves(fn: str, updates: Any, prev: Any) -> list[Any]:
@@ -90,10 +62,10 @@ def _prev_leaves(fn: str, updates: Any, prev: Any) -> list[Any]:
     """
     u_paths, u_leaves, _ = _pairs.flatten_with_paths(updates)
     p_paths, p_leaves, _ = _pairs.flatten_with_paths(prev)
-    by_path = {_pairs.normalized_path(p): x for p, x in zip(p_paths, p_leaves)}
+    by_path = {_pairs.normalized_path(p): x for p, x in zip(p_paths, p_leaves, strict=True)}
     out = []
     missing = []
-    for path, g in zip(u_paths, u_leaves):
+    for path, g in zip(u_paths, u_leaves, strict=True):
         x = by_path.get(_pairs.normalized_path(path))
         if x is None:
             missing.append(_pairs.path_str(path))
@@ -106,9 +78,51 @@ def _prev_leaves(fn: str, updates: Any, prev: Any) -> list[Any]:
     if missing:
         raise ValueError(
             f"{fn}: `{PREV_GRADS}` must be a gradient tree like `updates`; it has no "
-            f"leaf at {_dense._shown(missing)}."
+            f"leaf at {_dense_weights.shown_list(missing)}."
         )
     return out
+
+
+def _storm_steps(
+    grads: Sequence[jax.Array],
+    momenta: Sequence[Any],
+    prev_grads: Sequence[Any],
+    carry: jax.Array,
+    orthogonalize: Callable[[jax.Array], jax.Array],
+    *,
+    lapack_msign: bool,
+    low_rank: tuple[jax.Array, int, int] | None,
+) -> tuple[list[jax.Array], list[Any]]:
+    """Every leaf's ``M_t = g_t + carry (M̂_{t-1} - g̃_t)``, its ``msign`` and ``M̂_t``.
+
+    ``momenta`` are the carried ``M̂_{t-1}`` (arrays, or :class:`LowRankMomentum`
+    with ``low_rank = (key, rank, oversampling)``). LAPACK calls (an SVD
+    orthogonalizer, the randomized SVD) run one after another
+    (:func:`lora_muon_jax._linalg.after`).
+    """
+    us: list[jax.Array] = []
+    carried_out: list[Any] = []
+    previous: tuple[jax.Array, ...] = ()
+    for i, (g, mu, gt) in enumerate(zip(grads, momenta, prev_grads, strict=True)):
+        g32 = _pairwise.f32(g)
+        carried = reconstruct(mu) if low_rank is not None else _pairwise.f32(mu)
+        correction = carried - (g32 if gt is None else _pairwise.f32(gt))
+        big_m = g32 + carry * correction
+        if low_rank is not None or lapack_msign:
+            big_m = _linalg.after(big_m, *previous)
+        o = orthogonalize(big_m)
+        us.append(o.astype(g.dtype))
+        previous = (o,) if lapack_msign else ()  # Newton–Schulz: no LAPACK
+        if low_rank is not None:
+            key, rank, oversampling = low_rank
+            low = randomized_svd(
+                _linalg.after(big_m, *previous), jax.random.fold_in(key, i), rank, oversampling
+            )
+            previous = (low.u,)
+            carried_out.append([new.astype(old.dtype) for new, old in zip(low, mu, strict=True)])
+        else:
+            carried_out.append(big_m.astype(mu.dtype))
+    return us, carried_out
 
 
 def scale_by_limuon(
@@ -116,8 +130,8 @@ def scale_by_limuon(
     *,
     rank: int | None = None,
     oversampling: int = 2,
-    orthogonalizer: _dense.Orthogonalizer = "newton_schulz",
-    ns_coeffs: Any = _dense.MUON_NS_COEFFS,
+    orthogonalizer: _dense_weights.Orthogonalizer = "newton_schulz",
+    ns_coeffs: Any = _dense_weights.MUON_NS_COEFFS,
     ns_steps: int = 5,
     eps: jax.typing.ArrayLike = 1e-8,
     seed: int = 0,
@@ -229,22 +243,18 @@ def scale_by_limuon(
     _check(_SCALE_FN, beta, rank, oversampling, orthogonalizer, ns_coeffs, ns_steps, eps)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
+    def orthogonalize(x: jax.Array) -> jax.Array:
+        return _dense_weights.orthogonalize(
+            x, orthogonalizer, ns_coeffs=ns_coeffs, ns_steps=ns_steps, eps=eps
+        )
+
     def init_fn(params: Any) -> LiMuonState:
-        _dense.reject_lora_pairs(_SCALE_FN, params, pairs)
-        _dense.check_matrices(_SCALE_FN, params, _ALIAS_FN)
+        _dense_weights.reject_lora_pairs(_SCALE_FN, params, pairs)
+        _dense_weights.check_matrices(_SCALE_FN, params, _ALIAS_FN)
         if rank is None:
             mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         else:
-            leaves, treedef = jax.tree.flatten(params)
-            us, ss, vs = [], [], []
-            for x in leaves:
-                batch, m, n = _dense.matrix_size(x)
-                r = min(rank, m, n)
-                dt = mu_dtype or x.dtype
-                us.append(jnp.zeros((*batch, m, r), dt))
-                ss.append(jnp.zeros((*batch, r), dt))
-                vs.append(jnp.zeros((*batch, n, r), dt))
-            mu = LowRankMomentum(*(jax.tree.unflatten(treedef, x) for x in (us, ss, vs)))
+            mu = zero_momentum(params, rank, mu_dtype)
         key = jax.random.key_data(jax.random.key(seed))
         return LiMuonState(count=jnp.zeros([], jnp.int32), key=key, mu=mu)
 
@@ -252,55 +262,36 @@ def scale_by_limuon(
         updates: Any, state: LiMuonState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, LiMuonState]:
         del params
-        _dense.reject_lora_pairs(_SCALE_FN, updates, pairs)
-        _dense.check_matrices(_SCALE_FN, updates, _ALIAS_FN)
+        _dense_weights.reject_lora_pairs(_SCALE_FN, updates, pairs)
+        _dense_weights.check_matrices(_SCALE_FN, updates, _ALIAS_FN)
+        treedef: Any  # a jax.tree_util.PyTreeDef
         grads, treedef = jax.tree.flatten(updates)
         prev = extra_args.get(PREV_GRADS)
         prev_leaves = (
             [None] * len(grads) if prev is None else _prev_leaves(_SCALE_FN, updates, prev)
         )
-        low_rank = rank is not None
-        if low_rank:
-            mu_leaves = [
-                LowRankMomentum(*x) for x in zip(*(treedef.flatten_up_to(t) for t in state.mu))
-            ]
-        else:
-            mu_leaves = treedef.flatten_up_to(state.mu)
-
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        one_minus_beta = 1.0 - jnp.asarray(beta, jnp.float32)
         # No carried momentum on the first step: M_0 = g_0 (Algorithm 1).
-        carry = jnp.where(state.count > 0, one_minus_beta, 0.0)
-
-        us, mus = [], []
-        previous: tuple[jax.Array, ...] = ()  # LAPACK calls one at a time: _linalg.after
-        for i, (g, mu, gt) in enumerate(zip(grads, mu_leaves, prev_leaves)):
-            g32 = _pairwise.f32(g)
-            carried = reconstruct(mu) if low_rank else _pairwise.f32(mu)
-            correction = carried - (g32 if gt is None else _pairwise.f32(gt))
-            big_m = g32 + carry * correction
-            if low_rank or orthogonalizer == "svd":
-                big_m = _linalg.after(big_m, *previous)
-            o = _dense.orthogonalize(
-                big_m, orthogonalizer, ns_coeffs=ns_coeffs, ns_steps=ns_steps, eps=eps
-            )
-            us.append(o.astype(g.dtype))
-            previous = (o,) if orthogonalizer == "svd" else ()  # Newton–Schulz: no LAPACK
-            if low_rank:
-                low = randomized_svd(
-                    _linalg.after(big_m, *previous), jax.random.fold_in(step_key, i), rank,
-                    oversampling,
-                )
-                previous = (low.u,)
-                mus.append([new.astype(old.dtype) for new, old in zip(low, mu)])
-            else:
-                mus.append(big_m.astype(mu.dtype))
-
-        if low_rank:
-            fields = [[leaf[k] for leaf in mus] for k in range(3)]
-            new_mu = LowRankMomentum(*(jax.tree.unflatten(treedef, f) for f in fields))
+        carry = jnp.where(state.count > 0, 1.0 - jnp.asarray(beta, jnp.float32), 0.0)
+        if rank is None:
+            momenta: list[Any] = treedef.flatten_up_to(state.mu)
         else:
-            new_mu = jax.tree.unflatten(treedef, mus)
+            trees = (treedef.flatten_up_to(t) for t in state.mu)
+            momenta = [LowRankMomentum(*x) for x in zip(*trees, strict=True)]
+        us, carried = _storm_steps(
+            grads,
+            momenta,
+            prev_leaves,
+            carry,
+            orthogonalize,
+            lapack_msign=orthogonalizer == "svd",
+            low_rank=None if rank is None else (step_key, rank, oversampling),
+        )
+        if rank is None:
+            new_mu: Any = jax.tree.unflatten(treedef, carried)
+        else:
+            fields = [[leaf[k] for leaf in carried] for k in range(3)]
+            new_mu = LowRankMomentum(*(jax.tree.unflatten(treedef, f) for f in fields))
         new_state = LiMuonState(
             count=optax.safe_increment(state.count), key=jax.random.key_data(key), mu=new_mu
         )
@@ -324,7 +315,7 @@ def _check(
     if rank is not None:
         _validation.check_static_int(fn, "rank", rank)
     _validation.check_static_int(fn, "oversampling", oversampling, low=0)
-    _dense.check_orthogonalizer(fn, orthogonalizer, ns_coeffs, ns_steps)
+    _dense_weights.check_orthogonalizer(fn, orthogonalizer, ns_coeffs, ns_steps)
 
 
 def limuon(
@@ -334,13 +325,13 @@ def limuon(
     *,
     rank: int | None = None,
     oversampling: int = 2,
-    orthogonalizer: _dense.Orthogonalizer = "newton_schulz",
-    ns_coeffs: Any = _dense.MUON_NS_COEFFS,
+    orthogonalizer: _dense_weights.Orthogonalizer = "newton_schulz",
+    ns_coeffs: Any = _dense_weights.MUON_NS_COEFFS,
     ns_steps: int = 5,
     eps: jax.typing.ArrayLike = 1e-8,
     seed: int = 0,
     mu_dtype: Any = None,
-    shape_scaling: _dense.ShapeScaling = "none",
+    shape_scaling: _dense_weights.ShapeScaling = "none",
     consistent_rms: jax.typing.ArrayLike | None = None,
     weight_decay_mask: Any = None,
     pairs: _pairs.PairsLike = "auto",
@@ -386,15 +377,13 @@ def limuon(
       consistent_rms: overrides ``shape_scaling`` with ``c · sqrt(max(m, n))``.
       weight_decay_mask: optional mask for ``weight_decay``.
       pairs: LoRA pair rules; ``pairs=()`` turns the rejection off.
-      adam_b1: AdamW :math:`β_1` for non-matrix leaves.
-      adam_b2: AdamW :math:`β_2` for non-matrix leaves.
-      adam_eps: AdamW :math:`ε` for non-matrix leaves.
-      adam_eps_root: AdamW :math:`ε_{root}` for non-matrix leaves.
-      adam_weight_decay: AdamW weight decay for non-matrix leaves.
-      adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+      adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay, adam_learning_rate:
+        the :func:`optax.adamw` setting of that name for leaves with ``ndim < 2``
+        (``adam_learning_rate=None``: ``learning_rate``).
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`.
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` reads the
+      extra argument ``prev_grads``.
 
     Raises:
       ValueError, TypeError: as :func:`scale_by_limuon`.
@@ -439,7 +428,12 @@ def limuon(
       Algorithms 1 and 2 exist in public code; their repository: not found.
     """
     _check(_ALIAS_FN, beta, rank, oversampling, orthogonalizer, ns_coeffs, ns_steps, eps)
-    _validation.check_choice(_ALIAS_FN, "shape_scaling", shape_scaling, _dense.SHAPE_SCALINGS)
+    _validation.check_choice(
+        _ALIAS_FN, "shape_scaling", shape_scaling, _dense_weights.SHAPE_SCALINGS
+    )
+    adamw = _adamw_fallback.AdamWSettings(
+        adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay
+    )
     matrix_tx = optax.chain(
         scale_by_limuon(
             beta,
@@ -453,19 +447,8 @@ def limuon(
             mu_dtype=mu_dtype,
             pairs=pairs,
         ),
-        _dense.scale_by_matrix_shape(shape_scaling, consistent_rms),
+        _dense_weights.scale_by_matrix_shape(shape_scaling, consistent_rms),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _dense.with_adamw_fallback(
-        matrix_tx,
-        fn=_ALIAS_FN,
-        pairs=pairs,
-        learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-        b1=adam_b1,
-        b2=adam_b2,
-        eps=adam_eps,
-        eps_root=adam_eps_root,
-        weight_decay=adam_weight_decay,
-        mu_dtype=mu_dtype,
-    )
+    return _adamw_fallback.for_matrices(matrix_tx, adamw, learning_rate, _ALIAS_FN, pairs, mu_dtype)

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _pairs, _validation
-from lora_muon_jax.peers._riemannion import GAUGES, Gauge, check_ranks
+from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
+from lora_muon_jax.peers._riemannion.optimizer import GAUGES, Gauge, check_ranks
 
 if TYPE_CHECKING:
     from lora_muon_jax.nnx._merge import BasePath
@@ -47,7 +47,7 @@ def default_alpha(rank: int) -> float:
       ``α``, the (signed) value of every singular value of the LOI point.
 
     Examples:
-      >>> from lora_muon_jax.peers._riemannion_loi import default_alpha
+      >>> from lora_muon_jax.peers._riemannion.loi import default_alpha
       >>> default_alpha(16)
       -0.0025
     """
@@ -101,9 +101,7 @@ def _check_args(
                 f"{_LOI_FN}: `alpha` must be a finite non-zero number (the paper uses "
                 f"α = −0.01/√r for LLMs, the default `alpha=None`); got {alpha!r}."
             )
-    _validation.check_scalar(
-        "lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=_LOI_FN
-    )
+    _validation.check_scalar("lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=_LOI_FN)
     _validation.check_static_int(_LOI_FN, "oversample", oversample, 0)
     _validation.check_static_int(_LOI_FN, "power_iters", power_iters, 0)
     _validation.check_choice(_LOI_FN, "gauge", gauge, GAUGES)
@@ -120,11 +118,9 @@ def _find_bases(
     _merge = _base_weights()
     names = [_pairs.path_names(p) for p in paths]
     bases = _merge.find_bases(_LOI_FN, names, plan, base_path)
-    for pair, base in zip(plan.pairs, bases):
+    for pair, base in zip(plan.pairs, bases, strict=True):
         if base is None:
-            tried = ", ".join(
-                "/".join(c) for c in _merge.base_candidates(names[pair.a_index])
-            )
+            tried = ", ".join("/".join(c) for c in _merge.base_candidates(names[pair.a_index]))
             raise ValueError(
                 f"{_LOI_FN}: no base weight for the LoRA pair at {pair.a_path} (tried "
                 f"{tried}), so the LOI product cannot be subtracted from it and the "
@@ -139,33 +135,37 @@ def _find_bases(
             tuple(leaves[pair.a_index].shape),
             tuple(leaves[pair.b_index].shape),
         )
-    return tuple(bases)  # type: ignore[arg-type]
+    return tuple(bases)
 
 
 # ------------------------------------------------------------- leaves and probes
 
 
-def _with_rank(
-    pair: _pairs.LoRAPair, role: str, shape: Sequence[int]
-) -> tuple[int, ...]:
+def _with_rank(pair: _pairs.LoRAPair, role: str, shape: Sequence[int]) -> tuple[int, ...]:
     """The stored shape of a factor of ``pair`` (of ``pair.rank``), like ``shape``."""
     axis = (pair.a_axes if role == "a" else pair.b_axes).rank_axis
     return tuple(pair.rank if i == axis else d for i, d in enumerate(shape))
 
 
 def _put_pairs(
+    cfg: _Config,
     leaves: Sequence[Any],
     pairs: Sequence[_pairs.LoRAPair],
     values: Sequence[tuple[jax.Array, jax.Array]],
-) -> list[Any]:
-    """Leaves with each pair's factors set to canonical ``(a, b)`` of ``pair.rank``."""
-    out = list(leaves)
-    for pair, (a, b) in zip(pairs, values):
-        for role, index, x in (("a", pair.a_index, a), ("b", pair.b_index, b)):
+) -> Any:
+    """The tree with each pair's factors set to canonical ``(a, b)`` of ``pair.rank``.
+
+    ``pair.rank`` may differ from the rank of the leaves (the wide probes): the
+    factors are restored to that rank, in the leaves' dtypes.
+    """
+    like = list(leaves)
+    for pair in pairs:
+        for role, index in (("a", pair.a_index), ("b", pair.b_index)):
             ref = leaves[index]
-            shape = _with_rank(pair, role, ref.shape)
-            out[index] = pair.restore(x, role, shape).astype(ref.dtype)
-    return out
+            like[index] = jax.ShapeDtypeStruct(_with_rank(pair, role, ref.shape), ref.dtype)
+    plan = _pairs.PairPlan(pairs=tuple(pairs), unpaired=(), paths=())
+    tree = _pairwise.PairTree(plan, cfg.treedef, grads=list(leaves), params=like)
+    return _pairwise.scatter(tree, values)
 
 
 def _accepts_wide(
@@ -179,9 +179,7 @@ def _accepts_wide(
     for pair in wide:
         for role, index in (("a", pair.a_index), ("b", pair.b_index)):
             ref = leaves[index]
-            specs[index] = jax.ShapeDtypeStruct(
-                _with_rank(pair, role, ref.shape), ref.dtype
-            )
+            specs[index] = jax.ShapeDtypeStruct(_with_rank(pair, role, ref.shape), ref.dtype)
     try:
         out = jax.eval_shape(lambda ls: grad_fn(jax.tree.unflatten(treedef, ls)), specs)
         out_leaves = treedef.flatten_up_to(out)
@@ -212,7 +210,7 @@ def _choose_probes(
     ``"chunked"``: ``r`` columns per call at the leaves' own shapes; ``"auto"``: wide
     when ``grad_fn`` traces at the sketch width, else chunked.
     """
-    wide = tuple(dataclasses.replace(p, rank=k) for p, k in zip(plan.pairs, widths))
+    wide = tuple(dataclasses.replace(p, rank=k) for p, k in zip(plan.pairs, widths, strict=True))
     if sketch != "chunked":
         err = _accepts_wide(grad_fn, treedef, leaves, wide)
         if err is None:
@@ -224,7 +222,7 @@ def _choose_probes(
                 f"{err}. "
                 "Use sketch='chunked' or 'auto'."
             ) from err
-    calls = max(math.ceil(k / p.rank) for k, p in zip(widths, plan.pairs))
+    calls = max(math.ceil(k / p.rank) for k, p in zip(widths, plan.pairs, strict=True))
     return plan.pairs, calls
 
 
@@ -235,7 +233,7 @@ def _grads_at(
     cfg: _Config, leaves: Sequence[Any], values: Sequence[Any], c: jax.Array
 ) -> list[tuple[jax.Array, jax.Array]]:
     """Canonical float32 ``(∂L/∂a, ∂L/∂b) / c`` of each pair at factors ``values``."""
-    tree = jax.tree.unflatten(cfg.treedef, _put_pairs(leaves, cfg.probes, values))
+    tree = _put_pairs(cfg, leaves, cfg.probes, values)
     g_leaves = cfg.treedef.flatten_up_to(cfg.grad_fn(tree))
     return [
         (
@@ -263,12 +261,12 @@ def _products(
     ws = [p.rank for p in cfg.probes]
     padded = [
         jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, cfg.calls * w - x.shape[-1])])
-        for x, w in zip(sketches, ws)
+        for x, w in zip(sketches, ws, strict=True)
     ]
 
     def one(j: jax.Array) -> list[jax.Array]:
         values = []
-        for x, p, w in zip(padded, cfg.probes, ws):
+        for x, p, w in zip(padded, cfg.probes, ws, strict=True):
             cols = jax.lax.dynamic_slice_in_dim(x, j * w, w, axis=-1)
             if transpose:
                 values.append((cols, jnp.zeros((*p.batch_shape, w, p.n))))
@@ -278,12 +276,12 @@ def _products(
         return [_t(g_b) if transpose else g_a for g_a, g_b in grads]
 
     if cfg.calls == 1:
-        return [y[..., : x.shape[-1]] for y, x in zip(one(jnp.int32(0)), sketches)]
+        return [y[..., : x.shape[-1]] for y, x in zip(one(jnp.int32(0)), sketches, strict=True)]
     stacked = jax.lax.map(one, jnp.arange(cfg.calls))
     # (calls, …, p, w) -> (…, p, calls·w), then the sketch width.
     return [
         jnp.moveaxis(y, 0, -2).reshape(*y.shape[1:-1], -1)[..., : x.shape[-1]]
-        for y, x in zip(stacked, sketches)
+        for y, x in zip(stacked, sketches, strict=True)
     ]
 
 
@@ -297,18 +295,12 @@ def _backprop_rsvd(
     # good for a randomized range finder, and much cheaper to compile.
     omegas = [
         jax.random.rademacher(k_i, (*p.batch_shape, p.n, k), dtype=jnp.float32)
-        for k_i, p, k in zip(keys, cfg.pairs, cfg.widths)
+        for k_i, p, k in zip(keys, cfg.pairs, cfg.widths, strict=True)
     ]
-
-    def orth(ys: list[jax.Array]) -> list[jax.Array]:
-        return [jnp.linalg.qr(y, mode="reduced")[0] for y in ys]
-
-    def power_step(_: Any, qs: list[jax.Array]) -> list[jax.Array]:
-        return orth(apply(orth(apply(qs, True)), False))
-
-    qs = orth(apply(omegas, False))
-    qs = jax.lax.fori_loop(0, cfg.power_iters, power_step, qs)
-    return list(zip(qs, apply(qs, True)))
+    qs = _linalg.randomized_range(
+        lambda x: apply(x, False), lambda x: apply(x, True), omegas, cfg.power_iters
+    )
+    return list(zip(qs, apply(qs, True), strict=True))
 
 
 # ------------------------------------------------------- the point and the shift
@@ -346,7 +338,7 @@ def _shift_bases(
     """
     fold = _base_weights().fold_canonical
     out = list(new)
-    for pair, base in zip(cfg.pairs, cfg.bases):
+    for pair, base in zip(cfg.pairs, cfg.bases, strict=True):
         if base is None:
             continue
         kernel = leaves[base]
@@ -368,7 +360,7 @@ def _fold_incoming(cfg: _Config, leaves: Sequence[Any], c: jax.Array) -> list[An
     """The leaves with ``W + c a₀ b₀`` as base weights: where the gradient is taken."""
     fold = _base_weights().fold_canonical
     out = list(leaves)
-    for pair, base in zip(cfg.pairs, cfg.bases):
+    for pair, base in zip(cfg.pairs, cfg.bases, strict=True):
         if base is not None:
             kernel = leaves[base]
             out[base] = fold(
@@ -387,9 +379,9 @@ def _loi(
     sketched = _backprop_rsvd(cfg, _fold_incoming(cfg, leaves, c), key, c)
     values = [
         _loi_factors(q, gt_q, p.rank, alphas[i], c, cfg.gauge)
-        for i, ((q, gt_q), p) in enumerate(zip(sketched, cfg.pairs))
+        for i, ((q, gt_q), p) in enumerate(zip(sketched, cfg.pairs, strict=True))
     ]
-    new = _put_pairs(leaves, cfg.pairs, values)
+    new = cfg.treedef.flatten_up_to(_put_pairs(cfg, leaves, cfg.pairs, values))
     return _shift_bases(cfg, leaves, new, c)
 
 
@@ -541,9 +533,7 @@ def riemannion_loi_init(
     bases = _find_bases(paths, leaves, plan, base_path) if shift_base else no_bases
     widths = tuple(min(2 * p.rank + oversample, p.m, p.n) for p in plan.pairs)
     probes, calls = _choose_probes(grad_fn, treedef, leaves, plan, widths, sketch)
-    cfg = _Config(
-        grad_fn, treedef, plan.pairs, probes, widths, calls, bases, gauge, power_iters
-    )
+    cfg = _Config(grad_fn, treedef, plan.pairs, probes, widths, calls, bases, gauge, power_iters)
     alphas = jnp.asarray(
         [default_alpha(p.rank) for p in plan.pairs]
         if alpha is None

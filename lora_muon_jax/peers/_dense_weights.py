@@ -1,10 +1,12 @@
-"""Helpers shared by the dense-weight peers (LoRA-Pre, LiMuon).
+"""What the dense-weight peers (LoRA-Pre, LiMuon) share: matrix leaves, shapes, msign.
 
 A dense-weight optimizer updates full matrices: every leaf with ``ndim >= 2`` (leading
-axes are batch axes, the last two the matrix) goes to it and every other leaf to an
-AdamW fallback, like :func:`optax.contrib.muon`. Trees holding LoRA factor pairs are
-rejected with a message pointing to :func:`lora_muon_jax.lora_muon`. Also here:
-Muon's shape scaling and the choice of orthogonalizer.
+axes are batch axes, the last two the matrix) goes to it and every other leaf to the
+AdamW fallback (:func:`matrix_labels`, used by
+:func:`lora_muon_jax.peers._adamw_fallback.for_matrices`), like
+:func:`optax.contrib.muon`. Trees holding LoRA factor pairs are rejected with a
+message pointing to :func:`lora_muon_jax.lora_muon`. Also here: Muon's shape
+scaling, the choice of orthogonalizer, per-leaf PRNG keys and the state dtype.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ ShapeScaling = Literal["none", "muon"]
 SHAPE_SCALINGS: tuple[str, ...] = ("none", "muon")
 MUON_NS_COEFFS = _linalg.MUON_NS_COEFFS
 
-_MATRIX_LABEL = "matrix"
+MATRIX_LABEL = "matrix"
 _ADAM_LABEL = "adam"
 
 
-def _shown(names: Sequence[str]) -> str:
+def shown_list(names: Sequence[str]) -> str:
+    """The first 8 of ``names``, comma-separated, and how many more there are."""
     return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
@@ -42,7 +45,7 @@ def reject_lora_pairs(fn: str, tree: Any, pairs: _pairs.PairsLike) -> None:
         raise ValueError(
             f"{fn} is a dense-weight optimizer: it updates full weight matrices "
             "(pretraining or full fine-tuning), but these "
-            f"leaves are LoRA factor pairs: {_shown(names)}. Use `lora_muon` (or a "
+            f"leaves are LoRA factor pairs: {shown_list(names)}. Use `lora_muon` (or a "
             "LoRA-pair peer from `lora_muon_jax.peers`) for LoRA factors. If these "
             "leaves really are dense weights whose names only look like LoRA "
             "factors, pass `pairs=()` to turn pair detection off."
@@ -54,13 +57,13 @@ def check_matrices(fn: str, tree: Any, alias: str) -> None:
     paths, leaves, _ = _pairs.flatten_with_paths(tree)
     bad = [
         f"{_pairs.path_str(p)} (shape {tuple(x.shape)})"
-        for p, x in zip(paths, leaves)
+        for p, x in zip(paths, leaves, strict=True)
         if len(getattr(x, "shape", ())) < 2
     ]
     if bad:
         raise ValueError(
             f"{fn} only updates matrices (leaves with ndim >= 2; leading axes are "
-            f"batch axes), but these leaves are not: {_shown(bad)}. Use the alias "
+            f"batch axes), but these leaves are not: {shown_list(bad)}. Use the alias "
             f"`{alias}`, which sends them to AdamW, or wrap with `optax.partition`."
         )
 
@@ -75,43 +78,10 @@ def matrix_labels(fn: str, pairs: _pairs.PairsLike) -> Callable[[Any], Any]:
     def labels(tree: Any) -> Any:
         reject_lora_pairs(fn, tree, pairs)
         leaves, treedef = jax.tree.flatten(tree)
-        out = [_MATRIX_LABEL if len(x.shape) >= 2 else _ADAM_LABEL for x in leaves]
+        out = [MATRIX_LABEL if len(x.shape) >= 2 else _ADAM_LABEL for x in leaves]
         return jax.tree.unflatten(treedef, out)
 
     return labels
-
-
-def with_adamw_fallback(
-    matrix_tx: optax.GradientTransformation,
-    *,
-    fn: str,
-    pairs: _pairs.PairsLike,
-    learning_rate: optax.ScalarOrSchedule,
-    b1: jax.typing.ArrayLike,
-    b2: jax.typing.ArrayLike,
-    eps: jax.typing.ArrayLike,
-    eps_root: jax.typing.ArrayLike,
-    weight_decay: jax.typing.ArrayLike,
-    mu_dtype: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-    """``matrix_tx`` on leaves with ndim >= 2, :func:`optax.adamw` on the rest.
-
-    Extra arguments shaped like the params (LiMuon's ``prev_grads``) are masked
-    like the updates.
-    """
-    return _pairwise.with_adamw_fallback(
-        matrix_tx,
-        learning_rate=learning_rate,
-        adam_b1=b1,
-        adam_b2=b2,
-        adam_eps=eps,
-        adam_eps_root=eps_root,
-        adam_weight_decay=weight_decay,
-        mu_dtype=mu_dtype,
-        label=_MATRIX_LABEL,
-        labels=matrix_labels(fn, pairs),
-        mask_compatible_extra_args=True,
-    )
 
 
 def matrix_size(x: Any) -> tuple[tuple[int, ...], int, int]:
@@ -176,6 +146,7 @@ def orthogonalize(
 
 
 def check_orthogonalizer(fn: str, method: Any, ns_coeffs: Any, ns_steps: Any) -> None:
+    """Raises for an unknown ``method`` or ``ns_coeffs``/``ns_steps`` that do not fit."""
     _validation.check_choice(fn, "orthogonalizer", method, ORTHOGONALIZERS)
     _validation.check_static_int(fn, "ns_steps", ns_steps)
     try:
@@ -198,6 +169,7 @@ def leaf_keys(seed: Any, leaves: Sequence[Any], parts: int) -> list[jax.Array]:
 
 
 def state_dtype_of(fn: str, dtype: Any) -> jnp.dtype:
+    """``dtype`` as a float dtype, or a clear error naming ``state_dtype``."""
     try:
         out = jnp.dtype(dtype)
     except TypeError as err:
@@ -205,5 +177,3 @@ def state_dtype_of(fn: str, dtype: Any) -> jnp.dtype:
     if not jnp.issubdtype(out, jnp.floating):
         raise ValueError(f"{fn}: `state_dtype` must be a float dtype; got {dtype!r}.")
     return out
-
-

@@ -1,18 +1,22 @@
 """LoRA-RITE: transformation-invariant adaptive preconditioning of LoRA factor pairs.
 
-Sources (paper, the authors' code, reimplementations, with addresses) are listed in
-:func:`lora_rite`.
+The transformation and its alias; the per-step maths of a stack of pairs lives in
+:mod:`lora_muon_jax.peers._lora_rite.preconditioner`. Sources (paper, the authors'
+code, reimplementations, with addresses) are listed in :func:`lora_rite`.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _pairs, _pairwise, _sharding, _validation
+from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
+from lora_muon_jax.peers import _adamw_fallback
+from lora_muon_jax.peers._lora_rite import preconditioner as pc
 
 _SCALE_FN = "scale_by_lora_rite"
 _ALIAS_FN = "lora_rite"
@@ -26,101 +30,35 @@ class LoRARiteState(NamedTuple):
     the factor's own (``batch`` is the pair's batch shape).
     """
 
-    count: jax.Array  # shape=(), dtype=int32.
+    # shape=(), dtype=int32. The field shadows tuple.count (optax naming).
+    count: jax.Array  # type: ignore[assignment]
     mu: optax.Updates  # first moments, like params; dtype=mu_dtype (default: param dtype).
     nu: optax.Updates  # r×r second moments per factor, shape (*batch, r, r), float32+.
     basis: optax.Updates  # previous QR bases, like params (b holds Qᵀ), float32+.
     escape: optax.Updates  # escaped mass ρ per factor, shape (*batch,), float32+.
 
 
+class _StateLeaves(NamedTuple):
+    """The state's trees as leaf lists, in the order of the updates' leaves."""
+
+    mu: list[Any]
+    nu: list[Any]
+    basis: list[Any]
+    escape: list[Any]
+
+
+class _Group(NamedTuple):
+    """Same-shaped pairs stacked on a new leading axis, after pass 1."""
+
+    members: list[_pairs.LoRAPair]
+    a: pc.Factor  # a, tall
+    b: pc.Factor  # bᵀ, tall
+    pass1: pc.Unmagnified
+
+
 def _compute_dtype(dtype: Any) -> Any:
     # float32 at least (bf16/f16 factors), float64 when the params are float64.
     return jnp.promote_types(dtype, jnp.float32)
-
-
-def _gram(x: jax.Array, y: jax.Array) -> jax.Array:
-    """``xᵀ y`` for thin ``(*batch, rows, r)`` stacks: an r×r result from a long contraction."""
-    return jnp.matmul(
-        jnp.swapaxes(x, -1, -2),
-        y,
-        precision=_linalg.HIGHEST,
-        out_sharding=_sharding.small_out_sharding(x),
-    )
-
-
-def _rms(x: jax.Array) -> jax.Array:
-    """Root mean square of each matrix of a stack, shape ``batch``."""
-    return jnp.sqrt(jnp.mean(jnp.square(x), axis=(-2, -1)))
-
-
-def _decay(beta: jax.Array, count: jax.Array) -> jax.Array:
-    """Adafactor's bias-corrected decay ``β(1-βᵗ)/(1-βᵗ⁺¹)``, ``t`` 0-based (0 at ``t = 0``).
-
-    At ``β = 1`` (e.g. 0.999 rounded by a bf16 ``inject_hyperparams``) it takes its
-    limit ``t/(t+1)`` instead of 0/0.
-    """
-    den = 1.0 - beta ** (count + 1.0)
-    safe = jnp.where(den > 0, den, 1.0)
-    return jnp.where(den > 0, beta * (1.0 - beta**count) / safe, count / (count + 1.0))
-
-
-def _qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Thin QR of a tall stack; under explicit sharding the factor is gathered for it.
-
-    The thin factor (``rows × r``) is small next to the layer it adapts; ``Q`` goes
-    back to the input's sharding so the stored basis keeps the params' layout.
-    """
-    spec = _sharding.explicit_spec(x)
-    if spec is None:
-        return jnp.linalg.qr(x)
-    batch = tuple(_sharding.small_out_sharding(x))[:-2]
-    q, r = jnp.linalg.qr(jax.sharding.reshard(x, jax.sharding.PartitionSpec(*batch, None, None)))
-    return jax.sharding.reshard(q, spec), r
-
-
-def _pinv(r: jax.Array) -> jax.Array:
-    """Pseudo-inverse of a stack of r×r matrices by SVD; a zero ``R`` gives zero.
-
-    Singular values up to ``eps · r · σ_max`` count as zero (torch.linalg.pinv's
-    default, as in the reference).
-    """
-    u, sv, vt = jnp.linalg.svd(r, full_matrices=False)
-    keep = sv > jnp.finfo(r.dtype).eps * r.shape[-1] * sv[..., :1]
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, sv, 1.0), 0.0)
-    return _linalg.mm(jnp.swapaxes(vt, -1, -2) * inv[..., None, :], jnp.swapaxes(u, -1, -2))
-
-
-def _inv_sqrt(v: jax.Array, shift: jax.Array, eps: jax.Array) -> jax.Array:
-    """``E diag(1/(√(λ+ρ) + ε)) Eᵀ`` for ``V = E diag(λ) Eᵀ``, with no NaN or inf.
-
-    Rounding can make an eigenvalue of a rank-deficient ``V`` slightly negative: it
-    is clamped at zero. A zero denominator (``ε = 0`` and ``λ + ρ = 0``) gives a zero
-    gain: such directions carry no gradient (the null space of ``V`` lies in that of
-    the gradient), so this is the pseudo-inverse.
-    """
-    lam, vecs = jnp.linalg.eigh(_linalg.sym(v))
-    root = jnp.sqrt(jnp.maximum(lam + shift[..., None], 0.0)) + eps
-    gain = jnp.where(root > 0, 1.0 / jnp.where(root > 0, root, 1.0), 0.0)
-    return _linalg.sym(_linalg.mm(vecs * gain[..., None, :], jnp.swapaxes(vecs, -1, -2)))
-
-
-def _escaped_mass(v_old: jax.Array, v_new: jax.Array) -> jax.Array:
-    """Second-moment mass lost by the basis transport (ascending eigenvalues compared)."""
-    eigs = jnp.linalg.eigvalsh(_linalg.sym(jnp.stack([v_old, v_new])))  # one batched call
-    eig_diff = jnp.max(eigs[0] - eigs[1], axis=-1)
-    trace_diff = jnp.trace(v_old, axis1=-2, axis2=-1) - jnp.trace(v_new, axis1=-2, axis2=-1)
-    return jnp.minimum(jnp.maximum(eig_diff, 0.0), jnp.maximum(trace_diff, 0.0))
-
-
-class _Factor(NamedTuple):
-    """One factor seen as a tall ``(*batch, rows, r)`` matrix (``a``, or ``bᵀ``)."""
-
-    param: jax.Array
-    grad: jax.Array
-    mu: jax.Array
-    basis_old: jax.Array
-    nu: jax.Array
-    escape: jax.Array
 
 
 def _check_shapes(fn: str, pair: _pairs.LoRAPair) -> None:
@@ -138,31 +76,49 @@ def _tall(x: jax.Array, role: str) -> jax.Array:
     return x if role == "a" else jnp.swapaxes(x, -1, -2)
 
 
-def _gather(pair, role, dtype, tree, mu, basis, nu, escape) -> _Factor:
-    """One factor's param, gradient and state, canonical and tall, in ``dtype``."""
-    index = pair.a_index if role == "a" else pair.b_index
+def _stacked_factor(
+    members: Sequence[_pairs.LoRAPair],
+    role: Literal["a", "b"],
+    dtype: Any,
+    tree: _pairwise.PairTree,
+    state: _StateLeaves,
+) -> pc.Factor:
+    """One factor of every pair of a group, canonical and tall, stacked, in ``dtype``."""
 
-    def tall(leaves):
-        return _tall(pair.canonical(leaves[index], role).astype(dtype), role)
+    def one(pair: _pairs.LoRAPair) -> pc.Factor:
+        index = pair.a_index if role == "a" else pair.b_index
 
-    return _Factor(
-        param=tall(tree.params),
-        grad=tall(tree.grads),
-        mu=tall(mu),
-        basis_old=tall(basis),
-        nu=nu[index].astype(dtype),
-        escape=escape[index].astype(dtype),
-    )
+        def tall(leaves: Sequence[Any]) -> jax.Array:
+            return _tall(pair.canonical(leaves[index], role).astype(dtype), role)
+
+        return pc.Factor(
+            param=tall(tree.params),
+            grad=tall(tree.grads),
+            mu=tall(state.mu),
+            basis_old=tall(state.basis),
+            nu=state.nu[index].astype(dtype),
+            escape=state.escape[index].astype(dtype),
+        )
+
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(one(pair) for pair in members))
 
 
-def _stack(factors: list[_Factor]) -> _Factor:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *factors)
+def _pass1(tree: _pairwise.PairTree, state: _StateLeaves, update_skipping: Any) -> list[_Group]:
+    """Every group's bases and unmagnified gradients (the clip needs all of them first).
 
-
-def _skip(g: jax.Array, threshold: jax.Array) -> jax.Array:
-    """Zeroes each matrix of ``g`` whose RMS exceeds ``threshold`` (if positive)."""
-    skipped = (threshold > 0) & (_rms(g) > threshold)
-    return jnp.where(skipped[..., None, None], 0.0, g)
+    Pairs of identical shapes (the adapters of an unscanned model) are stacked on a
+    new leading axis and computed as one: compile time and kernel count grow with
+    the number of distinct shapes, not of adapters.
+    """
+    groups: list[_Group] = []
+    previous: tuple[Any, ...] = ()  # LAPACK calls one at a time: _linalg.after
+    for members in _pairwise.same_shape_groups(tree):
+        dtype = _compute_dtype(tree.params[members[0].a_index].dtype)
+        fa, fb = (_stacked_factor(members, role, dtype, tree, state) for role in ("a", "b"))
+        pass1 = pc.unmagnify(fa, fb, jnp.asarray(update_skipping, dtype), previous)
+        previous = (pass1.ri_a,)
+        groups.append(_Group(members, fa, fb, pass1))
+    return groups
 
 
 def scale_by_lora_rite(
@@ -328,137 +284,48 @@ def scale_by_lora_rite(
         tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
         for pair in tree.plan.pairs:
             _check_shapes(_SCALE_FN, pair)
-        mu_leaves = tree.treedef.flatten_up_to(state.mu)
-        basis_leaves = tree.treedef.flatten_up_to(state.basis)
-        nu_leaves = tree.treedef.flatten_up_to(state.nu)
-        esc_leaves = tree.treedef.flatten_up_to(state.escape)
-
-        # Pairs of identical shapes (the adapters of an unscanned model) are stacked
-        # on a new leading axis and computed as one: compile time and kernel count
-        # grow with the number of distinct shapes, not of adapters.
-
-        # Pass 1, every group: bases, unmagnified gradients, skipping. The clip
-        # needs the norm over all pairs before any preconditioning.
-        staged = []
-        previous: tuple[Any, ...] = ()  # LAPACK calls one at a time: _linalg.after
-        for members in _pairwise.same_shape_groups(tree):
-            dtype = _compute_dtype(tree.params[members[0].a_index].dtype)
-            fa, fb = (
-                _stack(
-                    [
-                        _gather(pair, role, dtype, tree, mu_leaves, basis_leaves, nu_leaves,
-                                esc_leaves)
-                        for pair in members
-                    ]
-                )
-                for role in ("a", "b")
+        old = _StateLeaves(
+            *(
+                tree.treedef.flatten_up_to(t)
+                for t in (state.mu, state.nu, state.basis, state.escape)
             )
-            q_a, r_a = _qr(_linalg.after(fa.param, *previous))
-            q_b, r_b = _qr(_linalg.after(fb.param, q_a))
-            # both factors' r×r work at once
-            ri_a, ri_b = _pinv(_linalg.after(jnp.stack([r_a, r_b]), q_b))
-            previous = (ri_a,)
-            skip = jnp.asarray(update_skipping, dtype)
-            g_a = _skip(_linalg.mm(fa.grad, ri_b), skip)  # = G Q_b
-            g_b = _skip(_linalg.mm(fb.grad, ri_a), skip)  # = Gᵀ Q_a
-            staged.append((members, fa, fb, q_a, q_b, ri_a, ri_b, g_a, g_b))
-
-        wide = jnp.result_type(jnp.float32, *(s[1].param.dtype for s in staged))
-        sq = [jnp.sum(jnp.square(g.astype(wide))) for s in staged for g in s[7:]]
-        norm = jnp.sqrt(sum(sq, jnp.zeros([], wide)))
-        tau = jnp.asarray(clip_unmagnified_grad, wide)
-        clip = jnp.where((tau > 0) & (norm > tau), tau / jnp.where(norm > 0, norm, 1.0), 1.0)
-
+        )
+        groups = _pass1(tree, old, update_skipping)
+        clip = pc.clip_scale(
+            [g for group in groups for g in (group.pass1.g_a, group.pass1.g_b)],
+            clip_unmagnified_grad,
+        )
         # Pass 2, every group: moments in the partner's moving basis, preconditioning.
         per_pair, new_mu, new_basis = [], [], []
-        nu_out, esc_out = list(nu_leaves), list(esc_leaves)
-        for members, fa, fb, q_a, q_b, ri_a, ri_b, g_a, g_b in staged:
-            hp = _Hyper.make(fa.param.dtype, state.count, b1, b2, eps, update_capping)
-            c = _linalg.after(clip.astype(fa.param.dtype), *previous)
-            partners = ((q_b, fb.basis_old, ri_b), (q_a, fa.basis_old, ri_a))
-            (u_a, u_b), (m_a, m_b), v, e = _pair_step(
-                (fa, fb), (g_a * c, g_b * c), partners, hp, apply_escape
-            )
-            previous = (u_a,)
-            for k, pair in enumerate(members):
-                per_pair.append((u_a[k], _tall(u_b[k], "b")))
-                new_mu.append((m_a[k], _tall(m_b[k], "b")))
+        nu_out, esc_out = list(old.nu), list(old.escape)
+        previous: tuple[Any, ...] = (groups[-1].pass1.ri_a,) if groups else ()
+        for group in groups:
+            dtype = group.a.param.dtype
+            hp = pc.Hyper.make(dtype, state.count, b1, b2, eps, update_capping)
+            c = _linalg.after(clip.astype(dtype), *previous)
+            step = pc.pair_step(group.a, group.b, group.pass1, c, hp, apply_escape)
+            previous = (step.update_a,)
+            q_a, q_b = group.pass1.q_a, group.pass1.q_b
+            for k, pair in enumerate(group.members):
+                per_pair.append((step.update_a[k], _tall(step.update_b[k], "b")))
+                new_mu.append((step.mu_a[k], _tall(step.mu_b[k], "b")))
                 new_basis.append((q_a[k], _tall(q_b[k], "b")))
-                nu_out[pair.a_index], nu_out[pair.b_index] = v[0, k], v[1, k]
-                esc_out[pair.a_index], esc_out[pair.b_index] = e[0, k], e[1, k]
-        ordered = [pair for members, *_ in staged for pair in members]
-        tree = tree._replace(plan=tree.plan._replace(pairs=tuple(ordered)))
-
-        new_state = LoRARiteState(
+                nu_out[pair.a_index], nu_out[pair.b_index] = step.nu[0, k], step.nu[1, k]
+                esc_out[pair.a_index], esc_out[pair.b_index] = step.escape[0, k], step.escape[1, k]
+        ordered = tuple(pair for group in groups for pair in group.members)
+        tree = tree._replace(plan=tree.plan._replace(pairs=ordered))
+        return _pairwise.scatter(tree, per_pair), LoRARiteState(
             count=optax.safe_increment(state.count),
-            mu=_pairwise.scatter(tree, new_mu, like=mu_leaves),
+            mu=_pairwise.scatter(tree, new_mu, like=old.mu),
             nu=_pairwise.unflatten(tree, nu_out),
-            basis=_pairwise.scatter(tree, new_basis, like=basis_leaves),
+            basis=_pairwise.scatter(tree, new_basis, like=old.basis),
             escape=_pairwise.unflatten(tree, esc_out),
         )
-        return _pairwise.scatter(tree, per_pair), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-class _Hyper(NamedTuple):
-    d1: jax.Array
-    d2: jax.Array
-    eps: jax.Array
-    cap: jax.Array
-
-    @classmethod
-    def make(cls, dtype, count, b1, b2, eps, cap) -> _Hyper:
-        t = count.astype(dtype)
-        return cls(
-            d1=_decay(jnp.asarray(b1, dtype), t),
-            d2=_decay(jnp.asarray(b2, dtype), t),
-            eps=jnp.asarray(eps, dtype),
-            cap=jnp.asarray(cap, dtype),
-        )
-
-
-def _pair_step(
-    factors: tuple[_Factor, _Factor],
-    grads: tuple[jax.Array, jax.Array],
-    partners: tuple[tuple[jax.Array, jax.Array, jax.Array], ...],
-    hp: _Hyper,
-    apply_escape: bool,
-) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array], jax.Array, jax.Array]:
-    """Both factors' steps from their unmagnified gradients.
-
-    ``partners`` holds, per factor, its partner's new basis ``Q``, old basis and
-    ``R⁺``. Returns the two updates and first moments (tall), and the second
-    moments and escaped masses stacked ``(2, *batch, ...)`` (``a`` first). The r×r
-    matrices of both factors share one ``eigh`` (and one ``eigvalsh`` for the
-    escape).
-    """
-    # Basis change of each factor's coordinates: its partner's new vs old basis
-    # (zero at the first step, which starts the moments from zero).
-    p = jnp.stack([_gram(q_new, q_old) for q_new, q_old, _ in partners])
-    pt = jnp.swapaxes(p, -1, -2)
-    nu = jnp.stack([f.nu for f in factors])
-    v_moved = _linalg.sym(_linalg.mm(_linalg.mm(p, nu), pt))
-    if apply_escape:
-        escape = hp.d2 * (jnp.stack([f.escape for f in factors]) + _escaped_mass(nu, v_moved))
-    else:
-        escape = jnp.zeros(nu.shape[:-2], nu.dtype)
-    grams = jnp.stack([_gram(g, g) / g.shape[-2] for g in grads])  # /rows, as the reference
-    v = _linalg.sym(hp.d2 * v_moved + (1.0 - hp.d2) * _linalg.sym(grams))
-    v = _linalg.after(v, escape)  # the escape's eigvalsh before this eigh
-    k = _inv_sqrt(v, escape, hp.eps)
-    updates, moments = [], []
-    for i, (f, g, (_, _, ri)) in enumerate(zip(factors, grads, partners, strict=True)):
-        s = _linalg.mm(g, k[i])
-        mu = hp.d1 * _linalg.mm(f.mu, pt[i]) + (1.0 - hp.d1) * s
-        scale = jnp.maximum(1.0, _rms(mu) / jnp.where(hp.cap > 0, hp.cap, 1.0))
-        capped = mu / jnp.where(hp.cap > 0, scale, 1.0)[..., None, None]
-        updates.append(_linalg.mm(capped, jnp.swapaxes(ri, -1, -2)))  # magnitude back
-        moments.append(mu)
-    return (updates[0], updates[1]), (moments[0], moments[1]), v, escape
-
-
-def _check_hparams(fn, b1, b2, eps, clip, skip, cap) -> None:
+def _check_hparams(fn: str, b1: Any, b2: Any, eps: Any, clip: Any, skip: Any, cap: Any) -> None:
     _validation.check_scalar("b1", b1, low=0.0, high=1.0, high_inclusive=False, fn=fn)
     _validation.check_scalar("b2", b2, low=0.0, high=1.0, high_inclusive=False, fn=fn)
     _validation.check_scalar("eps", eps, low=0.0, fn=fn)
@@ -532,12 +399,9 @@ def lora_rite(
         the param dtype.
       weight_decay_mask: optional mask (tree or callable) for the weight decay of
         LoRA leaves.
-      adam_b1: AdamW :math:`β_1` for leaves in no pair.
-      adam_b2: AdamW :math:`β_2` for leaves in no pair.
-      adam_eps: AdamW :math:`ε` for leaves in no pair.
-      adam_eps_root: AdamW :math:`ε_{root}` for leaves in no pair.
-      adam_weight_decay: AdamW weight decay for leaves in no pair.
-      adam_learning_rate: AdamW learning rate; ``None`` uses ``learning_rate``.
+      adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay, adam_learning_rate:
+        the :func:`optax.adamw` setting of that name for leaves in no pair
+        (``adam_learning_rate=None``: ``learning_rate``).
       allow_no_pairs: accept a tree without LoRA pairs (AdamW on every leaf); see
         :func:`lora_muon_jax.lora_muon`.
 
@@ -549,26 +413,15 @@ def lora_rite(
       ValueError: as :func:`scale_by_lora_rite`, and a negative ``weight_decay``.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_muon_jax import testing
       >>> from lora_muon_jax.peers import lora_rite
-      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-      >>> target = jax.random.normal(k1, (16, 8))
-      >>> params = {'lora_a': jax.random.normal(k2, (16, 4)) * 0.3,
-      ...           'lora_b': jax.random.normal(k3, (4, 8)) * 0.3, 'bias': jnp.zeros(8)}
-      >>> loss = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] + p['bias'] - target) ** 2)
-      >>> tx = lora_rite(learning_rate=0.05)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   grads = jax.grad(loss)(params)
-      ...   updates, state = tx.update(grads, state, params)
-      ...   return optax.apply_updates(params, updates), state
-      >>> state = tx.init(params)
-      >>> print(f"{loss(params):.2f}")
-      1.38
-      >>> for _ in range(50):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")
-      0.22
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> params = {'lora_a': jax.random.normal(k1, (6, 2)),
+      ...           'lora_b': jax.random.normal(k2, (2, 5))}
+      >>> loss = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] - 1.) ** 2)
+      >>> # Factors rescaled to (9 a, b / 9): the same products after every step.
+      >>> testing.assert_gauge_invariant(lora_rite(learning_rate=0.05), params, loss)
 
     References:
       See :func:`scale_by_lora_rite`.
@@ -586,10 +439,11 @@ def lora_rite(
       Biderman, *LoRA-Muon* (https://arxiv.org/abs/2606.12921), which relates
       LoRA-RITE's QR-coordinate core to the spectral update.
     """
-    _check_hparams(
-        _ALIAS_FN, b1, b2, eps, clip_unmagnified_grad, update_skipping, update_capping
-    )
+    _check_hparams(_ALIAS_FN, b1, b2, eps, clip_unmagnified_grad, update_skipping, update_capping)
     _validation.check_scalar("weight_decay", weight_decay, low=0.0, fn=_ALIAS_FN)
+    adamw = _adamw_fallback.AdamWSettings(
+        adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay
+    )
     lora_tx = optax.chain(
         scale_by_lora_rite(
             b1,
@@ -605,16 +459,6 @@ def lora_rite(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _pairwise.with_adamw_fallback(
-        lora_tx,
-        pairs=pairs,
-        learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-        adam_b1=adam_b1,
-        adam_b2=adam_b2,
-        adam_eps=adam_eps,
-        adam_eps_root=adam_eps_root,
-        adam_weight_decay=adam_weight_decay,
-        mu_dtype=mu_dtype,
-        label="lora_rite",
-        allow_no_pairs=allow_no_pairs,
+    return _adamw_fallback.for_lora_pairs(
+        lora_tx, adamw, learning_rate, _ALIAS_FN, pairs, allow_no_pairs, mu_dtype
     )
