@@ -119,7 +119,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--m", type=int, default=256)
     ap.add_argument("--n", type=int, default=192)
@@ -127,11 +129,16 @@ def main(argv=None):
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args(argv)
     rows = run(args.trials, args.m, args.n, args.r)
-    print(f"float32 vs float64 SVD reference, m={args.m}, n={args.n}, r={args.r}, {args.trials} trials (max)")
+    print(
+        f"float32 vs float64 SVD reference, m={args.m}, n={args.n}, r={args.r}, "
+        f"{args.trials} trials (max)"
+    )
     print()
     print(table(rows))
     if args.out:
-        common.write_json(args.out, {"machine": common.machine_info(), "args": vars(args), "rows": rows})
+        common.write_json(
+            args.out, {"machine": common.machine_info(), "args": vars(args), "rows": rows}
+        )
     return rows
 
 

@@ -87,7 +87,9 @@ def optimizer_step(tx: optax.GradientTransformation) -> Callable[..., Any]:
 
 def assert_finite(tree: Any, what: str) -> None:
     """Refuses to report a number from a run that produced NaN or inf."""
-    bad = [x for x in jax.tree.leaves(tree) if not bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))]
+    bad = [
+        x for x in jax.tree.leaves(tree) if not bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))
+    ]
     if bad:
         raise FloatingPointError(f"{what}: the step produced NaN/inf; no timing reported.")
 
@@ -102,7 +104,7 @@ def measure_bandwidth(repeats: int = 20) -> float:
     for mib in (1, 4, 16, 64):
         x = jnp.ones((mib * 1024 * 1024 // 4,), jnp.float32)
         fn = jax.jit(lambda v: v * 2.0 + 1.0)
-        t = interleaved_times({"bw": lambda: fn(x)}, repeats)["bw"]
+        t = interleaved_times({"bw": lambda fn=fn, x=x: fn(x)}, repeats)["bw"]
         best = max(best, 2 * x.nbytes / float(np.median(t)) / 1e9)
     return best
 

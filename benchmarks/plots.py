@@ -81,7 +81,8 @@ def models_table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {tree} | {name} | {ms:.2f} | {_ratio(e, lora['adamw']):.2f} "
                 f"| {e['bytes_accessed'] / elems:.0f} | {e['bytes_accessed'] / ms / 1e6:.1f} "
-                f"| {e['flops'] / ms / 1e6:.1f} | {roof:.2f} | {100 * roof / ms:.0f}% | {temps:.2f} |"
+                f"| {e['flops'] / ms / 1e6:.1f} | {roof:.2f} | {100 * roof / ms:.0f}% "
+                f"| {temps:.2f} |"
             )
     return "\n".join(lines)
 
@@ -92,9 +93,11 @@ def dense_table(results: dict[str, Any]) -> str:
     if not rows:
         return ""
     names = [k for k in rows[0]["dense"] if k != "dense_adamw"]
-    head = "| L, m, n (dense tree) | dense AdamW ms | " + " | ".join(
-        f"{k} ms (×dense AdamW)" for k in names
-    ) + " | LoRA-Muon (r) ms on the LoRA tree |"
+    head = (
+        "| L, m, n (dense tree) | dense AdamW ms | "
+        + " | ".join(f"{k} ms (×dense AdamW)" for k in names)
+        + " | LoRA-Muon (r) ms on the LoRA tree |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         c, dense = row["config"], row["dense"]
@@ -123,7 +126,8 @@ def memory_table(results: dict[str, Any]) -> str:
     for tree, elems in (("lora", lora_elems), ("dense", dense_elems)):
         for name, e in row.get(tree, {}).items():
             lines.append(
-                f"| {name} | {tree} | {_fmt_bytes(e['state_bytes'])} | {e['state_floats'] / elems:.2f} "
+                f"| {name} | {tree} | {_fmt_bytes(e['state_bytes'])} "
+                f"| {e['state_floats'] / elems:.2f} "
                 f"| {_fmt_bytes(e['peak_temp_bytes'])} |"
             )
     return "\n".join(lines)
@@ -148,13 +152,17 @@ def sweep_plot(results: dict[str, Any], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = [("sweep_m", "m = n", "m"), ("sweep_r", "rank r", "r"), ("sweep_layers", "layers L", "layers")]
+    sweeps = [
+        ("sweep_m", "m = n", "m"),
+        ("sweep_r", "rank r", "r"),
+        ("sweep_layers", "layers L", "layers"),
+    ]
     present = [s for s in sweeps if results.get(s[0])]
     if not present:
         return False
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4))
     axes = [axes] if len(present) == 1 else axes
-    for ax, (key, label, field) in zip(axes, present):
+    for ax, (key, label, field) in zip(axes, present, strict=False):
         rows = results[key]
         xs = [r["config"][field] for r in rows]
         for name in rows[0]["lora"]:
@@ -178,7 +186,9 @@ def sweep_plot(results: dict[str, Any], path: str) -> bool:
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("results")
     ap.add_argument("--outdir", default=None)
     args = ap.parse_args(argv)
@@ -191,7 +201,8 @@ def main(argv=None) -> str:
         f"Machine: {m['cpu']} ({m['cores']} cores, backend {m['backend']}, {m['device']}), "
         f"jax {m['jax']}, optax {m['optax']}; matmul {m['matmul_gflops']:.0f} GFLOP/s, best "
         f"streaming {m['bandwidth_gbs']:.1f} GB/s; {results['repeats']} repeats per point"
-        + (" (--quick)" if results.get("quick") else "") + ".",
+        + (" (--quick)" if results.get("quick") else "")
+        + ".",
         "",
         targets_table(results),
         "",

@@ -86,8 +86,9 @@ def _adam(s: Setup) -> optax.GradientTransformation:
     return optax.adamw(lr, weight_decay=0.0)
 
 
-def _on_matrices(s: Setup, matrix_rule: optax.GradientTransformation
-                 ) -> optax.GradientTransformation:
+def _on_matrices(
+    s: Setup, matrix_rule: optax.GradientTransformation
+) -> optax.GradientTransformation:
     """``matrix_rule`` on the leaves ``s.is_matrix`` selects, AdamW on the rest."""
     labels = jax.tree_util.tree_map_with_path(
         lambda p, x: "matrix" if s.is_matrix(p, x) else "adam", s.params
@@ -110,8 +111,9 @@ def _lora_muon(**preset: Any) -> Callable[[Setup], optax.GradientTransformation]
     def build(s: Setup) -> optax.GradientTransformation:
         import lora_muon_jax as lmj
 
-        return lmj.lora_muon(s.learning_rate, adam_learning_rate=s.adam_learning_rate,
-                             **{**preset, **s.options})
+        return lmj.lora_muon(
+            s.learning_rate, adam_learning_rate=s.adam_learning_rate, **{**preset, **s.options}
+        )
 
     return build
 
@@ -120,8 +122,9 @@ def _peer(name: str) -> Callable[[Setup], optax.GradientTransformation]:
     def build(s: Setup) -> optax.GradientTransformation:
         from lora_muon_jax import peers
 
-        return getattr(peers, name)(s.learning_rate, adam_learning_rate=s.adam_learning_rate,
-                                    **s.options)
+        return getattr(peers, name)(
+            s.learning_rate, adam_learning_rate=s.adam_learning_rate, **s.options
+        )
 
     return build
 
@@ -135,8 +138,10 @@ def _dense_muon(s: Setup) -> optax.GradientTransformation:
 
     opts = {"beta": 0.95, "nesterov": False, **s.options}
     dims = lambda u: jax.tree.map(_muon_dims, u)  # noqa: E731
-    muon = optax.chain(scale_by_muon(weight_dimension_numbers=dims, **opts),
-                       optax.scale_by_learning_rate(s.learning_rate))
+    muon = optax.chain(
+        scale_by_muon(weight_dimension_numbers=dims, **opts),
+        optax.scale_by_learning_rate(s.learning_rate),
+    )
     return _on_matrices(s, muon)
 
 
@@ -148,8 +153,9 @@ def _dense_muon_optax(s: Setup) -> optax.GradientTransformation:
         lambda p, x: _muon_dims(x) if s.is_matrix(p, x) else None, s.params
     )
     adam_lr = s.learning_rate if s.adam_learning_rate is None else s.adam_learning_rate
-    return muon(s.learning_rate, adam_learning_rate=adam_lr,
-                muon_weight_dimension_numbers=dims, **s.options)
+    return muon(
+        s.learning_rate, adam_learning_rate=adam_lr, muon_weight_dimension_numbers=dims, **s.options
+    )
 
 
 def _dense_peer(name: str, **preset: Any) -> Callable[[Setup], optax.GradientTransformation]:
@@ -170,29 +176,70 @@ def _psgd_kron(s: Setup) -> optax.GradientTransformation:
 
 PEER_RANK = 8  # default momentum rank of LoRA-Pre and LiMuon
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("lora_muon", "LoRA-Muon", "lora", "spectral", 0.02, _lora_muon()),
-    Method("lora_muon_newton_schulz", "LoRA-Muon (Newton–Schulz solver)", "lora", "spectral",
-           0.02, _lora_muon(solver="newton_schulz")),
-    Method("lora_muon_paper", "LoRA-Muon (paper route)", "lora", "spectral", 0.02,
-           _lora_muon(method="paper")),
-    Method("spectron", "Spectron", "lora", "spectral", 0.02, _peer("spectron")),
-    Method("riemannion", "Riemannion", "lora", "spectral", 0.02, _peer("riemannion")),
-    Method("lora_rite", "LoRA-RITE", "lora", "adam", 1e-3, _peer("lora_rite")),
-    Method("adamw_lora", "AdamW-LoRA", "lora", "adam", 1e-3, _adamw_all),
-    Method("dense_adamw", "dense AdamW", "dense", "adam", 1e-3, _adamw_all),
-    Method("dense_muon", "dense Muon", "dense", "spectral", 0.02, _dense_muon),
-    Method("dense_muon_optax", "dense Muon (stock optax)", "dense", "spectral", 0.02,
-           _dense_muon_optax),
-    Method("lora_pre_muon", "dense LoRA-Pre Muon", "dense", "spectral", 0.02,
-           _dense_peer("lora_pre_muon", rank=PEER_RANK, nesterov=False, shape_scaling="none")),
-    Method("lora_pre_adam", "dense LoRA-Pre Adam", "dense", "adam", 1e-3,
-           _dense_peer("lora_pre_adam", rank=PEER_RANK)),
-    Method("limuon", "dense LiMuon", "dense", "spectral", 0.02,
-           _dense_peer("limuon", rank=PEER_RANK), extra_args=("prev_grads",)),
-    Method("psgd_kron", "dense PSGD-Kron", "dense", "adam", 1e-3, _psgd_kron,
-           requires="psgdax"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("lora_muon", "LoRA-Muon", "lora", "spectral", 0.02, _lora_muon()),
+        Method(
+            "lora_muon_newton_schulz",
+            "LoRA-Muon (Newton–Schulz solver)",
+            "lora",
+            "spectral",
+            0.02,
+            _lora_muon(solver="newton_schulz"),
+        ),
+        Method(
+            "lora_muon_paper",
+            "LoRA-Muon (paper route)",
+            "lora",
+            "spectral",
+            0.02,
+            _lora_muon(method="paper"),
+        ),
+        Method("spectron", "Spectron", "lora", "spectral", 0.02, _peer("spectron")),
+        Method("riemannion", "Riemannion", "lora", "spectral", 0.02, _peer("riemannion")),
+        Method("lora_rite", "LoRA-RITE", "lora", "adam", 1e-3, _peer("lora_rite")),
+        Method("adamw_lora", "AdamW-LoRA", "lora", "adam", 1e-3, _adamw_all),
+        Method("dense_adamw", "dense AdamW", "dense", "adam", 1e-3, _adamw_all),
+        Method("dense_muon", "dense Muon", "dense", "spectral", 0.02, _dense_muon),
+        Method(
+            "dense_muon_optax",
+            "dense Muon (stock optax)",
+            "dense",
+            "spectral",
+            0.02,
+            _dense_muon_optax,
+        ),
+        Method(
+            "lora_pre_muon",
+            "dense LoRA-Pre Muon",
+            "dense",
+            "spectral",
+            0.02,
+            _dense_peer("lora_pre_muon", rank=PEER_RANK, nesterov=False, shape_scaling="none"),
+        ),
+        Method(
+            "lora_pre_adam",
+            "dense LoRA-Pre Adam",
+            "dense",
+            "adam",
+            1e-3,
+            _dense_peer("lora_pre_adam", rank=PEER_RANK),
+        ),
+        Method(
+            "limuon",
+            "dense LiMuon",
+            "dense",
+            "spectral",
+            0.02,
+            _dense_peer("limuon", rank=PEER_RANK),
+            extra_args=("prev_grads",),
+        ),
+        Method(
+            "psgd_kron", "dense PSGD-Kron", "dense", "adam", 1e-3, _psgd_kron, requires="psgdax"
+        ),
+    )
+}
 
 
 def get(name: str) -> Method:
@@ -219,9 +266,15 @@ def names(tree: Tree | None = None) -> tuple[str, ...]:
     return tuple(n for n, m in METHODS.items() if tree is None or m.tree == tree)
 
 
-def make(name: str, learning_rate: optax.ScalarOrSchedule, params: Any, *,
-         adam_learning_rate: optax.ScalarOrSchedule | None = None,
-         is_matrix: IsMatrix = is_2d_or_more, **options: Any) -> optax.GradientTransformation:
+def make(
+    name: str,
+    learning_rate: optax.ScalarOrSchedule,
+    params: Any,
+    *,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    is_matrix: IsMatrix = is_2d_or_more,
+    **options: Any,
+) -> optax.GradientTransformation:
     """Builds method ``name`` for ``params``.
 
     Args:

@@ -34,62 +34,46 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import lora_muon_jax as lmj
-from benchmarks import common, trees
-from benchmarks.step_time import CONFIGS, dense_muon, dense_tree, lora_tree, state_floats
+from benchmarks import common, registry, trees
+from benchmarks.trees import CONFIGS, dense_tree, lora_tree, state_floats
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- methods
+# Every optimizer comes from the one registry (benchmarks/registry.py), at its
+# default benchmark rate; the keys are the tables' column names.
 
-Factory = Callable[[], optax.GradientTransformation]
+Factory = Callable[[Any], optax.GradientTransformation]
+
+LORA_METHODS = {  # table key -> registry name, on the LoRA tree
+    "adamw": "adamw_lora",
+    "lora_muon": "lora_muon",
+    "lora_muon_newton_schulz": "lora_muon_newton_schulz",  # the accelerator route
+    "lora_muon_paper": "lora_muon_paper",
+    "spectron": "spectron",
+    "lora_rite": "lora_rite",
+    "riemannion": "riemannion",
+}
+DENSE_METHODS = {  # table key -> registry name, on the equivalent dense tree
+    "dense_adamw": "dense_adamw",
+    "dense_muon": "dense_muon_optax",
+    "lora_pre_adam": "lora_pre_adam",
+    "lora_pre_muon": "lora_pre_muon",
+    "limuon": "limuon",
+}
+PEER_RANK = 16  # momentum rank of the dense-weight peers in these tables
+
+
+def _factory(name: str) -> Factory:
+    method = registry.get(name)
+    options = {"rank": PEER_RANK} if name in ("lora_pre_adam", "lora_pre_muon", "limuon") else {}
+    return lambda params: registry.make(name, method.default_lr, params, **options)
 
 
 def _lora_methods() -> dict[str, Factory]:
-    methods: dict[str, Factory] = {
-        "adamw": lambda: optax.adamw(1e-3),
-        "lora_muon": lambda: lmj.lora_muon(0.02),
-        # The accelerator route (matrix products only), run here for comparison.
-        "lora_muon_newton_schulz": lambda: lmj.lora_muon(0.02, solver="newton_schulz"),
-        "lora_muon_paper": lambda: lmj.lora_muon(0.02, method="paper"),
-    }
-    peers = _optional_peers()
-    for name in ("spectron", "lora_rite", "riemannion"):
-        if name in peers:
-            methods[name] = peers[name]
-    return methods
+    return {key: _factory(name) for key, name in LORA_METHODS.items()}
 
 
 def _dense_methods() -> dict[str, Factory]:
-    methods: dict[str, Factory] = {
-        "dense_adamw": lambda: optax.adamw(1e-3),
-        "dense_muon": lambda: dense_muon(0.02),
-    }
-    peers = _optional_peers()
-    for name in ("lora_pre_adam", "lora_pre_muon", "limuon"):
-        if name in peers:
-            methods[name] = peers[name]
-    return methods
-
-
-def _optional_peers() -> dict[str, Factory]:
-    """Peer optimizers with benchmark settings (each on the tree it is made for)."""
-    try:
-        from lora_muon_jax import peers
-    except ImportError:  # pragma: no cover
-        return {}
-    out: dict[str, Factory] = {}
-    if hasattr(peers, "spectron"):
-        out["spectron"] = lambda: peers.spectron(0.02)
-    if hasattr(peers, "lora_rite"):
-        out["lora_rite"] = lambda: peers.lora_rite(1e-3)
-    if hasattr(peers, "riemannion"):
-        out["riemannion"] = lambda: peers.riemannion(0.02)
-    if hasattr(peers, "lora_pre_adam"):
-        out["lora_pre_adam"] = lambda: peers.lora_pre_adam(1e-3, rank=16)
-    if hasattr(peers, "lora_pre_muon"):
-        out["lora_pre_muon"] = lambda: peers.lora_pre_muon(0.02, rank=16)
-    if hasattr(peers, "limuon"):
-        out["limuon"] = lambda: peers.limuon(0.02, rank=16)
-    return out
+    return {key: _factory(name) for key, name in DENSE_METHODS.items()}
 
 
 # ------------------------------------------------------------------------------ guards
@@ -135,7 +119,7 @@ def _time_methods(methods: dict[str, Factory], params, grads, repeats: int) -> d
     """
     fns, states, compiled = {}, {}, {}
     for name, make in methods.items():
-        tx = make()
+        tx = make(params)
         state = tx.init(params)
         step = common.optimizer_step(tx)
         out = step(params, state, grads)
@@ -157,7 +141,9 @@ def _time_methods(methods: dict[str, Factory], params, grads, repeats: int) -> d
     }
 
 
-def lora_row(cfg, repeats: int, dtype=jnp.float32, methods=None, with_dense: bool = True) -> dict[str, Any]:
+def lora_row(
+    cfg, repeats: int, dtype=jnp.float32, methods=None, with_dense: bool = True
+) -> dict[str, Any]:
     layers, m, n, r = cfg
     check_fits(layers, m, n, r, dtype, dense=False)
     params, grads = lora_tree(layers, m, n, r, dtype)
@@ -172,35 +158,48 @@ def lora_row(cfg, repeats: int, dtype=jnp.float32, methods=None, with_dense: boo
     return row
 
 
-def model_row(model: str, layers: int, r: int, repeats: int, dtype=jnp.float32, methods=None) -> dict[str, Any]:
+def model_row(
+    model: str, layers: int, r: int, repeats: int, dtype=jnp.float32, methods=None
+) -> dict[str, Any]:
     """Every LoRA method on a model-shaped adapter tree (see ``benchmarks.trees``)."""
     params, grads = trees.model_tree(model, layers, r, dtype)
     elems = trees.adapter_elements(model, layers, r)
     check_fits(1, elems, 1, 1, dtype, dense=True)
     return {
-        "config": {"model": model, "layers": layers, "r": r, "dtype": jnp.dtype(dtype).name,
-                   "elements": elems},
+        "config": {
+            "model": model,
+            "layers": layers,
+            "r": r,
+            "dtype": jnp.dtype(dtype).name,
+            "elements": elems,
+        },
         "lora": _time_methods(methods or _lora_methods(), params, grads, repeats),
     }
 
 
 def end_to_end(
-    repeats: int, *, width: int = 128, depth: int = 2, rank: int = 16, seq_len: int = 64,
+    repeats: int,
+    *,
+    width: int = 128,
+    depth: int = 2,
+    rank: int = 16,
+    seq_len: int = 64,
     batch: int = 32,
 ) -> dict[str, Any] | None:
     """Forward + backward + update of the quickstart model: LoRA-Muon vs AdamW."""
     try:
         from flax import nnx
 
-        from lora_muon_jax import models
+        from lora_muon_jax_examples import char_lm as models
     except ImportError:
         return None
     cfg = dict(vocab_size=65, width=width, depth=depth, heads=4, rank=rank, seq_len=seq_len)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, cfg["vocab_size"])
     batch_xy = (tokens[:, :-1], tokens[:, 1:])
     fns = {}
-    for name, tx in (("adamw", optax.adamw(1e-3)), ("lora_muon", lmj.lora_muon(0.05))):
+    for name, method, lr in (("adamw", "adamw_lora", 1e-3), ("lora_muon", "lora_muon", 0.05)):
         model = models.CharTransformer(**cfg, rngs=nnx.Rngs(0))
+        tx = registry.make(method, lr, nnx.state(model, nnx.Param))
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
         @nnx.jit
@@ -218,11 +217,16 @@ def end_to_end(
 
 
 def main(argv=None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="small sizes and few repeats (a smoke run)"
+    )
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument(
-        "--sections", type=str,
+        "--sections",
+        type=str,
         default="targets,models,sweep_m,sweep_r,sweep_layers,sweep_dtype,end_to_end",
     )
     ap.add_argument("--out", type=str, default="benchmarks/results/results.json")
@@ -261,18 +265,29 @@ def main(argv=None) -> dict[str, Any]:
         save()
     if "models" in sections:
         results["models"] = []
-        specs = [("llama7b", 1, 4)] if args.quick else [
-            (model, 4, r) for model in trees.MODELS for r in (16, 64)
-        ]
+        specs = (
+            [("llama7b", 1, 4)]
+            if args.quick
+            else [(model, 4, r) for model in trees.MODELS for r in (16, 64)]
+        )
         for model, layers, r in specs:
             log(f"models {model} L={layers} r={r}")
             results["models"].append(model_row(model, layers, r, repeats))
             save()
     core = {"adamw": _lora_methods()["adamw"], "lora_muon": _lora_methods()["lora_muon"]}
     sweeps = {
-        "sweep_m": [(base[0], s, s, base[3]) for s in ((128, 256, 512) if args.quick else (512, 1024, 2048, 4096, 8192))],
-        "sweep_r": [(base[0], base[1], base[2], r) for r in ((1, 4, 16) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128))],
-        "sweep_layers": [(L, base[1], base[2], base[3]) for L in ((1, 2, 4) if args.quick else (1, 2, 4, 8, 16, 32))],
+        "sweep_m": [
+            (base[0], s, s, base[3])
+            for s in ((128, 256, 512) if args.quick else (512, 1024, 2048, 4096, 8192))
+        ],
+        "sweep_r": [
+            (base[0], base[1], base[2], r)
+            for r in ((1, 4, 16) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128))
+        ],
+        "sweep_layers": [
+            (L, base[1], base[2], base[3])
+            for L in ((1, 2, 4) if args.quick else (1, 2, 4, 8, 16, 32))
+        ],
     }
     for name, cfgs in sweeps.items():
         if name in sections:
@@ -285,7 +300,9 @@ def main(argv=None) -> dict[str, Any]:
         results["sweep_dtype"] = []
         for dtype in (jnp.float32, jnp.bfloat16):
             log(f"sweep_dtype {jnp.dtype(dtype).name}")
-            results["sweep_dtype"].append(lora_row(base, repeats, dtype=dtype, methods=core, with_dense=False))
+            results["sweep_dtype"].append(
+                lora_row(base, repeats, dtype=dtype, methods=core, with_dense=False)
+            )
         save()
     if "end_to_end" in sections:
         log("end_to_end")

@@ -30,13 +30,13 @@ import optax
 from flax import nnx
 
 from lora_muon_jax import lora_muon, lora_param_labels
-from lora_muon_jax.data import (
+from lora_muon_jax_examples.char_lm import CharTransformer, loss_fn
+from lora_muon_jax_examples.tinyshakespeare import (
     CharTokenizer,
     load_tinyshakespeare_or_exit,
     sample_batch,
     split_train_val,
 )
-from lora_muon_jax.models import CharTransformer, loss_fn
 
 ADAPTED = (("attn", ("q", "k", "v", "o")), ("mlp", ("up", "down")))
 
@@ -52,13 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05, help="lora_muon learning rate")
-    p.add_argument(
-        "--adam-lr", type=float, default=3e-3, help="AdamW rate (pretraining, norms)"
-    )
+    p.add_argument("--adam-lr", type=float, default=3e-3, help="AdamW rate (pretraining, norms)")
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument(
-        "--data", type=Path, default=None, help="TinyShakespeare file or dir"
-    )
+    p.add_argument("--data", type=Path, default=None, help="TinyShakespeare file or dir")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -74,9 +70,7 @@ def add_adapters(model: CharTransformer, rank: int, rngs: nnx.Rngs) -> None:
                 setattr(
                     parent,
                     name,
-                    nnx.LoRA(
-                        in_features, rank, out_features, base_module=base, rngs=rngs
-                    ),
+                    nnx.LoRA(in_features, rank, out_features, base_module=base, rngs=rngs),
                 )
 
 
@@ -89,9 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     text = load_tinyshakespeare_or_exit(args.data, "finetune_nnx.py")
     tok = CharTokenizer.from_text(text)
-    train_ids, val_ids = (
-        jnp.asarray(x) for x in split_train_val(tok.encode(text), 0.1)
-    )
+    train_ids, val_ids = (jnp.asarray(x) for x in split_train_val(tok.encode(text), 0.1))
     batch_fn = jax.jit(sample_batch, static_argnums=(2, 3))
     val_batches = [
         batch_fn(k, val_ids, args.batch, args.seq_len)
@@ -123,14 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     key = jax.random.key(args.seed + 1)
     for _ in range(args.pretrain_steps):
         key, sub = jax.random.split(key)
-        pretrain_step(
-            model, pretrain, batch_fn(sub, train_ids, args.batch, args.seq_len)
-        )
+        pretrain_step(model, pretrain, batch_fn(sub, train_ids, args.batch, args.seq_len))
     base_loss = val_loss(model)
-    print(
-        f"pretrained dense base: {args.pretrain_steps} AdamW steps, "
-        f"val loss {base_loss:.3f}"
-    )
+    print(f"pretrained dense base: {args.pretrain_steps} AdamW steps, val loss {base_loss:.3f}")
 
     # 2. Adapters around the frozen kernels.
     add_adapters(model, args.rank, nnx.Rngs(args.seed + 2))
@@ -138,9 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     frozen_filter = nnx.All(nnx.Param, nnx.Not(trainable))
     frozen = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, frozen_filter)))
     start_loss = val_loss(model)
-    print(
-        f"with zero-init adapters:                val loss {start_loss:.3f} (unchanged)"
-    )
+    print(f"with zero-init adapters:                val loss {start_loss:.3f} (unchanged)")
 
     # 3. LoRA factors -> lora_muon; norm scales -> AdamW. `lora_param_labels()` is a
     # callable (it reads only paths), which optax.partition needs under nnx.Optimizer.
@@ -163,14 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     for step in range(1, args.steps + 1):
         key, sub = jax.random.split(key)
-        loss = finetune_step(
-            model, optimizer, batch_fn(sub, train_ids, args.batch, args.seq_len)
-        )
+        loss = finetune_step(model, optimizer, batch_fn(sub, train_ids, args.batch, args.seq_len))
         if step % args.log_every == 0 or step == args.steps:
-            print(
-                f"step {step:4d}  train loss {float(loss):.3f}  "
-                f"val loss {val_loss(model):.3f}"
-            )
+            print(f"step {step:4d}  train loss {float(loss):.3f}  val loss {val_loss(model):.3f}")
 
     final_loss = val_loss(model)
     still = nnx.to_pure_dict(nnx.state(model, frozen_filter))

@@ -29,13 +29,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lora_muon_jax import lora_muon
-from lora_muon_jax.data import (
+from lora_muon_jax_examples.char_lm import CharTransformer, generate, loss_fn
+from lora_muon_jax_examples.tinyshakespeare import (
     CharTokenizer,
     load_tinyshakespeare_or_exit,
     sample_batch,
     split_train_val,
 )
-from lora_muon_jax.models import CharTransformer, generate, loss_fn
 
 matplotlib.use("Agg")  # files only: no display needed (CI, SSH, containers)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,9 +55,7 @@ LR_ADAMW = 1e-2
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--steps", type=int, default=300, help="training steps per optimizer"
-    )
+    p.add_argument("--steps", type=int, default=300, help="training steps per optimizer")
     p.add_argument("--batch", type=int, default=16, help="sequences per batch")
     p.add_argument("--seq-len", type=int, default=64, help="characters per sequence")
     p.add_argument("--width", type=int, default=128)
@@ -66,16 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr-lora-muon", type=float, default=LR_LORA_MUON)
     p.add_argument("--lr-adamw", type=float, default=LR_ADAMW)
-    p.add_argument(
-        "--eval-batches", type=int, default=8, help="batches per loss estimate"
-    )
-    p.add_argument(
-        "--sample-chars", type=int, default=200, help="characters to generate"
-    )
+    p.add_argument("--eval-batches", type=int, default=8, help="batches per loss estimate")
+    p.add_argument("--sample-chars", type=int, default=200, help="characters to generate")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output directory")
-    p.add_argument(
-        "--data", type=Path, default=None, help="TinyShakespeare file or dir"
-    )
+    p.add_argument("--data", type=Path, default=None, help="TinyShakespeare file or dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
@@ -104,9 +96,7 @@ def make_optimizers(
             adam_learning_rate=schedule(args.lr_adamw),
             adam_b2=0.99,
         ),
-        "adamw": optax.adamw(
-            schedule(args.lr_adamw), b1=0.9, b2=0.99, weight_decay=0.0
-        ),
+        "adamw": optax.adamw(schedule(args.lr_adamw), b1=0.9, b2=0.99, weight_decay=0.0),
     }
 
 
@@ -152,15 +142,11 @@ def train(
     key = jax.random.key(args.seed + 1)  # the same batches for both optimizers
     n_chunks = args.steps // chunk
     losses, val_curve, times = [], [], []
-    with tqdm(
-        total=args.steps, desc=f"{name:>9}", unit="step", disable=args.no_progress
-    ) as bar:
+    with tqdm(total=args.steps, desc=f"{name:>9}", unit="step", disable=args.no_progress) as bar:
         for i in range(n_chunks):
             key, sub = jax.random.split(key)
             start = time.perf_counter()
-            params, opt_state, chunk_losses = run_chunk(
-                params, opt_state, sub, train_ids
-            )
+            params, opt_state, chunk_losses = run_chunk(params, opt_state, sub, train_ids)
             chunk_losses = np.asarray(chunk_losses)  # waits for the result
             times.append(time.perf_counter() - start)
             losses.extend(chunk_losses.tolist())
@@ -208,13 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     text = load_tinyshakespeare_or_exit(args.data, "quickstart.py")
     tok = CharTokenizer.from_text(text)
-    train_ids, val_ids = (
-        jnp.asarray(x) for x in split_train_val(tok.encode(text), 0.1)
-    )
-    print(
-        f"TinyShakespeare: {len(text):,} chars, vocab {tok.vocab_size}; devices: "
-        f"{jax.devices()}"
-    )
+    train_ids, val_ids = (jnp.asarray(x) for x in split_train_val(tok.encode(text), 0.1))
+    print(f"TinyShakespeare: {len(text):,} chars, vocab {tok.vocab_size}; devices: {jax.devices()}")
 
     # One initialization, shared by both runs.
     model = CharTransformer(
@@ -251,10 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for name, tx in make_optimizers(args, args.steps).items():
         results[name] = train(name, tx, args, graphdef, params, train_ids, evaluate)
 
-    print(
-        f"\n{'optimizer':<10} {'train loss':>10} {'val loss':>9} {'step ms':>8} "
-        f"{'run s':>6}"
-    )
+    print(f"\n{'optimizer':<10} {'train loss':>10} {'val loss':>9} {'step ms':>8} {'run s':>6}")
     for name, r in results.items():
         print(
             f"{name:<10} {r['train_loss']:>10.3f} {r['val_loss']:>9.3f} "

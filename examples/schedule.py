@@ -20,13 +20,13 @@ import optax
 from flax import nnx
 
 from lora_muon_jax import lora_muon
-from lora_muon_jax.data import (
+from lora_muon_jax_examples.char_lm import CharTransformer, loss_fn
+from lora_muon_jax_examples.tinyshakespeare import (
     CharTokenizer,
     load_tinyshakespeare_or_exit,
     sample_batch,
     split_train_val,
 )
-from lora_muon_jax.models import CharTransformer, loss_fn
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument(
-        "--data", type=Path, default=None, help="TinyShakespeare file or dir"
-    )
+    p.add_argument("--data", type=Path, default=None, help="TinyShakespeare file or dir")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

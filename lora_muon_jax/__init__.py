@@ -2,40 +2,39 @@
 
 The main entry point is :func:`lora_muon`; its building blocks are
 :func:`scale_by_lora_muon`, :func:`split_weight_decay` and
-:func:`with_gauge_rebalancing`; :func:`proxy_lr_search` tunes a dense Muon rate on a
-cheap low-rank proxy. Pair discovery (:func:`find_lora_pairs`,
-:class:`PairRule`, :data:`PRESETS`) is shared by every optimizer in the package.
+:func:`with_gauge_rebalancing`; :func:`lora_muon_pair_step` is Algorithm 1 for one
+pair, the definition the rest implements. Pair discovery (:func:`find_lora_pairs`,
+:class:`PairRule`, :data:`PRESETS`) is shared by every optimizer in the package, and
+:mod:`lora_muon_jax.peers` holds the optimizers LoRA-Muon is compared with.
 """
 
 from importlib import metadata as _metadata
+from typing import Any
 
 from lora_muon_jax._algorithm1 import PairState as PairState
 from lora_muon_jax._algorithm1 import lora_muon_pair_step as lora_muon_pair_step
-from lora_muon_jax._core import LoRAMuonState as LoRAMuonState
-from lora_muon_jax._core import lora_muon as lora_muon
-from lora_muon_jax._core import scale_by_lora_muon as scale_by_lora_muon
 from lora_muon_jax._diagnostics import LoRADiagnosticsState as LoRADiagnosticsState
 from lora_muon_jax._diagnostics import LoRAPairDiagnostics as LoRAPairDiagnostics
 from lora_muon_jax._diagnostics import lora_pair_diagnostics as lora_pair_diagnostics
 from lora_muon_jax._diagnostics import with_lora_diagnostics as with_lora_diagnostics
-from lora_muon_jax._gauge import GaugeRebalance as GaugeRebalance
-from lora_muon_jax._gauge import GaugeRebalanceState as GaugeRebalanceState
-from lora_muon_jax._gauge import rebalance_pair as rebalance_pair
-from lora_muon_jax._gauge import with_gauge_rebalancing as with_gauge_rebalancing
-from lora_muon_jax._pairs import PRESETS as PRESETS
-from lora_muon_jax._pairs import FactorAxes as FactorAxes
-from lora_muon_jax._pairs import LoRAFactor as LoRAFactor
-from lora_muon_jax._pairs import LoRAPair as LoRAPair
-from lora_muon_jax._pairs import PairRule as PairRule
-from lora_muon_jax._pairs import find_lora_pairs as find_lora_pairs
-from lora_muon_jax._pairs import leading_batch_axes as leading_batch_axes
-from lora_muon_jax._pairs import lora_param_labels as lora_param_labels
-from lora_muon_jax._pairs import peft_adapter as peft_adapter
-from lora_muon_jax._proxy import ProxyResult as ProxyResult
-from lora_muon_jax._proxy import ProxyRow as ProxyRow
-from lora_muon_jax._proxy import proxy_lr_search as proxy_lr_search
-from lora_muon_jax._weight_decay import SplitWeightDecayState as SplitWeightDecayState
-from lora_muon_jax._weight_decay import split_weight_decay as split_weight_decay
+from lora_muon_jax._gauge_rebalancing import GaugeRebalance as GaugeRebalance
+from lora_muon_jax._gauge_rebalancing import GaugeRebalanceState as GaugeRebalanceState
+from lora_muon_jax._gauge_rebalancing import rebalance_pair as rebalance_pair
+from lora_muon_jax._gauge_rebalancing import with_gauge_rebalancing as with_gauge_rebalancing
+from lora_muon_jax._lora_muon import lora_muon as lora_muon
+from lora_muon_jax._lora_muon import scale_by_lora_muon as scale_by_lora_muon
+from lora_muon_jax._lora_muon_state import LoRAMuonState as LoRAMuonState
+from lora_muon_jax._pair_discovery import PRESETS as PRESETS
+from lora_muon_jax._pair_discovery import FactorAxes as FactorAxes
+from lora_muon_jax._pair_discovery import LoRAFactor as LoRAFactor
+from lora_muon_jax._pair_discovery import LoRAPair as LoRAPair
+from lora_muon_jax._pair_discovery import PairRule as PairRule
+from lora_muon_jax._pair_discovery import find_lora_pairs as find_lora_pairs
+from lora_muon_jax._pair_discovery import leading_batch_axes as leading_batch_axes
+from lora_muon_jax._pair_discovery import lora_param_labels as lora_param_labels
+from lora_muon_jax._pair_discovery import peft_adapter as peft_adapter
+from lora_muon_jax._split_weight_decay import SplitWeightDecayState as SplitWeightDecayState
+from lora_muon_jax._split_weight_decay import split_weight_decay as split_weight_decay
 from lora_muon_jax.peft_io import PeftAdapter as PeftAdapter
 from lora_muon_jax.peft_io import load_peft_adapter as load_peft_adapter
 from lora_muon_jax.peft_io import save_peft_adapter as save_peft_adapter
@@ -58,8 +57,6 @@ __all__ = [
     "PairRule",
     "PairState",
     "PeftAdapter",
-    "ProxyResult",
-    "ProxyRow",
     "SplitWeightDecayState",
     "find_lora_pairs",
     "leading_batch_axes",
@@ -69,7 +66,6 @@ __all__ = [
     "lora_pair_diagnostics",
     "lora_param_labels",
     "peft_adapter",
-    "proxy_lr_search",
     "rebalance_pair",
     "save_peft_adapter",
     "scale_by_lora_muon",
@@ -77,3 +73,24 @@ __all__ = [
     "with_gauge_rebalancing",
     "with_lora_diagnostics",
 ]
+
+# Moved to the examples package (example code, not the optimizer library).
+_MOVED = {
+    "ProxyResult": "lora_muon_jax_examples.proxy_lr",
+    "ProxyRow": "lora_muon_jax_examples.proxy_lr",
+    "proxy_lr_search": "lora_muon_jax_examples.proxy_lr",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(
+            f"lora_muon_jax.{name} moved to {_MOVED[name]}; import it from there.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'lora_muon_jax' has no attribute {name!r}")

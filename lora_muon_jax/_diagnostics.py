@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _grams, _linalg, _pairs, _pairwise, _validation
+from lora_muon_jax import _grams, _linalg, _pair_discovery, _pair_tree, _validation
 
 _FN = "with_lora_diagnostics"
 _PAIR_FN = "lora_pair_diagnostics"
@@ -117,7 +117,7 @@ def _solve(problems: Sequence[_Problem], deps: Sequence[Any]) -> list[tuple[jax.
     """λ_max of the three small eigenproblems of every pair, batched by size.
 
     The batched calls run one after another and after ``deps``
-    (:func:`lora_muon_jax._linalg.after`): on CPU they are LAPACK calls.
+    (:func:`lora_muon_jax._lapack_order.after`): on CPU they are LAPACK calls.
     """
     # Per pair: ‖Δâ b̂‖², ‖â Δb̂‖² (r×r) and the weighted 2r×2r product.
     small: list[tuple[jax.Array, jax.Array]] = []
@@ -276,7 +276,7 @@ def lora_pair_diagnostics(
 # ------------------------------------------------------------------------ transform
 
 
-def _pair_names(plan: _pairs.PairPlan, paths: Sequence[Any]) -> list[str]:
+def _pair_names(plan: _pair_discovery.PairPlan, paths: Sequence[Any]) -> list[str]:
     """A readable, unique, ``"/"``-joined key per pair: the factors' common parent.
 
     Flax (``layer/lora``) and linen (``Dense_0``) adapters are named by the module
@@ -285,8 +285,8 @@ def _pair_names(plan: _pairs.PairPlan, paths: Sequence[Any]) -> list[str]:
     """
     names = []
     for pair in plan.pairs:
-        pa = _pairs.path_names(paths[pair.a_index])
-        pb = _pairs.path_names(paths[pair.b_index])
+        pa = _pair_discovery.path_names(paths[pair.a_index])
+        pb = _pair_discovery.path_names(paths[pair.b_index])
         parent = pa[:-1] if pa[:-1] == pb[:-1] else ()
         names.append((parent, pa))
     parents = [p for p, _ in names]
@@ -296,7 +296,7 @@ def _pair_names(plan: _pairs.PairPlan, paths: Sequence[Any]) -> list[str]:
     ]
 
 
-def _zeros(pair: _pairs.LoRAPair) -> LoRAPairDiagnostics:
+def _zeros(pair: _pair_discovery.LoRAPair) -> LoRAPairDiagnostics:
     return LoRAPairDiagnostics(
         *(jnp.zeros(pair.batch_shape, jnp.float32) for _ in LoRAPairDiagnostics._fields)
     )
@@ -305,7 +305,7 @@ def _zeros(pair: _pairs.LoRAPair) -> LoRAPairDiagnostics:
 def with_lora_diagnostics(
     inner: optax.GradientTransformation,
     *,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     lora_scale: jax.typing.ArrayLike = 1.0,
     every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -364,8 +364,8 @@ def with_lora_diagnostics(
     _validation.check_scalar("lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=_FN)
 
     def init_fn(params: Any) -> LoRADiagnosticsState:
-        paths, leaves, _ = _pairs.flatten_with_paths(params)
-        plan = _pairs.plan_pairs(paths, leaves, pairs)
+        paths, leaves, _ = _pair_discovery.flatten_with_paths(params)
+        plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
         names = _pair_names(plan, paths)
         return LoRADiagnosticsState(
             count=jnp.zeros([], jnp.int32),
@@ -381,14 +381,15 @@ def with_lora_diagnostics(
         new_updates, inner_state = optax.with_extra_args_support(inner).update(
             updates, state.inner_state, params, **extra_args
         )
-        paths, _, _ = _pairs.flatten_with_paths(new_updates)
-        tree = _pairwise.flatten(_FN, new_updates, params, pairs, require_all_paired=False)
+        paths, _, _ = _pair_discovery.flatten_with_paths(new_updates)
+        tree = _pair_tree.flatten(_FN, new_updates, params, pairs, require_all_paired=False)
         names = _pair_names(tree.plan, paths)
 
         def compute() -> dict[str, LoRAPairDiagnostics]:
             problems = [
                 _problem(
-                    *_pairwise.canonical(pair, tree.params), *_pairwise.canonical(pair, tree.grads)
+                    *_pair_tree.canonical(pair, tree.params),
+                    *_pair_tree.canonical(pair, tree.grads),
                 )
                 for pair in tree.plan.pairs
             ]

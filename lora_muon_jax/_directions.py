@@ -10,7 +10,7 @@ the LoRA-Muon directions are
 
 with ``R_a = (aᵀa)^{-1/2}``, ``R_b = (b bᵀ)^{-1/2}`` and the symmetric ``r×r``
 matrices ``T`` of :mod:`lora_muon_jax._whitened_polar` (spec §3), so that
-``‖D_a b‖₂ = ‖a D_b‖₂ = 1``. :mod:`lora_muon_jax._paper_algorithm` writes the same
+``‖D_a b‖₂ = ‖a D_b‖₂ = 1``. :mod:`lora_muon_jax._algorithm1` writes the same
 maths for one pair, as the paper does; this module is how it runs on a whole tree:
 
 * every Gram and every thin product is one ``dot_general`` on the leaf **as stored**
@@ -33,8 +33,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _grams, _linalg, _sharding, _whitened_polar
-from lora_muon_jax._pairs import FactorLayout, LoRAPair
+from lora_muon_jax import _grams, _lapack_order, _linalg, _sharding, _whitened_polar
+from lora_muon_jax._pair_discovery import FactorLayout, LoRAPair
 
 Method = Literal["gram", "paper"]
 METHODS: tuple[str, ...] = ("gram", "paper")
@@ -124,7 +124,7 @@ def solve_rxr(
     """``T`` of every factor, each ``(*batch, r, r)``: one batched solve per rank.
 
     ``rtols`` hold each factor's per-matrix thresholds (its batch shape). Solves of
-    different ranks run one after another (:func:`_linalg.after`): on CPU they may
+    different ranks run one after another (:func:`_lapack_order.after`): on CPU they may
     be LAPACK calls, and jaxlib's batched LAPACK kernels can deadlock XLA's thread
     pool when two run at once. ``leaves`` give each ``T`` the batch sharding of its
     factor.
@@ -136,7 +136,7 @@ def solve_rxr(
     previous: tuple[jax.Array, ...] = ()
     for idx in groups.values():
         flats = [_flat(s_grams[i]) for i in idx]
-        s = _linalg.after(jnp.concatenate(flats), *previous)
+        s = _lapack_order.after(jnp.concatenate(flats), *previous)
         k = jnp.concatenate([_flat(k_grams[i]) for i in idx])
         rtol = jnp.concatenate([_sharding.replicate(rtols[i]).reshape(-1) for i in idx])
         polar = jnp.concatenate(

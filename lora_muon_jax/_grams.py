@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_muon_jax import _linalg, _sharding
-from lora_muon_jax._pairs import FactorLayout
+from lora_muon_jax._pair_discovery import FactorLayout
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

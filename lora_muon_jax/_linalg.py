@@ -17,15 +17,13 @@ when an optimizer is constructed.
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _sharding
+from lora_muon_jax import _lapack_order, _sharding
 
 # Matmuls here are tiny (r×r) or reductions that decide the accuracy of the whole
 # update, so they always run at full float32 precision (no TF32 / bf16 passes).
@@ -62,44 +60,6 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
 POLAR_EXPRESS_SAFETY = 1.01
 
 _Tree = TypeVar("_Tree")
-
-
-def after(x: Any, *deps: Any) -> Any:
-    """``x`` unchanged, but computed only once every array of ``deps`` is.
-
-    Orders LAPACK calls one after another. On CPU, jaxlib runs a batched LAPACK call
-    (``potrf``, ``syevd``, ``geqrf``/``orgqr``, ``gesdd``) by fanning the batch out
-    over XLA's intra-op thread pool and blocking the calling pool thread until its
-    pieces finish. Two such calls that XLA schedules concurrently can then hold
-    every pool thread while their pieces wait in the queue, and the step deadlocks
-    (seen with LoRA-RITE on a 2-core machine within a few hundred steps). Feeding a
-    factorization's input through its predecessor's output removes the concurrency.
-
-    XLA's CPU runtime orders work by buffers, not by HLO edges, so an
-    ``optimization_barrier`` does not serialize anything there: ``x`` really is
-    recomputed from a scalar of each dependency, ``min(|d|, 0)``, which is ``0`` for
-    finite ``d`` (and NaN only if ``d`` already is). The cost is one elementwise pass
-    over ``x``, a thin factor or an r×r stack.
-    """
-    leaves = jax.tree.leaves(deps)
-    if not leaves:
-        return x
-    zero = functools.reduce(
-        operator.add,
-        (_zero_from(d) for d in leaves),
-    )
-    return jax.tree.map(lambda a: a + zero.astype(a.dtype), x)
-
-
-def _zero_from(d: jax.Array) -> jax.Array:
-    """``0`` computed from ``d`` (NaN if ``d`` is): one entry, or all under explicit sharding.
-
-    An explicitly sharded array cannot be indexed down to one entry of a sharded
-    axis, so it is reduced instead (a pass over ``d``, replicated result).
-    """
-    if _sharding.explicit_spec(d) is not None:
-        return jnp.minimum(jnp.min(jnp.abs(d.astype(jnp.float32))), 0.0)
-    return jnp.minimum(jnp.abs(d[(0,) * d.ndim].astype(jnp.float32)), 0.0)
 
 
 def sym(x: jax.Array) -> jax.Array:
@@ -262,7 +222,8 @@ def apply_batched_by_size(
     returns one array of shape ``(N, *tail)`` for the ``N`` matrices it was given;
     it is split back into ``(*batch_i, *tail)`` per item, in the order of
     ``items``. The calls for different sizes run one after another, and the first
-    after ``deps`` (:func:`after`): on CPU each may be a batched LAPACK call.
+    after ``deps`` (:func:`lora_muon_jax._lapack_order.after`): on CPU each may be a
+    batched LAPACK call.
 
     Args:
       fn: a batched function of ``len(items[0])`` arrays with ``N`` leading.
@@ -288,7 +249,7 @@ def apply_batched_by_size(
     for idx in groups.values():
         flats = [[_flat_batch(x, items[i][0].ndim - 2) for x in items[i]] for i in idx]
         joined = [jnp.concatenate(parts) for parts in zip(*flats, strict=True)]
-        result = fn(after(joined[0], *previous), *joined[1:])
+        result = fn(_lapack_order.after(joined[0], *previous), *joined[1:])
         previous = (result,)
         start = 0
         for i, flat in zip(idx, flats, strict=True):

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from lora_muon_jax import _pairs
+from lora_muon_jax import _pair_discovery
 
 __all__ = ["PeftAdapter", "load_peft_adapter", "peft_lora_scale", "save_peft_adapter"]
 
@@ -206,10 +206,10 @@ def _check_config(fn: str, config: Any) -> None:
 
 def _flat_tensors(fn: str, params: Any) -> dict[str, np.ndarray]:
     """A flat ``{file name: contiguous NumPy array}`` from a flat or nested tree."""
-    paths, leaves, _ = _pairs.flatten_with_paths(params)
+    paths, leaves, _ = _pair_discovery.flatten_with_paths(params)
     out = {}
     for path, leaf in zip(paths, leaves, strict=True):
-        key = ".".join(_pairs.path_names(path))
+        key = ".".join(_pair_discovery.path_names(path))
         if _IN_MEMORY_NAME.search(key):
             raise ValueError(
                 f"{fn}: {key!r} is a model state-dict name with an adapter name after "
@@ -247,7 +247,7 @@ def save_peft_adapter(params: Any, directory: str | Path, config: Mapping[str, A
     fn = "save_peft_adapter"
     _check_config(fn, config)
     tensors = _flat_tensors(fn, params)
-    _pairs.find_lora_pairs(tensors, "peft")  # raises on unpaired or mismatched factors
+    _pair_discovery.find_lora_pairs(tensors, "peft")  # raises on unpaired or mismatched factors
     _module_scales(config, tensors)  # raises on ranks that disagree with the config
     text = json.dumps(dict(config), indent=2, sort_keys=True)
     directory = Path(directory)

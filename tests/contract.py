@@ -96,17 +96,23 @@ def check_extra_args_and_no_recompile(opt: optax.GradientTransformation) -> None
     chex.clear_trace_counter()
 
 
-def check_converges_on_common_problems(opt: optax.GradientTransformation, steps: int = 3000) -> None:
+def check_converges_on_common_problems(
+    opt: optax.GradientTransformation, steps: int = 3000
+) -> None:
     for problem in COMMON_PROBLEMS:
         init, final, obj = problem()
         state = opt.init(init)
         state = optax.tree.map_params(opt, lambda v: v, state)
         step = _step(opt, obj)
-        (params, _), _ = jax.lax.scan(lambda c, _: (step(*c), None), (init, state), length=steps)
+        (params, _), _ = jax.lax.scan(
+            lambda c, _, step=step: (step(*c), None), (init, state), length=steps
+        )
         chex.assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
 
 
-def check_lora_loss_decreases(opt: optax.GradientTransformation, steps: int = 60, factor: float = 0.25) -> None:
+def check_lora_loss_decreases(
+    opt: optax.GradientTransformation, steps: int = 60, factor: float = 0.25
+) -> None:
     params, loss = lora_problem()
     start = float(loss(params))
     state = opt.init(params)
@@ -146,14 +152,16 @@ def check_preserves_dtype_and_multisteps(opt: optax.GradientTransformation) -> N
         chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, grads))
 
 
-def check_state_type_stable(opt: optax.GradientTransformation, dtypes=(jnp.float16, jnp.bfloat16, jnp.float32)) -> None:
+def check_state_type_stable(
+    opt: optax.GradientTransformation, dtypes=(jnp.float16, jnp.bfloat16, jnp.float32)
+) -> None:
     """``jax.typeof`` of the state is the same after init and after an update in ``lax.cond``."""
     for dtype in dtypes:
         params, loss = lora_problem(dtype)
         state = opt.init(params)
 
         @jax.jit
-        def step(params, state):
+        def step(params, state, loss=loss):
             grads = jax.grad(loss)(params)
             cond = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
             updates, new_state = jax.lax.cond(
@@ -188,7 +196,10 @@ def check_wrappers(opt: optax.GradientTransformation) -> None:
     wrapped = [
         optax.chain(optax.clip_by_global_norm(1.0), opt),
         optax.masked(opt, {"layer": {"lora_a": True, "lora_b": True}, "bias": False}),
-        optax.partition({"opt": opt, "sgd": optax.sgd(0.1)}, {"layer": {"lora_a": "opt", "lora_b": "opt"}, "bias": "sgd"}),
+        optax.partition(
+            {"opt": opt, "sgd": optax.sgd(0.1)},
+            {"layer": {"lora_a": "opt", "lora_b": "opt"}, "bias": "sgd"},
+        ),
         optax.apply_if_finite(opt, max_consecutive_errors=2),
     ]
     for w in wrapped:

@@ -79,7 +79,9 @@ def _family(rng, count, shape, family, dtype):
     return a, b, ga, gb, full
 
 
-def run_fuzz(pairs_per_group: int = 210, seed: int = 0, solver: str = "auto") -> dict[str, FuzzResult]:
+def run_fuzz(
+    pairs_per_group: int = 210, seed: int = 0, solver: str = "auto"
+) -> dict[str, FuzzResult]:
     """Runs every family × shape × dtype; returns the terms per dtype."""
     rng = np.random.default_rng(seed)
     tx = lmj.lora_muon(ETA, beta=0.0, lora_scale=LORA_SCALE, solver=solver)
@@ -89,7 +91,7 @@ def run_fuzz(pairs_per_group: int = 210, seed: int = 0, solver: str = "auto") ->
         parts = []
         for shape in SHAPES:
             draws = [_family(rng, pairs_per_group, shape, f, dtype) for f in FAMILIES]
-            a, b, ga, gb, defined = (np.concatenate(x) for x in zip(*draws))
+            a, b, ga, gb, defined = (np.concatenate(x) for x in zip(*draws, strict=False))
             p = {"lora_a": jnp.asarray(a, dtype), "lora_b": jnp.asarray(b, dtype)}
             g = {"lora_a": jnp.asarray(ga, dtype), "lora_b": jnp.asarray(gb, dtype)}
             u, _ = step(g, tx.init(p), p)
@@ -98,7 +100,9 @@ def run_fuzz(pairs_per_group: int = 210, seed: int = 0, solver: str = "auto") ->
             finite = np.isfinite(ua).all(axis=(1, 2)) & np.isfinite(ub).all(axis=(1, 2))
             # In range: every input's largest entry at least 1e-29 (the engine counts
             # a matrix whose largest entry is below 1e-30 as zero).
-            biggest = [np.abs(np.asarray(x[k], np.float64)).max(axis=(1, 2)) for x in (p, g) for k in x]
+            biggest = [
+                np.abs(np.asarray(x[k], np.float64)).max(axis=(1, 2)) for x in (p, g) for k in x
+            ]
             defined = defined & np.all(np.stack(biggest) >= 1e-29, axis=0)
             half = ETA / 2
             with np.errstate(over="ignore", invalid="ignore"):  # reported via `finite`
@@ -108,13 +112,16 @@ def run_fuzz(pairs_per_group: int = 210, seed: int = 0, solver: str = "auto") ->
             partner_ok = ~zero_a | np.all(ub == 0, axis=(1, 2))
             partner_ok &= ~zero_b | np.all(ua == 0, axis=(1, 2))
             parts.append(FuzzResult(ta, tb, finite, defined, partner_ok))
-        out[dtype] = FuzzResult(*(np.concatenate(x) for x in zip(*parts)))
+        out[dtype] = FuzzResult(*(np.concatenate(x) for x in zip(*parts, strict=False)))
     return out
 
 
 def summary(results: dict[str, FuzzResult]) -> str:
-    lines = ["| dtype | pairs | non-finite | largest term / (η/2) | defined pairs | worst |term/(η/2) − 1| where defined |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| dtype | pairs | non-finite | largest term / (η/2) | defined pairs "
+        "| worst |term/(η/2) − 1| where defined |",
+        "|---|---|---|---|---|---|",
+    ]
     for dtype, r in results.items():
         terms = np.concatenate([r.term_a, r.term_b])
         defined = np.concatenate([r.defined, r.defined])

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def well_conditioned(rng: np.random.Generator, shape: tuple[int, ...], cond: float = 2.0) -> np.ndarray:
+def well_conditioned(
+    rng: np.random.Generator, shape: tuple[int, ...], cond: float = 2.0
+) -> np.ndarray:
     """A random matrix stack with singular values spread evenly in [1/cond, 1] (float64)."""
     *batch, rows, cols = shape
     k = min(rows, cols)

@@ -53,7 +53,9 @@ def run(a, b, grad_fn, *, steps, lr, beta, weight_decay=0.0, nesterov=False, lor
         ga, gb = (np.asarray(g, np.float64) for g in grad_fn(a, b))
         ma = beta * ma + (1 - beta) * ga
         mb = beta * mb + (1 - beta) * gb
-        sa, sb = (beta * ma + (1 - beta) * ga, beta * mb + (1 - beta) * gb) if nesterov else (ma, mb)
+        sa, sb = (
+            (beta * ma + (1 - beta) * ga, beta * mb + (1 - beta) * gb) if nesterov else (ma, mb)
+        )
         da, db = directions(a, b, sa, sb)
         s = np.sqrt(1 - weight_decay * eta)
         step = eta / (2 * lora_scale)

@@ -92,7 +92,8 @@ def test_engine_equals_algorithm1_on_every_pair(layout, solver):
 
     def loss(tree):
         return sum(
-            0.5 * jnp.sum((1.5 * a @ b - t) ** 2) for (a, b), t in zip(canonical(tree), targets)
+            0.5 * jnp.sum((1.5 * a @ b - t) ** 2)
+            for (a, b), t in zip(canonical(tree), targets, strict=False)
         )
 
     tx = lmj.lora_muon(0.05, pairs=pairs, solver=solver, **HP)
@@ -107,13 +108,13 @@ def test_engine_equals_algorithm1_on_every_pair(layout, solver):
     pair_states = [lmj.PairState(jnp.zeros_like(a), jnp.zeros_like(b)) for a, b in expected]
     for _ in range(3):
         params, state = step(params, state)
-        for j, ((a, b), t) in enumerate(zip(expected, targets)):
+        for j, ((a, b), t) in enumerate(zip(expected, targets, strict=False)):
             g = 1.5 * a @ b - t
             ga, gb = 1.5 * g @ jnp.swapaxes(b, -1, -2), 1.5 * jnp.swapaxes(a, -1, -2) @ g
             one = jax.vmap(lambda *x: lmj.lora_muon_pair_step(*x, learning_rate=0.05, **HP))
             a, b, pair_states[j] = one(a, b, ga, gb, pair_states[j])
             expected[j] = (a, b)
-        for (ga, gb), (ea, eb) in zip(canonical(params), expected):
+        for (ga, gb), (ea, eb) in zip(canonical(params), expected, strict=False):
             assert rel_err(ga, ea) < 1e-5 and rel_err(gb, eb) < 1e-5
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import common, plots, run, step_time
+from benchmarks import common, plots, run
 
 
 def test_lora_row_times_every_method_and_counts_state():
@@ -17,8 +17,16 @@ def test_lora_row_times_every_method_and_counts_state():
     assert lora["adamw"]["state_floats"] == 2 * (16 + 12) * 2
     assert all(v["median_ms"] > 0 for v in lora.values())
     results = {
-        "machine": {"cpu": "x", "cores": 2, "backend": "cpu", "device": "cpu", "jax": "0", "optax": "0",
-                    "matmul_gflops": 1.0, "bandwidth_gbs": 1.0},
+        "machine": {
+            "cpu": "x",
+            "cores": 2,
+            "backend": "cpu",
+            "device": "cpu",
+            "jax": "0",
+            "optax": "0",
+            "matmul_gflops": 1.0,
+            "bandwidth_gbs": 1.0,
+        },
         "repeats": 2,
         "targets": [row],
         "sweep_r": [row],
@@ -36,14 +44,6 @@ def test_refuses_configs_that_cannot_fit():
 def test_refuses_nan_runs():
     with pytest.raises(FloatingPointError, match="no timing reported"):
         common.assert_finite({"w": jnp.array([1.0, jnp.nan])}, "demo")
-
-
-def test_step_time_table_renders():
-    rows = [step_time.run_config((1, 32, 24, 4), repeats=2, dense_repeats=1, full=False,
-                                 machine={"matmul_gflops": 1.0, "bandwidth_gbs": 1.0})]
-    machine = {"cpu": "x", "cores": 2, "backend": "cpu", "jax": "0", "optax": "0",
-               "matmul_gflops": 1.0, "bandwidth_gbs": 1.0}
-    assert "LoRA-Muon ms" in step_time.table(rows, machine)
 
 
 def test_end_to_end_times_a_training_step_of_both_optimizers():

@@ -30,9 +30,9 @@ import pytest
 from flax import nnx
 
 import lora_muon_jax as lmj
-from lora_muon_jax.checkpoint import _dotted  # orbax's names for stored leaves
 from lora_muon_jax.checkpoint import (
     CheckpointError,
+    _dotted,  # orbax's names for stored leaves
     check_checkpoint,
     restore_checkpoint,
     save_checkpoint,
@@ -99,8 +99,8 @@ def resume(directory: str) -> None:
 
 
 def _assert_bitwise_equal(got, want):
-    paths, leaves, _ = lmj._pairs.flatten_with_paths(want)
-    for path, a, b in zip(paths, jax.tree.leaves(got), leaves):
+    paths, leaves, _ = lmj._pair_discovery.flatten_with_paths(want)
+    for path, a, b in zip(paths, jax.tree.leaves(got), leaves, strict=False):
         assert a.dtype == b.dtype, path
         np.testing.assert_array_equal(
             np.asarray(a).reshape(-1).view(np.uint8),
@@ -206,7 +206,9 @@ def saved(tmp_path_factory):
 
 
 def _biggest_data_file(path: Path) -> Path:
-    return max((p for p in (path / "ocdbt.process_0" / "d").iterdir()), key=lambda p: p.stat().st_size)
+    return max(
+        (p for p in (path / "ocdbt.process_0" / "d").iterdir()), key=lambda p: p.stat().st_size
+    )
 
 
 def _cut(file: Path, keep: float = 0.5) -> None:
@@ -216,19 +218,47 @@ def _cut(file: Path, keep: float = 0.5) -> None:
 
 # damage -> (what the message must contain besides the checkpoint path, a leaf named?)
 DAMAGE = {
-    "array_file_cut_short": (lambda p: _cut(_biggest_data_file(p)), ["OUT_OF_RANGE", "not valid for value of size"], True),
+    "array_file_cut_short": (
+        lambda p: _cut(_biggest_data_file(p)),
+        ["OUT_OF_RANGE", "not valid for value of size"],
+        True,
+    ),
     "array_file_missing": (lambda p: _biggest_data_file(p).unlink(), ["FAILED_PRECONDITION"], True),
-    "tree_metadata_cut_short": (lambda p: _cut(p / "_METADATA"), ["tree metadata", "JSONDecodeError"], False),
-    "tree_metadata_missing": (lambda p: (p / "_METADATA").unlink(), ["tree metadata", "_METADATA", "does not exist"], False),
+    "tree_metadata_cut_short": (
+        lambda p: _cut(p / "_METADATA"),
+        ["tree metadata", "JSONDecodeError"],
+        False,
+    ),
+    "tree_metadata_missing": (
+        lambda p: (p / "_METADATA").unlink(),
+        ["tree metadata", "_METADATA", "does not exist"],
+        False,
+    ),
     "every_array_file_cut_short": (
         lambda p: [_cut(f) for f in (p / "ocdbt.process_0" / "d").iterdir()],
         ["the stored arrays"],
         True,
     ),
-    "manifest_cut_short": (lambda p: _cut(p / "manifest.ocdbt"), ["array index", "DATA_LOSS", "manifest.ocdbt"], False),
-    "manifest_missing": (lambda p: (p / "manifest.ocdbt").unlink(), ["array index", "manifest.ocdbt is missing"], False),
-    "index_node_cut_short": (lambda p: [_cut(f) for f in (p / "d").iterdir()], ["array index", "OUT_OF_RANGE"], False),
-    "empty_directory": (lambda p: [shutil.rmtree(p), p.mkdir()], ["_METADATA", "does not exist"], False),
+    "manifest_cut_short": (
+        lambda p: _cut(p / "manifest.ocdbt"),
+        ["array index", "DATA_LOSS", "manifest.ocdbt"],
+        False,
+    ),
+    "manifest_missing": (
+        lambda p: (p / "manifest.ocdbt").unlink(),
+        ["array index", "manifest.ocdbt is missing"],
+        False,
+    ),
+    "index_node_cut_short": (
+        lambda p: [_cut(f) for f in (p / "d").iterdir()],
+        ["array index", "OUT_OF_RANGE"],
+        False,
+    ),
+    "empty_directory": (
+        lambda p: [shutil.rmtree(p), p.mkdir()],
+        ["_METADATA", "does not exist"],
+        False,
+    ),
 }
 
 

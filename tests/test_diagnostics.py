@@ -105,7 +105,7 @@ def test_wrapper_keeps_updates_reports_its_step_and_holds_between_every_k():
         g = jax.grad(loss)(p)
         out = [
             opt.update(g, s, p, an_extra_arg_nobody_expects=1)
-            for opt, s in zip((plain, tx, every2), states)
+            for opt, s in zip((plain, tx, every2), states, strict=False)
         ]
         return [u for u, _ in out], [s for _, s in out]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import optax
 import pytest
 
-from lora_muon_jax import data
+from lora_muon_jax_examples import tinyshakespeare as data
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -90,9 +90,7 @@ def test_quickstart(tmp_path, corpus_env):
             flags=re.M,
         )
     )
-    assert "train loss" in proc.stdout and set(rows) == {"lora_muon", "adamw"}, (
-        proc.stdout
-    )
+    assert "train loss" in proc.stdout and set(rows) == {"lora_muon", "adamw"}, proc.stdout
     results = json.loads((out / "results.json").read_text())["results"]
     for name, r in results.items():
         table = [float(v) for v in rows[name].split()]
@@ -124,9 +122,7 @@ def test_finetune_nnx(corpus_env):
         ],
         corpus_env,
     )
-    base = float(
-        re.search(r"pretrained dense base: .* val loss ([\d.]+)", proc.stdout)[1]
-    )
+    base = float(re.search(r"pretrained dense base: .* val loss ([\d.]+)", proc.stdout)[1])
     start = float(re.search(r"zero-init adapters: +val loss ([\d.]+)", proc.stdout)[1])
     final = re.search(
         r"fine-tuned: val loss ([\d.]+) -> ([\d.]+); frozen base unchanged: (\w+)",
@@ -160,9 +156,7 @@ def test_schedule_logs_the_rate_each_step_used(corpus_env):
     )
     rows = [
         tuple(float(v) for v in m)
-        for m in re.findall(
-            r"^ +(\d+) +([\d.]+) +([\d.]+) +([\d.]+)$", proc.stdout, flags=re.M
-        )
+        for m in re.findall(r"^ +(\d+) +([\d.]+) +([\d.]+) +([\d.]+)$", proc.stdout, flags=re.M)
     ]
     assert [int(r[0]) for r in rows] == list(range(steps)), proc.stdout
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps, 0.05 * peak)
@@ -206,9 +200,7 @@ def test_notebook_has_badge_guarded_install_and_no_outputs():
 
 
 # Jupyter's client libraries emit deprecation warnings of their own; not our concern.
-@pytest.mark.filterwarnings(
-    "ignore::DeprecationWarning", "ignore::PendingDeprecationWarning"
-)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::PendingDeprecationWarning")
 def test_notebook_runs_sharded_on_8_cpu_devices(tmp_path, corpus_env, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -224,13 +216,9 @@ def test_notebook_runs_sharded_on_8_cpu_devices(tmp_path, corpus_env, monkeypatc
     for name, value in settings.items():
         monkeypatch.setenv(f"LORA_MUON_JAX_NB_{name}", value)
     monkeypatch.setenv(data.DATA_ENV_VAR, corpus_env[data.DATA_ENV_VAR])
-    monkeypatch.setenv(
-        "XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"
-    )
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv(
-        "JUPYTER_PLATFORM_DIRS", "1"
-    )  # silences a jupyter_core deprecation
+    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")  # silences a jupyter_core deprecation
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel_spec_dir(tmp_path)))
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 
@@ -251,9 +239,7 @@ def test_notebook_runs_sharded_on_8_cpu_devices(tmp_path, corpus_env, monkeypatc
     )
     summary = json.loads(re.search(r"^SUMMARY (.*)$", text, flags=re.M)[1])
     assert summary["backend"] == "cpu" and summary["devices"] == 8
-    assert summary["batch_spec"] == ["data"], (
-        summary
-    )  # the batch is split over devices,
+    assert summary["batch_spec"] == ["data"], summary  # the batch is split over devices,
     assert summary["param_spec"] == [], summary  # the parameters replicated
     for name in ("lora_muon", "adamw"):
         assert summary[name]["last"] < summary[name]["first"] - 0.3, summary

@@ -3,17 +3,18 @@
 On CPU, jaxlib runs a batched LAPACK call (``potrf``, ``trsm``, ``syevd``,
 ``geqrf``/``orgqr``, ``gesdd``) on XLA's intra-op thread pool; two such calls
 scheduled at once can hold every thread of a small pool and deadlock the step
-(``lora_muon_jax._linalg.after`` orders them). A text check of the HLO cannot
+(``lora_muon_jax._lapack_order.after`` orders them). A text check of the HLO cannot
 prove that no hang is left, so this test runs the steps.
 
 A child process pinned to 2 CPUs (XLA sizes its intra-op pool to the CPUs it may
-use; the child checks that the pool has 2 threads), with one host device, exports every optimizer's jitted step for ``"cpu"``,
-finds its ``lapack_*`` custom calls, and runs each step that has any 500 times
-(``block_until_ready`` every time) on stacks of 2 pairs, so every LAPACK call is
-batched. LoRA-Muon also runs on a rank-deficient factor, which sends it to its
-``eigh`` fallback branch (checked once with a counting callback). The child prints
-a marker line per optimizer and every 100 steps; the parent fails naming the
-optimizer whose step made no progress for ``STALL_S`` seconds.
+use; the child checks that the pool has 2 threads), with one host device, exports
+every optimizer's jitted step for ``"cpu"``, finds its ``lapack_*`` custom calls, and
+runs each step that has any 500 times (``block_until_ready`` every time) on stacks
+of 2 pairs, so every LAPACK call is batched. LoRA-Muon also runs on a rank-deficient
+factor, which sends it to its ``eigh`` fallback branch (checked once with a counting
+callback). The child prints a marker line per optimizer and every 100 steps; the
+parent fails naming the optimizer whose step made no progress for ``STALL_S``
+seconds.
 
 ``test_unordered_qr_probe`` (marked slow) runs two or four independent batched
 ``jnp.linalg.qr`` in one jit, with nothing ordering them, to see whether this
@@ -151,7 +152,10 @@ def child(runs: int) -> None:
 
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     jax.block_until_ready(jax.jit(jnp.sin)(1.0))  # starts the CPU client's thread pool
-    say(f"threads {len(os.sched_getaffinity(0))} devices {jax.device_count()} pool {_pool_threads()}")
+    say(
+        f"threads {len(os.sched_getaffinity(0))} devices {jax.device_count()} "
+        f"pool {_pool_threads()}"
+    )
     for name, (tx, params, loss) in _configs().items():
         step, state = _train_step(tx, loss), tx.init(params)
         exported = jax.export.export(step, platforms=["cpu"])(params, state)
@@ -250,7 +254,9 @@ def _run_child(code: str, total_s: float) -> tuple[list[str], str | None, str, f
         errors.seek(0)
         stderr = errors.read()
     if stalled is None and proc.returncode != 0:
-        raise AssertionError(f"child failed ({proc.returncode}):\n" + "\n".join(lines) + stderr[-4000:])
+        raise AssertionError(
+            f"child failed ({proc.returncode}):\n" + "\n".join(lines) + stderr[-4000:]
+        )
     return lines, stalled, stderr, time.monotonic() - began
 
 
@@ -260,12 +266,17 @@ def test_every_lapack_step_survives_500_runs_on_two_threads():
     )
     assert stalled is None, (
         f"{stalled}: its CPU step stalled (no progress for {STALL_S:.0f} s) on a "
-        f"{THREADS}-thread pool: a LAPACK deadlock?\n" + "\n".join(lines[-5:]) + "\n" + stderr[-6000:]
+        f"{THREADS}-thread pool: a LAPACK deadlock?\n"
+        + "\n".join(lines[-5:])
+        + "\n"
+        + stderr[-6000:]
     )
     # Pinned to THREADS CPUs, XLA's intra-op pool has THREADS threads.
     threads = min(THREADS, len(os.sched_getaffinity(0)))
     assert lines[0] == f"threads {threads} devices 1 pool {threads}", lines[0]
-    found = {m.group(1): m.group(2) for m in map(re.compile(r"lapack (\S+) (\S+)").match, lines) if m}
+    found = {
+        m.group(1): m.group(2) for m in map(re.compile(r"lapack (\S+) (\S+)").match, lines) if m
+    }
     calling = {name for name, calls in found.items() if calls != "-"}
     assert calling == WITH_LAPACK, found
     assert {name for name, calls in found.items() if calls == "-"} == NO_LAPACK, found
@@ -298,7 +309,11 @@ def test_unordered_qr_probe(batch, calls, record_property):
     progress = [line for line in lines if line.startswith("progress")]
     outcome = (
         f"{calls} unordered batched QRs (batch {batch}) on {THREADS} threads: "
-        + (f"HUNG after {progress[-1].split()[-1] if progress else 0} runs" if stalled else f"{runs} runs, no hang")
+        + (
+            f"HUNG after {progress[-1].split()[-1] if progress else 0} runs"
+            if stalled
+            else f"{runs} runs, no hang"
+        )
         + f" ({seconds:.1f} s)"
     )
     record_property("lapack_probe", outcome)

@@ -14,10 +14,9 @@ import pytest
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib import _muon as optax_muon
 
-from lora_muon_jax.peers import _limuon as lm
 from lora_muon_jax.peers import _dense_weights as dense
+from lora_muon_jax.peers import _limuon as lm
 from tests import contract
-from tests.test_lora_pre import check_inject_hyperparams
 
 DENSE = {"pairs": ()}
 VARIANTS = {
@@ -38,7 +37,7 @@ def _run(tx, grads, prevs, params=None):
     state = tx.init(params)
     update = jax.jit(tx.update)
     out = []
-    for g, gp in zip(grads, prevs):
+    for g, gp in zip(grads, prevs, strict=False):
         extra = {} if gp is None else {"prev_grads": {"w": gp}}
         u, state = update({"w": g}, state, params, **extra)
         out.append(np.asarray(u["w"]))
@@ -248,7 +247,7 @@ def test_sketch_key_advances_and_seed_is_deterministic():
 
     def run(state):
         out = []
-        for g, gp in zip(grads, prevs):
+        for g, gp in zip(grads, prevs, strict=False):
             u, state = update({"w": g}, state, prev_grads={"w": gp})
             out.append(np.asarray(u["w"]))
         return np.stack(out), state

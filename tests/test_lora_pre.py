@@ -91,7 +91,12 @@ def test_matches_float64_reference_on_stacked_leaf(kind, order, nesterov):
         ref_kw = dict(b1=0.8, b2=0.95, eps=1e-6, delta=1e-4, order=order)
     else:
         tx = lp.scale_by_lora_pre_muon(
-            0.8, rank=r, orthogonalizer="svd", damping=1e-4, seed=3, factor_update=order,
+            0.8,
+            rank=r,
+            orthogonalizer="svd",
+            damping=1e-4,
+            seed=3,
+            factor_update=order,
             nesterov=nesterov,
         )
         ref_kw = dict(b1=0.8, delta=1e-4, order=order, nesterov=nesterov)
@@ -105,7 +110,7 @@ def test_matches_float64_reference_on_stacked_leaf(kind, order, nesterov):
     for i in range(layers):
         want, final = _reference(kind, grads[:, i], [x[i] for x in init], **ref_kw)
         np.testing.assert_allclose(got[i], want, rtol=2e-4, atol=2e-5, err_msg=f"{kind} layer {i}")
-        for x, y in zip(state[1:], final):
+        for x, y in zip(state[1:], final, strict=False):
             np.testing.assert_allclose(np.asarray(x["w"][i]), y, rtol=2e-4, atol=1e-5)
 
 
@@ -118,9 +123,7 @@ def test_muon_default_has_no_nesterov_term():
     grads = rng.standard_normal((3, 6, 5))
     outs = {}
     for nesterov in (False, True):
-        tx = lp.scale_by_lora_pre_muon(
-            0.9, rank=5, orthogonalizer="svd", nesterov=nesterov, seed=1
-        )
+        tx = lp.scale_by_lora_pre_muon(0.9, rank=5, orthogonalizer="svd", nesterov=nesterov, seed=1)
         state, us = tx.init({"w": jnp.zeros((6, 5))}), []
         for g in grads:
             u, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state)
@@ -128,7 +131,7 @@ def test_muon_default_has_no_nesterov_term():
         outs[nesterov] = us
     default = lp.scale_by_lora_pre_muon(0.9, rank=5, orthogonalizer="svd", seed=1)
     state = default.init({"w": jnp.zeros((6, 5))})
-    for g, want in zip(grads, outs[False]):
+    for g, want in zip(grads, outs[False], strict=False):
         u, state = default.update({"w": jnp.asarray(g, jnp.float32)}, state)
         np.testing.assert_allclose(np.asarray(u["w"]), want, atol=1e-6)
     np.testing.assert_allclose(outs[True][0], outs[False][0], atol=1e-5)
@@ -233,7 +236,7 @@ def test_adam_variant_approaches_adam_as_rank_grows(gradient_stream):
     updates = [gaps[r][0] for r in RANKS]
     moments = [gaps[r][1] for r in RANKS]
     # The stored first moment is a rank-r estimate of Adam's: its error falls with r.
-    assert all(x > y for x, y in zip(moments, moments[1:])), moments
+    assert all(x > y for x, y in zip(moments, moments[1:], strict=False)), moments
     assert moments[-1] < 0.01, moments
     # The update (a ratio of two low-rank estimates) need not improve monotonically
     # below full rank, but at full rank it is close to Adam's and far better than any
@@ -252,7 +255,7 @@ def test_muon_variant_approaches_muon_as_rank_grows(gradient_stream):
     )
     updates = [gaps[r][0] for r in RANKS]
     moments = [gaps[r][1] for r in RANKS]
-    assert all(x > y for x, y in zip(moments, moments[1:])), moments
+    assert all(x > y for x, y in zip(moments, moments[1:], strict=False)), moments
     assert moments[-1] < 0.01, moments
     assert updates[-1] < 0.02, updates
     assert updates[-1] < 0.1 * min(updates[:-1]), updates

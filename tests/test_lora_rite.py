@@ -192,9 +192,7 @@ def _two_pair_problem(seed=0):
     targets = {"p": 0.3 * rng.standard_normal((16, 12)), "q": 20.0 * np.outer(u, v)}
 
     def loss(p):
-        return sum(
-            0.5 * jnp.sum((p[k]["lora_a"] @ p[k]["lora_b"] - targets[k]) ** 2) for k in p
-        )
+        return sum(0.5 * jnp.sum((p[k]["lora_a"] @ p[k]["lora_b"] - targets[k]) ** 2) for k in p)
 
     return params, loss, rng
 
@@ -239,8 +237,10 @@ def test_memoryless_core_is_lora_muon_direction_times_two_sqrt_rows():
     shapes = {"rect": (20, 14, 3), "square": (16, 16, 3)}
     params, grads = {}, {}
     for k, (m, n, r) in shapes.items():
-        params[k] = {"lora_a": well_conditioned(rng, (m, r), 4.0),
-                     "lora_b": well_conditioned(rng, (r, n), 4.0)}
+        params[k] = {
+            "lora_a": well_conditioned(rng, (m, r), 4.0),
+            "lora_b": well_conditioned(rng, (r, n), 4.0),
+        }
         grads[k] = {"lora_a": rng.standard_normal((m, r)), "lora_b": rng.standard_normal((r, n))}
     params, grads = (
         jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t) for t in (params, grads)
@@ -334,8 +334,9 @@ def test_bad_hyperparameters_and_unpaired_leaves_raise():
     with pytest.raises(ValueError, match="update_skipping"):
         scale_by_lora_rite(update_skipping=-1.0)
     with pytest.raises(ValueError, match=r"\['bias'\]"):
-        scale_by_lora_rite().init({"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3)),
-                                   "bias": jnp.ones(3)})
+        scale_by_lora_rite().init(
+            {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3)), "bias": jnp.ones(3)}
+        )
 
 
 # --------------------------------------------------------------------------------
@@ -344,8 +345,13 @@ def test_bad_hyperparameters_and_unpaired_leaves_raise():
 VARIANTS = {
     "defaults": dict(learning_rate=0.05),
     "all_options": dict(
-        learning_rate=0.05, b1=0.8, b2=0.95, weight_decay=0.1, update_capping=0.5,
-        clip_unmagnified_grad=0.5, apply_escape=True,
+        learning_rate=0.05,
+        b1=0.8,
+        b2=0.95,
+        weight_decay=0.1,
+        update_capping=0.5,
+        clip_unmagnified_grad=0.5,
+        apply_escape=True,
     ),
 }
 

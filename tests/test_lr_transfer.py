@@ -18,7 +18,8 @@ import pytest
 from benchmarks import registry
 from benchmarks.study import configs, params, planning, report, store, training
 from benchmarks.study import lr_transfer as lt
-from lora_muon_jax import data
+from lora_muon_jax_examples import tinyshakespeare as data
+
 
 def _have_corpus() -> bool:
     try:
@@ -50,7 +51,8 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
     assert {s for s, _ in planned} == set(configs.SECTIONS) and "grid" in first["meta"]
     index = planning.index_results(first["runs"])
     assert {c.key() for c in planning.plan_section("long", configs.QUICK, index)} <= set(
-        first["runs"])
+        first["runs"]
+    )
     assert lt.main(quick) == 0  # nothing left to do
     assert store.load_results(path)["runs"] == first["runs"]
     assert "0 new runs" in capsys.readouterr().out
@@ -70,11 +72,21 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
         if cfg.method in ("lora_muon", "spectron") and cfg.task == "pretrain":
             # Native pairs start balanced; a gauge c moves log(σa/σb) by 2 log c.
             assert rec["log_norm_ratio"]["init_mean_abs"] == pytest.approx(
-                2 * math.log(cfg.gauge), abs=1e-3)
+                2 * math.log(cfg.gauge), abs=1e-3
+            )
         if cfg.task == "finetune":
             assert rec["base_task_val_loss"] > rec["base_val_loss"]  # the task is shifted
-    expected = {"dense_muon", "lora_muon", "spectron", "adamw_lora", "dense_muon_optax",
-                "lora_rite", "riemannion", "lora_pre_muon", "limuon"}
+    expected = {
+        "dense_muon",
+        "lora_muon",
+        "spectron",
+        "adamw_lora",
+        "dense_muon_optax",
+        "lora_rite",
+        "riemannion",
+        "lora_pre_muon",
+        "limuon",
+    }
     expected |= {"psgd_kron"} if registry.available("psgd_kron") else set()
     assert methods == expected
     # The long section ran its gauge pair at rank 2's best rate: LoRA-Muon is gauge
@@ -82,9 +94,11 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
     grid = configs.grid_from_dict(first["meta"]["grid"])
     assert grid == configs.QUICK
     lr = planning.gauge_lr(grid, planning.index_results(first["runs"]))
-    long = {(c.method, c.gauge): first["runs"][c.key()]["val_loss"]
-            for c in planning.plan_section("long", grid, planning.index_results(first["runs"]))
-            if c.rank == 2 and c.lr == lr and c.method in ("lora_muon", "spectron")}
+    long = {
+        (c.method, c.gauge): first["runs"][c.key()]["val_loss"]
+        for c in planning.plan_section("long", grid, planning.index_results(first["runs"]))
+        if c.rank == 2 and c.lr == lr and c.method in ("lora_muon", "spectron")
+    }
     assert long[("lora_muon", 9.0)] == pytest.approx(long[("lora_muon", 1.0)], abs=2e-3)
     assert long[("spectron", 9.0)] != long[("spectron", 1.0)]
 
@@ -99,7 +113,9 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
     assert rec["steps_run"] == chunk * (rec["diverged_step"] // chunk + 1)
     assert rec["compile_s"] == 0
     store.record_run(path, cfg.key() + "x", {**rec, "config": cfg.as_dict() | {"lr": 1e30}}, {})
-    assert store.load_results(path)["runs"][cfg.key() + "x"]["diverged_step"] == rec["diverged_step"]
+    assert (
+        store.load_results(path)["runs"][cfg.key() + "x"]["diverged_step"] == rec["diverged_step"]
+    )
 
     out = tmp_path / "docs" / "lr_transfer.md"
     assert report.main(["--results", str(path), "--out", str(out), "--no-discussion"]) == 0
@@ -114,17 +130,26 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
 
 
 def _fake(cfg: configs.RunConfig, loss: float | None) -> tuple[str, dict]:
-    return cfg.key(), {"config": cfg.as_dict(), "val_loss": loss,
-                       "status": "ok" if loss is not None else "diverged"}
+    return cfg.key(), {
+        "config": cfg.as_dict(),
+        "val_loss": loss,
+        "status": "ok" if loss is not None else "diverged",
+    }
 
 
 def test_plan_extends_a_winning_edge_once_per_round():
-    grid = dataclasses.replace(configs.QUICK, seeds=(0,), spectral_lrs=(0.1, 0.2),
-                               headline_ranks=(), extend=2)
-    dense = lambda lr: configs.RunConfig("dense_muon", lr, 0, None,  # noqa: E731
-                                         width=grid.width, depth=grid.depth, budget=grid.budget)
+    grid = dataclasses.replace(
+        configs.QUICK, seeds=(0,), spectral_lrs=(0.1, 0.2), headline_ranks=(), extend=2
+    )
+
+    def dense(lr):
+        return configs.RunConfig(
+            "dense_muon", lr, 0, None, width=grid.width, depth=grid.depth, budget=grid.budget
+        )
+
     lrs = lambda res: [  # noqa: E731
-        c.lr for c in planning.plan_section("lr", grid, planning.index_results(res))]
+        c.lr for c in planning.plan_section("lr", grid, planning.index_results(res))
+    ]
     assert lrs({}) == [0.1, 0.2]
     res = dict([_fake(dense(0.1), 3.0), _fake(dense(0.2), 2.0)])
     assert lrs(res) == [0.1, 0.2, 0.4]  # best on the upper edge
@@ -143,8 +168,10 @@ def test_run_keys_cover_the_whole_configuration():
     assert configs.RunConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))).key() == cfg.key()
     assert "base_lr" not in cfg.as_dict()  # unset fine-tuning fields stay out of the key
     variants = [
-        dataclasses.replace(cfg, lr=0.1), dataclasses.replace(cfg, seed=2),
-        dataclasses.replace(cfg, rank=None), dataclasses.replace(cfg, gauge=3.0),
+        dataclasses.replace(cfg, lr=0.1),
+        dataclasses.replace(cfg, seed=2),
+        dataclasses.replace(cfg, rank=None),
+        dataclasses.replace(cfg, gauge=3.0),
         dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, steps=201)),
         dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, adam_lr=0.02)),
         dataclasses.replace(cfg, task="finetune", base_lr=0.1),
@@ -183,9 +210,13 @@ def _tiny_dense(width: int = 16, hidden: int = 16) -> dict:
         "mlp": {"up": {"kernel": w(width, hidden)}, "down": {"kernel": w(hidden, width)}},
         "mlp_norm": {"scale": jnp.ones(width)},
     }
-    return {"blocks": {0: block}, "embed": {"embedding": w(11, width)},
-            "head": {"kernel": w(width, 11)}, "norm": {"scale": jnp.ones(width)},
-            "pos": w(8, width)}
+    return {
+        "blocks": {0: block},
+        "embed": {"embedding": w(11, width)},
+        "head": {"kernel": w(width, 11)},
+        "norm": {"scale": jnp.ones(width)},
+        "pos": w(8, width),
+    }
 
 
 def _at(tree, path):
@@ -198,8 +229,7 @@ def test_finetune_inits_keep_the_base_function():
     base = _tiny_dense()
     kernels = params.block_kernels(base)
     assert len(kernels) == 6  # q, k, v, o, up, down
-    cfg = configs.RunConfig("lora_muon", 0.1, 0, 3, width=16, depth=1, task="finetune",
-                            init="zero")
+    cfg = configs.RunConfig("lora_muon", 0.1, 0, 3, width=16, depth=1, task="finetune", init="zero")
     frozen, adapters = params.finetune_start(cfg, base)
     merged = params.merge_adapters(frozen, adapters)
     for path, w in kernels.items():
@@ -221,20 +251,29 @@ def test_finetune_inits_keep_the_base_function():
 
 
 def test_gauge_rescales_factors_not_the_product():
-    cfg = configs.RunConfig("lora_muon", 0.1, 0, 2, width=8, depth=1,
-                            budget=configs.Budget(seq_len=4, mlp_ratio=1, heads=2))
+    cfg = configs.RunConfig(
+        "lora_muon",
+        0.1,
+        0,
+        2,
+        width=8,
+        depth=1,
+        budget=configs.Budget(seq_len=4, mlp_ratio=1, heads=2),
+    )
     _, p1 = params.build_params(cfg, 11)
     _, p9 = params.build_params(dataclasses.replace(cfg, gauge=9.0), 11)
     # float64 SVD reference of log σmax(a) − log σmax(b) for one pair.
     q1, q9 = p1["blocks"][0]["attn"]["q"], p9["blocks"][0]["attn"]["q"]
-    ref = [np.log(np.linalg.norm(np.asarray(q["lora_a"], np.float64), 2))
-           - np.log(np.linalg.norm(np.asarray(q["lora_b"], np.float64), 2)) for q in (q1, q9)]
+    ref = [
+        np.log(np.linalg.norm(np.asarray(q["lora_a"], np.float64), 2))
+        - np.log(np.linalg.norm(np.asarray(q["lora_b"], np.float64), 2))
+        for q in (q1, q9)
+    ]
     r1, r9 = params.factor_log_ratios(p1), params.factor_log_ratios(p9)
     assert r1.shape == (6,) and np.max(np.abs(r1)) < 1e-4  # native pairs start balanced
     np.testing.assert_allclose(r9 - r1, 2 * np.log(9.0), rtol=1e-5)
     np.testing.assert_allclose(ref[1] - ref[0], 2 * np.log(9.0), rtol=1e-6)
-    np.testing.assert_allclose(q9["lora_a"] @ q9["lora_b"], q1["lora_a"] @ q1["lora_b"],
-                               atol=1e-6)
+    np.testing.assert_allclose(q9["lora_a"] @ q9["lora_b"], q1["lora_a"] @ q1["lora_b"], atol=1e-6)
 
 
 def test_dense_muon_labels_only_block_matrices():

@@ -39,7 +39,9 @@ def _free_port() -> int:
 
 
 def _child_env() -> dict[str, str]:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")
+    )
     return {
         **os.environ,
         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={LOCAL_DEVICES}".strip(),
@@ -92,7 +94,7 @@ def _wait(procs: list[subprocess.Popen], out: Path, deadline: float) -> list[str
             f"process {hung} still running after {TIMEOUT_S:.0f} s (hung?):\n"
             + "\n---\n".join(text[-3000:] for text in outputs)
         )
-    for i, (proc, text) in enumerate(zip(procs, outputs)):
+    for i, (proc, text) in enumerate(zip(procs, outputs, strict=False)):
         assert proc.returncode == 0, f"process {i} failed ({proc.returncode}):\n{text[-6000:]}"
     return outputs
 
@@ -105,18 +107,26 @@ def test_two_processes_with_two_devices_each_match_one_process(tmp_path):
     finally:
         outputs = _wait(procs, tmp_path, began + TIMEOUT_S)
     for i, text in enumerate(outputs):
-        assert f"process {i}/{PROCESSES}: local devices" in text and f"of {PROCESSES * LOCAL_DEVICES}" in text, text
+        assert (
+            f"process {i}/{PROCESSES}: local devices" in text
+            and f"of {PROCESSES * LOCAL_DEVICES}" in text
+        ), text
 
     with np.load(tmp_path / "trajectories.npz") as f:
         got = dict(f)
     assert got.keys() == want.keys()
     for key in sorted(want):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
-    worst = max(float(np.abs(got[k] - want[k]).max() / max(np.abs(want[k]).max(), 1e-30)) for k in want)
+    worst = max(
+        float(np.abs(got[k] - want[k]).max() / max(np.abs(want[k]).max(), 1e-30)) for k in want
+    )
     # Not a trivial agreement: every optimizer moved every factor, step after step.
     raw, *_ = worker.problem()
     for name in worker.optimizers():
-        for leaf, start in (("['layer']['lora_a']", raw["layer"]["lora_a"]), ("['layer']['lora_b']", raw["layer"]["lora_b"])):
+        for leaf, start in (
+            ("['layer']['lora_a']", raw["layer"]["lora_a"]),
+            ("['layer']['lora_b']", raw["layer"]["lora_b"]),
+        ):
             moved = [np.abs(want[f"{name}/{t}/{leaf}"] - start).max() for t in range(worker.STEPS)]
             assert all(m > 1e-3 for m in moved) and moved[-1] > moved[0], (name, leaf, moved)
 

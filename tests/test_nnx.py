@@ -145,7 +145,9 @@ def _train_dict(params, frozen, forward, tx, x, y):
 
 
 def _assert_same_trajectory(nnx_states, nnx_losses, ref):
-    for t, (state, loss, (ref_loss, ref_params)) in enumerate(zip(nnx_states, nnx_losses, ref)):
+    for t, (state, loss, (ref_loss, ref_params)) in enumerate(
+        zip(nnx_states, nnx_losses, ref, strict=False)
+    ):
         assert loss == pytest.approx(ref_loss, rel=RTOL), t
         for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(ref_params), strict=True):
             np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=f"step {t + 1}")

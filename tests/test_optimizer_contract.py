@@ -47,7 +47,9 @@ class Case:
 
 CASES = {
     "lora_muon": Case(lmj.lora_muon, dict(learning_rate=0.02)),
-    "lora_muon_newton_schulz": Case(lmj.lora_muon, dict(learning_rate=0.02, solver="newton_schulz")),
+    "lora_muon_newton_schulz": Case(
+        lmj.lora_muon, dict(learning_rate=0.02, solver="newton_schulz")
+    ),
     "lora_muon_paper": Case(lmj.lora_muon, dict(learning_rate=0.02, method="paper")),
     "lora_muon_options": Case(
         lmj.lora_muon,

@@ -49,8 +49,12 @@ def test_budget_and_finiteness_any_shape_and_scale(route, shape, log_scale, seed
     cond = max(_condition(np.asarray(params[k], np.float64)) for k in params)
     base = 2e-3 if route == "paper" else 2e-4
     testing.assert_product_step_within_budget(
-        lmj.lora_muon(eta, beta=0.0, **ROUTES[route]), params, grads, eta,
-        rtol=base + 10 * np.finfo(np.float32).eps * cond**2, each_term=True,
+        lmj.lora_muon(eta, beta=0.0, **ROUTES[route]),
+        params,
+        grads,
+        eta,
+        rtol=base + 10 * np.finfo(np.float32).eps * cond**2,
+        each_term=True,
     )
 
 
@@ -78,7 +82,10 @@ def test_single_step_gauge_invariance_under_random_gl_r(shape, log_c, seed):
 
     def step(a, b):
         p = {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
-        gr = {"lora_a": jnp.asarray(g @ b.T, jnp.float32), "lora_b": jnp.asarray(a.T @ g, jnp.float32)}
+        gr = {
+            "lora_a": jnp.asarray(g @ b.T, jnp.float32),
+            "lora_b": jnp.asarray(a.T @ g, jnp.float32),
+        }
         u, _ = tx.update(gr, tx.init(p), p)
         ua, ub = (np.asarray(u[k], np.float64) for k in ("lora_a", "lora_b"))
         return ua @ b + a @ ub

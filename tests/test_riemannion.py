@@ -11,14 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_muon_jax.peers import _riemannion as riem
-from lora_muon_jax.peers._riemannion import loi
 from lora_muon_jax.peers import riemannion_loi_init
-from tests import contract
+from lora_muon_jax.peers._riemannion import loi
 from tests.helpers import well_conditioned
 
 M, N, R = 14, 11, 3
@@ -94,8 +92,13 @@ def _products(params, c=1.0):
 @functools.cache
 def _engine(nesterov=False, gauge="balanced", stored="buffer"):
     tx = optax.inject_hyperparams(riem.scale_by_riemannion)(
-        learning_rate=0.1, beta=0.9, weight_decay=0.0, lora_scale=1.0,
-        nesterov=nesterov, gauge=gauge, stored_momentum=stored,
+        learning_rate=0.1,
+        beta=0.9,
+        weight_decay=0.0,
+        lora_scale=1.0,
+        nesterov=nesterov,
+        gauge=gauge,
+        stored_momentum=stored,
     )
 
     @jax.jit
@@ -113,9 +116,7 @@ def _engine(nesterov=False, gauge="balanced", stored="buffer"):
     return tx, step
 
 
-def _run(
-    params, target, steps, *, nesterov=False, gauge="balanced", stored="buffer", lr=0.1, **hp
-):
+def _run(params, target, steps, *, nesterov=False, gauge="balanced", stored="buffer", lr=0.1, **hp):
     """Runs the shared engine; ``lr`` may be a schedule. Returns products and params."""
     tx, step = _engine(nesterov, gauge, stored)
     state = tx.init(params)
@@ -151,11 +152,14 @@ def _check_gauge(params, gauge, c=1.0):
     "batch,hp",
     [
         ((), dict(beta=0.9)),
-        ((2,), dict(beta=0.8, lora_scale=2.5, weight_decay=0.3, nesterov=True,
-                    gauge="left_orthogonal")),
+        (
+            (2,),
+            dict(
+                beta=0.8, lora_scale=2.5, weight_decay=0.3, nesterov=True, gauge="left_orthogonal"
+            ),
+        ),
         ((), dict(beta=0.9, stored="direction")),
-        ((2,), dict(beta=0.8, lora_scale=2.5, weight_decay=0.3, nesterov=True,
-                    stored="direction")),
+        ((2,), dict(beta=0.8, lora_scale=2.5, weight_decay=0.3, nesterov=True, stored="direction")),
     ],
     ids=["plain", "stacked-nesterov-wd-left", "direction", "stacked-direction-nesterov-wd"],
 )
@@ -168,7 +172,7 @@ def test_matches_dense_float64_reference_and_stays_rank_r(batch, hp):
     for idx in np.ndindex(*batch):
         x0, y = c * a[idx] @ b[idx], target[idx]
         want = _reference(x0, lambda x, y=y: x - y, R, steps=6, lr=lr, **ref_hp)
-        errs = [_rel(got[idx], w) for got, w in zip(traj, want)]
+        errs = [_rel(got[idx], w) for got, w in zip(traj, want, strict=False)]
         assert max(errs) < 2e-5, errs
         for x in traj:  # on M_r: exactly rank r, far from rank r − 1
             s = np.linalg.svd(x[idx], compute_uv=False)
@@ -239,7 +243,7 @@ def test_product_trajectory_is_gauge_invariant(change, stored):
         a2, b2 = a * c, b / c
     base, _, _ = _run(_params(a, b), target, 4, stored=stored)
     moved, _, _ = _run(_params(a2, b2), target, 4, stored=stored)
-    for p0, p1 in zip(base, moved):
+    for p0, p1 in zip(base, moved, strict=False):
         assert _rel(p1, p0) < 1e-4
 
 
@@ -251,12 +255,12 @@ def test_momentum_variants_share_the_first_step_then_differ():
     buf, _, _ = _run(_params(a, b), target, 4, stored="buffer")
     direc, _, _ = _run(_params(a, b), target, 4, stored="direction")
     assert _rel(direc[0], buf[0]) < 1e-5
-    gaps = [_rel(d, p) for d, p in zip(direc[1:], buf[1:])]
+    gaps = [_rel(d, p) for d, p in zip(direc[1:], buf[1:], strict=False)]
     refs = [
         _reference(a @ b, lambda x: x - target, R, steps=4, lr=0.1, beta=0.9, stored=s)
         for s in ("buffer", "direction")
     ]
-    want = [_rel(d, p) for d, p in zip(refs[1][1:], refs[0][1:])]
+    want = [_rel(d, p) for d, p in zip(refs[1][1:], refs[0][1:], strict=False)]
     assert min(gaps) > 1e-3, gaps
     np.testing.assert_allclose(gaps, want, rtol=1e-2)
 
@@ -308,10 +312,16 @@ def _loi_tree(rng, c):
     w_v = rng.standard_normal((N, 10)) @ decay @ rng.standard_normal((10, M))
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     return {
-        "q": {"kernel": f32(w_q), "lora_a": f32(0.1 * rng.standard_normal((2, M, R))),
-              "lora_b": jnp.zeros((2, R, N))},
-        "v": {"kernel": f32(w_v), "lora_B": f32(0.1 * rng.standard_normal((N, 2))),
-              "lora_A": f32(0.1 * rng.standard_normal((2, M)))},
+        "q": {
+            "kernel": f32(w_q),
+            "lora_a": f32(0.1 * rng.standard_normal((2, M, R))),
+            "lora_b": jnp.zeros((2, R, N)),
+        },
+        "v": {
+            "kernel": f32(w_v),
+            "lora_B": f32(0.1 * rng.standard_normal((N, 2))),
+            "lora_A": f32(0.1 * rng.standard_normal((2, M))),
+        },
         "bias": jnp.ones(3),
     }
 
@@ -319,8 +329,10 @@ def _loi_tree(rng, c):
 def _effective(p, c):
     """Effective weights W + c·ΔW of the tree above, float64."""
     q, v = p["q"], p["v"]
-    return (_f64(q["kernel"]) + c * _f64(q["lora_a"]) @ _f64(q["lora_b"]),
-            _f64(v["kernel"]) + c * _f64(v["lora_B"]) @ _f64(v["lora_A"]))
+    return (
+        _f64(q["kernel"]) + c * _f64(q["lora_a"]) @ _f64(q["lora_b"]),
+        _f64(v["kernel"]) + c * _f64(v["lora_B"]) @ _f64(v["lora_A"]),
+    )
 
 
 def _loi_loss(c):
@@ -339,15 +351,23 @@ def test_loi_keeps_the_model_and_captures_top_2r_gradient_energy(sketch):
     params = _loi_tree(rng, c)
     g0 = _effective(params, c)  # G₀ of ½‖W + cΔW‖² at the start
     init = riemannion_loi_init(
-        jax.grad(_loi_loss(c)), params, jax.random.key(0), alpha=0.05, lora_scale=c,
-        oversample=4, power_iters=2, sketch=sketch,
+        jax.grad(_loi_loss(c)),
+        params,
+        jax.random.key(0),
+        alpha=0.05,
+        lora_scale=c,
+        oversample=4,
+        power_iters=2,
+        sketch=sketch,
     )
     chex.assert_trees_all_equal(init["bias"], params["bias"])
     # Alg. 5 line 3: kernel + c·a@b is unchanged (one float32 rounding of the kernel).
-    for before, after in zip(g0, _effective(init, c)):
+    for before, after in zip(g0, _effective(init, c), strict=False):
         assert np.linalg.norm(after - before) < 1e-6 * np.linalg.norm(before)
-    cases = [(g0[0][i], c * _f64(init["q"]["lora_a"][i]) @ _f64(init["q"]["lora_b"][i]), R)
-             for i in range(2)]
+    cases = [
+        (g0[0][i], c * _f64(init["q"]["lora_a"][i]) @ _f64(init["q"]["lora_b"][i]), R)
+        for i in range(2)
+    ]
     cases.append((g0[1], c * _f64(init["v"]["lora_B"]) @ _f64(init["v"]["lora_A"]), 2))
     for g, x0, r in cases:
         s_g = np.linalg.svd(g, compute_uv=False)
@@ -374,8 +394,9 @@ def test_loi_defaults_are_the_papers_and_alpha_sign_is_applied():
     kernel = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
     params = {"kernel": kernel, "lora_a": jnp.zeros((M, R)), "lora_b": jnp.zeros((R, N))}
     grad = jax.grad(lambda p: 0.5 * jnp.sum((p["kernel"] + p["lora_a"] @ p["lora_b"]) ** 2))
-    run = functools.partial(riemannion_loi_init, grad, params, jax.random.key(3),
-                            gauge="left_orthogonal", oversample=4)
+    run = functools.partial(
+        riemannion_loi_init, grad, params, jax.random.key(3), gauge="left_orthogonal", oversample=4
+    )
     default, pos, neg = run(), run(alpha=0.02), run(alpha=-0.02)
     s = np.linalg.svd(_f64(default["lora_a"]) @ _f64(default["lora_b"]), compute_uv=False)
     np.testing.assert_allclose(s[:R], 0.01 / np.sqrt(R), rtol=1e-4)
@@ -388,8 +409,11 @@ def test_loi_defaults_are_the_papers_and_alpha_sign_is_applied():
 def test_loi_without_base_weight_names_the_pair():
     params = {"blk": {"lora_a": jnp.zeros((M, R)), "lora_b": jnp.zeros((R, N))}}
     grad = jax.grad(lambda p: jnp.sum(p["blk"]["lora_a"] @ p["blk"]["lora_b"]))
-    with pytest.raises(ValueError, match=r"no base weight for the LoRA pair at \['blk'\]\['lora_a'\]"
-                       r".*blk/kernel.*shift_base=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"no base weight for the LoRA pair at \['blk'\]\['lora_a'\]"
+        r".*blk/kernel.*shift_base=False",
+    ):
         riemannion_loi_init(grad, params, jax.random.key(0))
     bad = {"blk": {**params["blk"], "kernel": jnp.zeros((N, M))}}  # transposed
     with pytest.raises(ValueError, match=r"\['blk'\]\['kernel'\] has shape \(11, 14\)"):
@@ -402,9 +426,12 @@ def test_loi_base_path_points_at_the_base_weight():
     rng = np.random.default_rng(14)
     w = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
     params = {"w": w, "adapter": {"lora_a": jnp.zeros((M, R)), "lora_b": jnp.zeros((R, N))}}
-    grad = jax.grad(lambda p: 0.5 * jnp.sum((p["w"] + p["adapter"]["lora_a"] @ p["adapter"]["lora_b"]) ** 2))
-    out = riemannion_loi_init(grad, params, jax.random.key(0), oversample=2,
-                              base_path=lambda path: ("w",))
+    grad = jax.grad(
+        lambda p: 0.5 * jnp.sum((p["w"] + p["adapter"]["lora_a"] @ p["adapter"]["lora_b"]) ** 2)
+    )
+    out = riemannion_loi_init(
+        grad, params, jax.random.key(0), oversample=2, base_path=lambda path: ("w",)
+    )
     eff = _f64(out["w"]) + _f64(out["adapter"]["lora_a"]) @ _f64(out["adapter"]["lora_b"])
     assert np.linalg.norm(eff - _f64(w)) < 1e-6 * np.linalg.norm(_f64(w))
     assert np.abs(_f64(out["w"]) - _f64(w)).max() > 1e-4  # the base really moved
@@ -427,14 +454,20 @@ def test_loi_backward_passes_reach_2_q_plus_1_where_the_tree_allows(q):
     # k = 2r + oversample = 10 columns with r = 3: 2(q+1) calls when the factors may
     # be k wide, 2(q+1)·⌈10/3⌉ = 8(q+1) when grad_fn insists on rank r. Same result.
     rng = np.random.default_rng(15)
-    params = {"kernel": jnp.asarray(rng.standard_normal((M, N)), jnp.float32),
-              "lora_a": jnp.zeros((M, R)), "lora_b": jnp.zeros((R, N))}
+    params = {
+        "kernel": jnp.asarray(rng.standard_normal((M, N)), jnp.float32),
+        "lora_a": jnp.zeros((M, R)),
+        "lora_b": jnp.zeros((R, N)),
+    }
     grad = jax.grad(lambda p: 0.5 * jnp.sum((p["kernel"] + p["lora_a"] @ p["lora_b"]) ** 2))
     outs, counts = {}, {}
     for name, check in (("wide", None), ("chunked", R)):
         calls = []
         outs[name] = riemannion_loi_init(
-            _counting(grad, calls, check), params, jax.random.key(4), oversample=4,
+            _counting(grad, calls, check),
+            params,
+            jax.random.key(4),
+            oversample=4,
             power_iters=q,
         )
         jax.effects_barrier()
@@ -460,14 +493,16 @@ def test_loi_on_flax_nnx_model_keeps_its_output():
         return jnp.mean((nnx.merge(graphdef, s)(x) - y) ** 2)
 
     calls = []
-    new = riemannion_loi_init(_counting(jax.grad(loss), calls), state, jax.random.key(5),
-                              oversample=4)
+    new = riemannion_loi_init(
+        _counting(jax.grad(loss), calls), state, jax.random.key(5), oversample=4
+    )
     jax.effects_barrier()
     assert len(calls) == 4
     before, after = model(x), nnx.merge(graphdef, new)(x)
     assert float(jnp.max(jnp.abs(after - before))) < 1e-5 * float(jnp.max(jnp.abs(before)))
-    s = np.linalg.svd(_f64(new["lora"]["lora_a"][...]) @ _f64(new["lora"]["lora_b"][...]),
-                      compute_uv=False)
+    s = np.linalg.svd(
+        _f64(new["lora"]["lora_a"][...]) @ _f64(new["lora"]["lora_b"][...]), compute_uv=False
+    )
     np.testing.assert_allclose(s[:R], 0.01 / np.sqrt(R), rtol=1e-4)
 
 
@@ -479,7 +514,11 @@ def test_loi_left_gauge_then_riemannion_descends():
         return 0.5 * jnp.sum((p["layer"]["lora_a"] @ p["layer"]["lora_b"] - target) ** 2)
 
     init = riemannion_loi_init(
-        jax.grad(loss), params, jax.random.key(1), alpha=0.01, gauge="left_orthogonal",
+        jax.grad(loss),
+        params,
+        jax.random.key(1),
+        alpha=0.01,
+        gauge="left_orthogonal",
         shift_base=False,
     )
     _check_gauge(init, "left_orthogonal")
@@ -545,16 +584,18 @@ def test_pair_only_transformation_rejects_other_leaves_and_needs_params():
 
 @pytest.mark.parametrize(
     "kwargs,error,match",
-    [(dict(alpha=0.0), ValueError, "alpha"), (dict(alpha=float("nan")), ValueError, "alpha"),
-     (dict(power_iters=-1), ValueError, "power_iters"),
-     (dict(oversample=1.5), TypeError, "oversample"), (dict(gauge="x"), ValueError, "gauge"),
-     (dict(sketch="x"), ValueError, "sketch")],
+    [
+        (dict(alpha=0.0), ValueError, "alpha"),
+        (dict(alpha=float("nan")), ValueError, "alpha"),
+        (dict(power_iters=-1), ValueError, "power_iters"),
+        (dict(oversample=1.5), TypeError, "oversample"),
+        (dict(gauge="x"), ValueError, "gauge"),
+        (dict(sketch="x"), ValueError, "sketch"),
+    ],
 )
 def test_loi_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
-        riemannion_loi_init(
-            lambda p: p, _params(*_pair()[:2]), jax.random.key(0), **kwargs
-        )
+        riemannion_loi_init(lambda p: p, _params(*_pair()[:2]), jax.random.key(0), **kwargs)
 
 
 def test_stored_momentum_is_checked():
@@ -568,8 +609,13 @@ def test_stored_momentum_is_checked():
 
 DEFAULT = dict(learning_rate=0.02)
 OTHER = dict(
-    learning_rate=0.02, beta=0.8, nesterov=True, weight_decay=0.1, lora_scale=2.0,
-    gauge="left_orthogonal", stored_momentum="direction",
+    learning_rate=0.02,
+    beta=0.8,
+    nesterov=True,
+    weight_decay=0.1,
+    lora_scale=2.0,
+    gauge="left_orthogonal",
+    stored_momentum="direction",
 )
 
 

@@ -42,7 +42,9 @@ def _collectives(hlo: str) -> list[tuple[str, list[int]]]:
     # collective from the pattern: drop comments first.
     hlo = re.sub(r"/\*.*?\*/", "", hlo)
     for shape_text, kind in _COLLECTIVE.findall(hlo):
-        sizes = [math.prod(int(d) for d in dims.split(",") if d) for dims in _SHAPE.findall(shape_text)]
+        sizes = [
+            math.prod(int(d) for d in dims.split(",") if d) for dims in _SHAPE.findall(shape_text)
+        ]
         out.append((kind, sizes))
     return out
 
@@ -69,7 +71,10 @@ def test_sharded_step_matches_and_communicates_only_rxr(layout, axis_type, route
     tx = lmj.lora_muon(0.1, beta=0.9, weight_decay=0.1, **ROUTES[route])
 
     def put(tree):
-        return {k: jax.device_put(jnp.asarray(v, jnp.float32), NamedSharding(mesh, specs[k])) for k, v in tree.items()}
+        return {
+            k: jax.device_put(jnp.asarray(v, jnp.float32), NamedSharding(mesh, specs[k]))
+            for k, v in tree.items()
+        }
 
     with jax.set_mesh(mesh):
         params, grads = put(raw), put(raw_grads)
@@ -95,7 +100,9 @@ def test_sharded_step_matches_and_communicates_only_rxr(layout, axis_type, route
     # of at most L·r² floats) to batch their decompositions.
     colls = _collectives(hlo)
     largest = max((s for _, sizes in colls for s in sizes), default=0)
-    assert largest <= L * R * R, f"a collective moves {largest} > L·r² = {L * R * R} floats: {colls}"
+    assert largest <= L * R * R, (
+        f"a collective moves {largest} > L·r² = {L * R * R} floats: {colls}"
+    )
     if any(s is not None for s in spec_a):
         assert colls, "a sharded Gram must be all-reduced"
 
@@ -103,5 +110,8 @@ def test_sharded_step_matches_and_communicates_only_rxr(layout, axis_type, route
 def test_collective_parser_sees_gathers():
     # Guard for the regex above: a replicated-output matmul of a sharded factor
     # without our out_sharding would be a gather; check the parser reports it.
-    hlo = "%ag = f32[2,64,4]{2,1,0} all-gather(%p), dimensions={1}\n%t = (f32[4,4], f32[2]) all-reduce(%x, %y)"
+    hlo = (
+        "%ag = f32[2,64,4]{2,1,0} all-gather(%p), dimensions={1}\n"
+        "%t = (f32[4,4], f32[2]) all-reduce(%x, %y)"
+    )
     assert _collectives(hlo) == [("all-gather", [512]), ("all-reduce", [16, 2])]

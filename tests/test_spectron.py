@@ -115,10 +115,13 @@ def test_matches_float64_reference_multistep():
                 return g @ y.T, x.T @ g
 
             ref = _reference(
-                a[i], b[i], grad_fn,
+                a[i],
+                b[i],
+                grad_fn,
                 np.asarray(vectors[k]["lora_a"][i], np.float64),
                 np.asarray(vectors[k]["lora_b"][i], np.float64),
-                steps=4, **hp,
+                steps=4,
+                **hp,
             )
             for t, (ra, rb) in enumerate(ref):
                 got = traj[t][k]
@@ -231,8 +234,9 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="weight_decay"):
         spectron(0.1, weight_decay=-1.0)
     with pytest.raises(ValueError, match=r"\['bias'\]"):
-        scale_by_spectron().init({"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3)),
-                                  "bias": jnp.ones(3)})
+        scale_by_spectron().init(
+            {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3)), "bias": jnp.ones(3)}
+        )
 
 
 # --------------------------------------------------------------------------------

@@ -14,11 +14,15 @@ from benchmarks import registry
 def _tree(rank: int | None) -> dict:
     """A block matrix (dense kernel or a LoRA pair), an embedding and a bias."""
     k = jax.random.split(jax.random.key(0), 3)
-    block = ({"kernel": jax.random.normal(k[0], (12, 8)) / 4} if rank is None else
-             {"lora_a": jax.random.normal(k[0], (12, rank)) / 4,
-              "lora_b": jax.random.normal(k[1], (rank, 8)) / 4})
-    return {"blocks": {"q": block}, "embed": jax.random.normal(k[2], (5, 12)),
-            "bias": jnp.zeros(8)}
+    block = (
+        {"kernel": jax.random.normal(k[0], (12, 8)) / 4}
+        if rank is None
+        else {
+            "lora_a": jax.random.normal(k[0], (12, rank)) / 4,
+            "lora_b": jax.random.normal(k[1], (rank, 8)) / 4,
+        }
+    )
+    return {"blocks": {"q": block}, "embed": jax.random.normal(k[2], (5, 12)), "bias": jnp.zeros(8)}
 
 
 def _is_block(path, leaf) -> bool:
@@ -29,8 +33,9 @@ def _is_block(path, leaf) -> bool:
 def test_every_method_builds_and_steps_on_its_tree(name):
     method = registry.get(name)
     params = _tree(None if method.tree == "dense" else 2)
-    tx = registry.make(name, method.default_lr, params, adam_learning_rate=1e-2,
-                       is_matrix=_is_block)
+    tx = registry.make(
+        name, method.default_lr, params, adam_learning_rate=1e-2, is_matrix=_is_block
+    )
     grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.1 + x, params)
     state = tx.init(params)
     extra = {"prev_grads": params} if "prev_grads" in method.extra_args else {}
@@ -80,8 +85,10 @@ def test_options_reach_the_constructor():
     params = _tree(2)
     tx = registry.make("lora_muon", 0.1, params, rebalance=GaugeRebalance(every=1))
     a = params["blocks"]["q"]["lora_a"] * 10.0
-    lopsided = {**params, "blocks": {"q": {"lora_a": a,
-                                           "lora_b": params["blocks"]["q"]["lora_b"] / 10.0}}}
+    lopsided = {
+        **params,
+        "blocks": {"q": {"lora_a": a, "lora_b": params["blocks"]["q"]["lora_b"] / 10.0}},
+    }
     u, _ = tx.update(jax.tree.map(jnp.ones_like, lopsided), tx.init(lopsided), lopsided)
     new = optax.apply_updates(lopsided, u)["blocks"]["q"]
     sa, sb = (np.linalg.norm(np.asarray(new[k]), 2) for k in ("lora_a", "lora_b"))

@@ -73,8 +73,9 @@ def report_rule_verdict(slope: float, se: float) -> str:
 def test_discussion_module_writes_no_number_by_hand():
     """Every decimal in the Discussion is formatted from the results, none typed in."""
     tree = ast.parse(Path(discussion.__file__).read_text())
-    literals = [n.value for n in ast.walk(tree)
-                if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    literals = [
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    ]
     typed = [s for s in literals if re.search(r"\d\.\d|\d+e-\d|\b\d{2,}\b", s)]
     assert not typed, typed
 
@@ -118,8 +119,9 @@ def test_long_section_answers_the_rank_2_question_from_the_data():
     assert "ratio 2;" in answer and "+0.100 nats" in answer
     assert "(dense/rank-2 0.50)" in answer  # the fitted optima: exact parabolas
     rows = report_long.headline_rows(res, grid)
-    assert any(r.startswith("| dense Muon | 0.02 | 2.000 ± 0.001 (n=2) | 0.02, 0.02 |")
-               for r in rows), rows
+    assert any(
+        r.startswith("| dense Muon | 0.02 | 2.000 ± 0.001 (n=2) | 0.02, 0.02 |") for r in rows
+    ), rows
 
 
 def test_proxy_docstring_claims_hold_on_the_committed_results():

@@ -20,7 +20,7 @@ import pytest
 
 from benchmarks.study import configs, planning, store
 from benchmarks.study import lr_transfer as lt
-from lora_muon_jax import data
+from lora_muon_jax_examples import tinyshakespeare as data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,13 @@ def test_sigkill_mid_write_loses_no_finished_run(tmp_path):
     finished: set[str] = set()
     for kill in range(6):
         start = len(finished)
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(start)],
-                                stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=REPO,
+        )
         # Wait for a first finished write, then kill at a random instant.
         line = proc.stdout.readline()
         assert line, "the writer died before finishing a run"
@@ -78,9 +83,14 @@ def _have_corpus() -> bool:
 def test_killed_sweep_keeps_its_runs_and_resumes(tmp_path):
     path = tmp_path / "results.json"
     args = ["--quick", "--only", "lr", "--results", str(path)]
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.study.lr_transfer", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.study.lr_transfer", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+    )
     done: list[str] = []
     deadline = time.monotonic() + 120
     while len(done) < 2 and time.monotonic() < deadline:  # two runs finished and recorded
@@ -108,9 +118,22 @@ def test_killed_sweep_keeps_its_runs_and_resumes(tmp_path):
 def test_concurrent_writers_lose_nothing(tmp_path):
     """Two processes adding runs to one file at once: the lock serializes them."""
     path = tmp_path / "results.json"
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER.replace("10_000", str(start + 15)),
-                               str(path), str(start)], stdout=subprocess.PIPE, text=True,
-                              env=_env(), cwd=REPO) for start in (0, 1000)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WRITER.replace("10_000", str(start + 15)),
+                str(path),
+                str(start),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=REPO,
+        )
+        for start in (0, 1000)
+    ]
     for p in procs:
         p.communicate()
         assert p.returncode == 0

@@ -89,7 +89,7 @@ class Curve:
         return len({s for _, s in self.runs})
 
     def records_at(self, lr: float) -> list[dict[str, Any]]:
-        return [r for (l, _), r in sorted(self.runs.items()) if math.isclose(l, lr, rel_tol=1e-9)]
+        return [r for (x, _), r in sorted(self.runs.items()) if math.isclose(x, lr, rel_tol=1e-9)]
 
     def per_seed_best(self) -> dict[int, float]:
         """Each seed's own argmin rate (finite runs; ties: the smaller rate)."""
@@ -119,8 +119,13 @@ class Results:
     def find(self, budget: Budget | None = None, **fields: Any) -> Curve | None:
         """The curve whose config has these field values (default budget unless given)."""
         budget = budget or FULL.budget
-        base = RunConfig(method=fields.pop("method"), lr=0.0, seed=0,
-                         rank=fields.pop("rank", None), budget=budget)
+        base = RunConfig(
+            method=fields.pop("method"),
+            lr=0.0,
+            seed=0,
+            rank=fields.pop("rank", None),
+            budget=budget,
+        )
         cfg = dataclasses.replace(base, **fields)
         return self.curves.get(cfg.curve())
 

@@ -36,7 +36,7 @@ SECTION_TITLES = {
     "gauge": "(iii) gauge rescaling: LoRA-Muon vs Spectron",
     "shape": "(iv) width and depth transfer",
     "baselines": "(v) baselines and peers: AdamW-LoRA, Riemannion, stock optax Muon, "
-                 "PSGD-Kron, LoRA-Pre, LiMuon",
+    "PSGD-Kron, LoRA-Pre, LiMuon",
     "finetune": "(vi) zero-init fine-tuning on a frozen dense base",
     "long_pilot": "long-budget pilot: dense Muon at candidate budgets",
     "long": "(vii) long budget: dense Muon, LoRA-Muon, AdamW-LoRA, gauge",
@@ -145,7 +145,9 @@ class LongGrid:
     # (steps, batch, seq_len, width, depth); the chosen one is the cheapest whose
     # loss is near the paper's 1.789 (the sweep then brackets the rate).
     pilot: tuple[tuple[int, int, int, int, int], ...] = (
-        (1000, 32, 64, 128, 2), (1000, 16, 64, 128, 2), (1000, 16, 64, 64, 2),
+        (1000, 32, 64, 128, 2),
+        (1000, 16, 64, 128, 2),
+        (1000, 16, 64, 64, 2),
         (1000, 32, 64, 64, 2),
     )
     pilot_lrs: tuple[float, ...] = (0.0125,)
@@ -160,8 +162,11 @@ QUICK_LONG = LongGrid(
     width=32,
     depth=1,
     seeds=(0,),
-    curves=(("dense_muon", None, (0.05,)), ("lora_muon", 2, (0.05, 0.2)),
-            ("adamw_lora", 2, (3e-3,))),
+    curves=(
+        ("dense_muon", None, (0.05,)),
+        ("lora_muon", 2, (0.05, 0.2)),
+        ("adamw_lora", 2, (3e-3,)),
+    ),
     extend=0,
     pilot=((20, 8, 32, 32, 1),),
     pilot_lrs=(0.05,),
@@ -194,9 +199,13 @@ class Grid:
     ft_base_lr: float = 0.0125  # dense Muon's best rate in section (i)
     ft_base_steps_factor: int = 2
     ft_variants: tuple[tuple[str, str, int], ...] = (  # (method, init, rebalance every)
-        ("lora_muon", "zero", 0), ("lora_muon", "zero", 10), ("lora_muon", "balanced", 0),
-        ("adamw_lora", "zero", 0), ("adamw_lora", "balanced", 0),
-        ("lora_rite", "zero", 0), ("lora_rite", "balanced", 0),
+        ("lora_muon", "zero", 0),
+        ("lora_muon", "zero", 10),
+        ("lora_muon", "balanced", 0),
+        ("adamw_lora", "zero", 0),
+        ("adamw_lora", "balanced", 0),
+        ("lora_rite", "zero", 0),
+        ("lora_rite", "balanced", 0),
     )
     extend: int = 3  # at most this many extra LRs beyond each edge of a grid
     budget: Budget = Budget()
@@ -255,8 +264,14 @@ QUICK = Grid(
 
 def describe(cfg: RunConfig) -> str:
     """A one-line description of a run for logs and tables."""
-    parts = [cfg.method, f"lr={cfg.lr:.4g}", f"seed={cfg.seed}",
-             "dense" if cfg.rank is None else f"r={cfg.rank}", f"w={cfg.width}", f"d={cfg.depth}"]
+    parts = [
+        cfg.method,
+        f"lr={cfg.lr:.4g}",
+        f"seed={cfg.seed}",
+        "dense" if cfg.rank is None else f"r={cfg.rank}",
+        f"w={cfg.width}",
+        f"d={cfg.depth}",
+    ]
     if cfg.gauge != 1.0:
         parts.append(f"c={cfg.gauge:g}")
     if cfg.task == "finetune":

@@ -37,8 +37,15 @@ class Facts:
 
     def ft(self, method: str, init: str, reb: int, rank: int) -> Curve | None:
         g = self.grid
-        return self.curve(method=method, rank=rank, init=init, rebalance=reb, task="finetune",
-                          base_steps=g.budget.steps * g.ft_base_steps_factor, base_lr=g.ft_base_lr)
+        return self.curve(
+            method=method,
+            rank=rank,
+            init=init,
+            rebalance=reb,
+            task="finetune",
+            base_steps=g.budget.steps * g.ft_base_steps_factor,
+            base_lr=g.ft_base_lr,
+        )
 
 
 def _e(x: float) -> str:
@@ -66,8 +73,11 @@ def _gauge_stats(f: Facts, method: str) -> dict[float, list[float]]:
     if base is None or base.best() is None:
         return {}
     lr = base.best().lr
-    return {c: paired_deltas(base, f.curve(method=method, rank=r, gauge=c), lr)
-            for c in f.grid.gauges if c != 1.0}
+    return {
+        c: paired_deltas(base, f.curve(method=method, rank=r, gauge=c), lr)
+        for c in f.grid.gauges
+        if c != 1.0
+    }
 
 
 def gauge_paragraph(f: Facts) -> list[str]:
@@ -79,8 +89,13 @@ def gauge_paragraph(f: Facts) -> list[str]:
     if not lm or not sp or not lm.get(nine) or not sp.get(nine):
         return ["* *Gauge invariance*: not enough runs yet."]
     lm9, sp9 = lm[nine], sp[nine]
-    best_lrs = sorted({b.lr for g in f.grid.gauges
-                       if (b := f.best(method="lora_muon", rank=f.grid.gauge_rank, gauge=g))})
+    best_lrs = sorted(
+        {
+            b.lr
+            for g in f.grid.gauges
+            if (b := f.best(method="lora_muon", rank=f.grid.gauge_rank, gauge=g))
+        }
+    )
     sp_means = [np.mean(v) for v in sp.values() if v]
     return [
         f"* *Gauge invariance* is the cleanest result. Rescaling every pair `(c·a, b/c)` by "
@@ -102,25 +117,33 @@ def rank_paragraph(f: Facts) -> list[str]:
     lrs = [b.lr for b in bests.values()]
     mode = max(set(lrs), key=lrs.count)
     odd = {r: b.lr for r, b in bests.items() if b.lr != mode}
-    out = (f"* *Rank transfer of the rate* (pretraining): LoRA-Muon's best rate is "
-           f"{fmt_lr(mode)} at ranks {', '.join(str(r) for r in bests if r not in odd)}")
+    out = (
+        f"* *Rank transfer of the rate* (pretraining): LoRA-Muon's best rate is "
+        f"{fmt_lr(mode)} at ranks {', '.join(str(r) for r in bests if r not in odd)}"
+    )
     if odd:
         out += "; elsewhere " + ", ".join(f"rank {r}: {fmt_lr(v)}" for r, v in odd.items())
         for r in odd:
             c = f.curve(method="lora_muon", rank=r)
             at, own = c.at(mode), bests[r]
             if at is not None and not at.diverged:
-                out += (f" (rank {r} at {fmt_lr(mode)}: {mean_std(at)}, at its own best "
-                        f"{mean_std(own)}: {at.mean - own.mean:+.3f})")
+                out += (
+                    f" (rank {r} at {fmt_lr(mode)}: {mean_std(at)}, at its own best "
+                    f"{mean_std(own)}: {at.mean - own.mean:+.3f})"
+                )
     out += "."
-    a_lo, a_hi = (f.best(method="adamw_lora", rank=r) for r in (min(f.grid.baseline_ranks),
-                                                               max(f.grid.baseline_ranks)))
+    a_lo, a_hi = (
+        f.best(method="adamw_lora", rank=r)
+        for r in (min(f.grid.baseline_ranks), max(f.grid.baseline_ranks))
+    )
     if a_lo and a_hi:
-        out += (f" AdamW on the same low-rank models moves its best rate "
-                f"{max(a_lo.lr, a_hi.lr) / min(a_lo.lr, a_hi.lr):.0f}× between rank "
-                f"{min(f.grid.baseline_ranks)} ({fmt_lr(a_lo.lr)}) and rank "
-                f"{max(f.grid.baseline_ranks)} ({fmt_lr(a_hi.lr)}), {len(a_lo.losses)} "
-                "seed(s): the fragility LoRA-Muon is meant to remove.")
+        out += (
+            f" AdamW on the same low-rank models moves its best rate "
+            f"{max(a_lo.lr, a_hi.lr) / min(a_lo.lr, a_hi.lr):.0f}× between rank "
+            f"{min(f.grid.baseline_ranks)} ({fmt_lr(a_lo.lr)}) and rank "
+            f"{max(f.grid.baseline_ranks)} ({fmt_lr(a_hi.lr)}), {len(a_lo.losses)} "
+            "seed(s): the fragility LoRA-Muon is meant to remove."
+        )
     return [out]
 
 
@@ -128,12 +151,18 @@ def shape_paragraph(f: Facts) -> list[str]:
     g = f.grid
     shapes = [(w, g.depth) for w in g.widths] + [(g.width, d) for d in g.depths]
     parts = []
-    for method, rank, label in (("dense_muon", None, "dense Muon"),
-                                ("lora_muon", g.shape_rank, f"rank-{g.shape_rank} LoRA-Muon")):
-        found = [(w, d, b.lr) for w, d in dict.fromkeys(shapes)
-                 if (b := f.best(method=method, rank=rank, width=w, depth=d))]
-        parts.append(f"{label}'s: " + "; ".join(f"width {w}, depth {d}: {fmt_lr(lr)}"
-                                                for w, d, lr in found))
+    for method, rank, label in (
+        ("dense_muon", None, "dense Muon"),
+        ("lora_muon", g.shape_rank, f"rank-{g.shape_rank} LoRA-Muon"),
+    ):
+        found = [
+            (w, d, b.lr)
+            for w, d in dict.fromkeys(shapes)
+            if (b := f.best(method=method, rank=rank, width=w, depth=d))
+        ]
+        parts.append(
+            f"{label}'s: " + "; ".join(f"width {w}, depth {d}: {fmt_lr(lr)}" for w, d, lr in found)
+        )
     return [f"* *Width and depth*: best rates, {parts[0]}. {parts[1]}."]
 
 
@@ -144,9 +173,11 @@ def rank32_paragraph(f: Facts) -> list[str]:
     db, bh = f.best(method="dense_muon"), f.best(method="lora_muon", rank=hi)
     if not db or not bh:
         return []
-    return [f"* *Rank {hi} vs dense Muon*: {compare(bh, db, f'rank {hi}', 'dense Muon')}, "
-            f"{len(db.losses)} seeds; the paper has its rank-{hi} model ahead by "
-            f"{PAPER['dense_val'] - PAPER['rank32_val']:.3f}."]
+    return [
+        f"* *Rank {hi} vs dense Muon*: {compare(bh, db, f'rank {hi}', 'dense Muon')}, "
+        f"{len(db.losses)} seeds; the paper has its rank-{hi} model ahead by "
+        f"{PAPER['dense_val'] - PAPER['rank32_val']:.3f}."
+    ]
 
 
 def disagree_paragraphs(f: Facts) -> list[str]:
@@ -173,10 +204,12 @@ def disagree_paragraphs(f: Facts) -> list[str]:
         + ". The Frobenius-size hypothesis for this offset is tested in section (vii).",
     ]
     if stock:
-        out.append(f"* Stock `optax.contrib.muon` (Nesterov and its `√(fan_out/fan_in)` "
-                   f"factor) reaches {fmt(stock.mean)} at {fmt_lr(stock.lr)} "
-                   f"({len(stock.losses)} seed(s)) against our unscaled dense twin's "
-                   f"{fmt(db.mean)}: \"dense Muon\" numbers depend on these choices.")
+        out.append(
+            f"* Stock `optax.contrib.muon` (Nesterov and its `√(fan_out/fan_in)` "
+            f"factor) reaches {fmt(stock.mean)} at {fmt_lr(stock.lr)} "
+            f"({len(stock.losses)} seed(s)) against our unscaled dense twin's "
+            f'{fmt(db.mean)}: "dense Muon" numbers depend on these choices.'
+        )
     return out
 
 
@@ -200,12 +233,17 @@ def finetune_paragraph(f: Facts) -> list[str]:
     if any(b.get((v, r)) is None for v in (z, zr, bal) for r in (lo, hi)):
         return []
     moves = []
-    for m, label in (("lora_muon", "LoRA-Muon"), ("adamw_lora", "AdamW-LoRA"),
-                     ("lora_rite", "LoRA-RITE")):
+    for m, label in (
+        ("lora_muon", "LoRA-Muon"),
+        ("adamw_lora", "AdamW-LoRA"),
+        ("lora_rite", "LoRA-RITE"),
+    ):
         v = next(v for v in g.ft_variants if v[0] == m and v[1] == "zero" and v[2] == 0)
         if b.get((v, lo)) and b.get((v, hi)):
-            moves.append(f"{label}'s {b[(v, lo)].lr / b[(v, hi)].lr:.0f}× "
-                         f"({fmt_lr(b[(v, lo)].lr)} to {fmt_lr(b[(v, hi)].lr)})")
+            moves.append(
+                f"{label}'s {b[(v, lo)].lr / b[(v, hi)].lr:.0f}× "
+                f"({fmt_lr(b[(v, lo)].lr)} to {fmt_lr(b[(v, hi)].lr)})"
+            )
     from benchmarks.study.report import METHOD_LABELS
 
     per_method: dict[str, float] = {}
@@ -238,16 +276,20 @@ def peers_paragraph(f: Facts) -> list[str]:
     for r in f.grid.baseline_ranks:
         rb, lb = f.best(method="riemannion", rank=r), f.best(method="lora_muon", rank=r)
         if rb and lb:
-            parts.append(f"rank {r}: Riemannion {fmt_lr(rb.lr)}, {fmt(rb.mean)} vs LoRA-Muon "
-                         f"{fmt_lr(lb.lr)}, {fmt(lb.mean)}")
+            parts.append(
+                f"rank {r}: Riemannion {fmt_lr(rb.lr)}, {fmt(rb.mean)} vs LoRA-Muon "
+                f"{fmt_lr(lb.lr)}, {fmt(lb.mean)}"
+            )
     others = []
-    for m, label in (("lora_pre_muon", "LoRA-Pre Muon"), ("limuon", "LiMuon (STORM)"),
-                     ("psgd_kron", "PSGD-Kron")):
+    for m, label in (
+        ("lora_pre_muon", "LoRA-Pre Muon"),
+        ("limuon", "LiMuon (STORM)"),
+        ("psgd_kron", "PSGD-Kron"),
+    ):
         ob = f.best(method=m)
         if ob:
             others.append(f"{label} {fmt(ob.mean)} at {fmt_lr(ob.lr)} ({len(ob.losses)} seed(s))")
-    return [f"**Peers.** Best rate and loss, {'; '.join(parts)}. Dense peers: "
-            f"{'; '.join(others)}."]
+    return [f"**Peers.** Best rate and loss, {'; '.join(parts)}. Dense peers: {'; '.join(others)}."]
 
 
 def long_paragraph(res: Results, grid: Grid) -> list[str]:
@@ -259,8 +301,10 @@ def long_paragraph(res: Results, grid: Grid) -> list[str]:
         return ["**Long budget** (section vii): not run yet."]
     ps = pairs(res, grid)
     slope, se = transfer.rank_slope(ps)
-    const = {b: transfer.fit_constant([p for p in ps if p.budget == b])
-             for b in dict.fromkeys(p.budget for p in ps)}
+    const = {
+        b: transfer.fit_constant([p for p in ps if p.budget == b])
+        for b in dict.fromkeys(p.budget for p in ps)
+    }
     b = grid.long.budget
     return [
         f"**Long budget** (section vii: {b.steps} steps of {b.batch} × {b.seq_len} "
@@ -276,20 +320,34 @@ def long_paragraph(res: Results, grid: Grid) -> list[str]:
 def discussion(res: Results, grid: Grid) -> list[str]:
     """The Discussion section's lines."""
     f = Facts(res, grid)
-    seeds = [c.seeds() for c in res.curves.values()
-             if c.cfg.budget == grid.budget and c.cfg.width == grid.width]
+    seeds = [
+        c.seeds()
+        for c in res.curves.values()
+        if c.cfg.budget == grid.budget and c.cfg.width == grid.width
+    ]
     b = grid.budget
     return [
         f"What the numbers say at the short budget ({b.steps} steps; "
         f"{min(seeds, default=0)} to {max(seeds, default=0)} seeds per point, as the tables "
-        "state), then at the long one:", "",
-        "**Agrees with the paper.**", "",
-        *gauge_paragraph(f), *rank_paragraph(f), *shape_paragraph(f), *rank32_paragraph(f), "",
-        "**Disagrees with the paper.**", "",
-        *disagree_paragraphs(f), "",
-        *long_paragraph(res, grid), "",
-        *finetune_paragraph(f), "",
-        *peers_paragraph(f), "",
+        "state), then at the long one:",
+        "",
+        "**Agrees with the paper.**",
+        "",
+        *gauge_paragraph(f),
+        *rank_paragraph(f),
+        *shape_paragraph(f),
+        *rank32_paragraph(f),
+        "",
+        "**Disagrees with the paper.**",
+        "",
+        *disagree_paragraphs(f),
+        "",
+        *long_paragraph(res, grid),
+        "",
+        *finetune_paragraph(f),
+        "",
+        *peers_paragraph(f),
+        "",
         f"**Limits.** Short budget per run: {b.steps} steps of {b.batch} × {b.seq_len} "
         f"characters, width {grid.width}, depth {grid.depth}; the sweep status at the end "
         "lists what was not run. Everything ran on shared CPUs (see the compute lines); the "

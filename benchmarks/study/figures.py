@@ -45,14 +45,23 @@ def save(fig: Any, path: Path) -> None:
 
 
 def _ylim(ax: Any, curves: Sequence[tuple[str, Curve | None]], tops: list[float]) -> None:
-    lo = min(min(p.mean for p in c.points() if not p.diverged) for _, c in curves
-             if c is not None and any(not p.diverged for p in c.points()))
+    lo = min(
+        min(p.mean for p in c.points() if not p.diverged)
+        for _, c in curves
+        if c is not None and any(not p.diverged for p in c.points())
+    )
     hi = min(max(tops), lo + 1.2)
     ax.set_ylim(lo - 0.03, hi + 0.03)
 
 
-def plot_curves(ax: Any, curves: Sequence[tuple[str, Curve | None]], *, title: str,
-                ylim: tuple[float, float] | None = None, style: Callable | None = None) -> None:
+def plot_curves(
+    ax: Any,
+    curves: Sequence[tuple[str, Curve | None]],
+    *,
+    title: str,
+    ylim: tuple[float, float] | None = None,
+    style: Callable | None = None,
+) -> None:
     """Seed mean ± std of the final val loss vs LR; diverged points as crosses on top."""
     tops: list[float] = []
     pending_bad = []
@@ -64,9 +73,16 @@ def plot_curves(ax: Any, curves: Sequence[tuple[str, Curve | None]], *, title: s
         ok = [p for p in pts if not p.diverged]
         color = kw.get("color")
         if ok:
-            line = ax.errorbar([p.lr for p in ok], [p.mean for p in ok], yerr=[p.std for p in ok],
-                               marker="o", ms=3.5, capsize=2, label=f"{label} (n={c.seeds()})",
-                               **kw)
+            line = ax.errorbar(
+                [p.lr for p in ok],
+                [p.mean for p in ok],
+                yerr=[p.std for p in ok],
+                marker="o",
+                ms=3.5,
+                capsize=2,
+                label=f"{label} (n={c.seeds()})",
+                **kw,
+            )
             color = line[0].get_color()
             best = c.best()
             if best is not None:
@@ -97,11 +113,18 @@ def plot_training_curves(ax: Any, curves: Sequence[tuple[str, Curve | None]], st
         best = c.best() if c else None
         if best is None:
             continue
-        arr = np.array([[np.nan if x is None else x for x in r["curve"]]
-                        for r in c.records_at(best.lr)], float)
+        arr = np.array(
+            [[np.nan if x is None else x for x in r["curve"]] for r in c.records_at(best.lr)], float
+        )
         xs = (np.arange(arr.shape[1]) + 0.5) * steps / arr.shape[1]
-        ax.plot(xs, np.nanmean(arr, 0), "o-", ms=3, color=f"C{i}",
-                label=f"{label}, LR {fmt_lr(best.lr)}")
+        ax.plot(
+            xs,
+            np.nanmean(arr, 0),
+            "o-",
+            ms=3,
+            color=f"C{i}",
+            label=f"{label}, LR {fmt_lr(best.lr)}",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (chunk mean, seed mean)")
     ax.set_title("training curves at each curve's best LR", fontsize=10)
@@ -109,10 +132,13 @@ def plot_training_curves(ax: Any, curves: Sequence[tuple[str, Curve | None]], st
     legend(ax)
 
 
-def plot_best_vs_rank(ax: Any, ranks: Sequence[int], curves: Sequence[Curve | None],
-                      dense: Curve | None) -> None:
+def plot_best_vs_rank(
+    ax: Any, ranks: Sequence[int], curves: Sequence[Curve | None], dense: Curve | None
+) -> None:
     """Best rate (left axis) and the loss there (right axis) against the rank."""
-    rows = [(r, c.best()) for r, c in zip(ranks, curves) if c is not None and c.best()]
+    rows = [
+        (r, c.best()) for r, c in zip(ranks, curves, strict=False) if c is not None and c.best()
+    ]
     if not rows:
         return
     ax.plot([r for r, _ in rows], [b.lr for _, b in rows], "o-", label="best LR (LoRA-Muon)")
@@ -126,15 +152,21 @@ def plot_best_vs_rank(ax: Any, ranks: Sequence[int], curves: Sequence[Curve | No
     ax.set_xlabel("rank")
     ax.set_ylabel("best learning rate")
     ax2 = ax.twinx()
-    ax2.plot([r for r, _ in rows], [b.mean for _, b in rows], "s:", color="tab:red",
-             label="val loss at best LR")
+    ax2.plot(
+        [r for r, _ in rows],
+        [b.mean for _, b in rows],
+        "s:",
+        color="tab:red",
+        label="val loss at best LR",
+    )
     ax2.set_ylabel("val loss at best LR", color="tab:red")
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title("best rate and loss vs rank", fontsize=10)
 
 
-def plot_ratio_curves(ax: Any, rows: Sequence[tuple[int, str, list[list[float | None]]]],
-                      steps: int, title: str) -> None:
+def plot_ratio_curves(
+    ax: Any, rows: Sequence[tuple[int, str, list[list[float | None]]]], steps: int, title: str
+) -> None:
     """Mean |log σmax(a)/σmax(b)| over pairs per chunk, seed mean, one line per variant."""
     for i, label, rc in rows:
         arr = np.array([[np.nan if x is None else x for x in v] for v in rc], float)
@@ -157,8 +189,13 @@ def plot_rate_ratios(ax: Any, pairs: Sequence[Any]) -> None:
         ranks = [p.rank for p in group]
         ax.plot(ranks, [p.ratio for p in group], "o-", color=f"C{i}", label=f"observed, {name}")
         k = group[0].k
-        ax.plot(ranks, [(2 * r / k) ** 0.5 for r in ranks], ":", color=f"C{i}",
-                label=f"Frobenius rule √(2r/{k}), {name}")
+        ax.plot(
+            ranks,
+            [(2 * r / k) ** 0.5 for r in ranks],
+            ":",
+            color=f"C{i}",
+            label=f"Frobenius rule √(2r/{k}), {name}",
+        )
     ax.axhline(1.0, color="black", lw=0.8, ls="--", label="identity (the paper)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)

@@ -6,7 +6,7 @@
     python -m benchmarks.study.lr_transfer --only lr --max-runs 20
     python -m benchmarks.study.lr_transfer --list          # what is planned, what is done
 
-Char-level transformers (:class:`lora_muon_jax.models.CharTransformer`) are trained
+Char-level transformers (:class:`lora_muon_jax_examples.char_lm.CharTransformer`) are trained
 for a fixed budget at every learning rate of a log grid, per method and model shape,
 and the final losses are cached, one run per configuration, in a JSON file
 (``benchmarks/study/results/lr_transfer.json``). Every run is keyed by a hash of its
@@ -74,10 +74,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a tiny slice of every section (< 3 min)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results JSON (cache)")
-    p.add_argument("--only", type=str, default=None,
-                   help=f"comma-separated sections of {ALL_SECTIONS} (default: {SECTIONS})")
+    p.add_argument(
+        "--only",
+        type=str,
+        default=None,
+        help=f"comma-separated sections of {ALL_SECTIONS} (default: {SECTIONS})",
+    )
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    p.add_argument("--list", action="store_true", help="print the plan and what is done, run nothing")
+    p.add_argument(
+        "--list", action="store_true", help="print the plan and what is done, run nothing"
+    )
     p.add_argument("--retry-errors", action="store_true", help="re-run runs recorded as errors")
     # Overrides of the preset budget/grid of the short sections (tests, small machines).
     p.add_argument("--steps", type=int, default=None)
@@ -94,11 +100,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def grid_from_args(args: argparse.Namespace) -> Grid:
     """The preset with the command line's overrides (short sections only)."""
     grid = QUICK if args.quick else FULL
-    budget = dataclasses.replace(grid.budget, **{
-        k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("seq_len", args.seq_len),
-                          ("chunks", args.chunks), ("eval_windows", args.eval_windows))
-        if v is not None
-    })
+    budget = dataclasses.replace(
+        grid.budget,
+        **{
+            k: v
+            for k, v in (
+                ("steps", args.steps),
+                ("batch", args.batch),
+                ("seq_len", args.seq_len),
+                ("chunks", args.chunks),
+                ("eval_windows", args.eval_windows),
+            )
+            if v is not None
+        },
+    )
     changes: dict[str, Any] = {"budget": budget}
     if args.width is not None:
         changes["width"] = args.width
@@ -133,15 +148,25 @@ def _run_one(cfg: RunConfig, failed: set[str]) -> dict[str, Any]:
         rec = run_config(cfg, _log)
     except Exception as e:
         traceback.print_exc()
-        rec = {"config": cfg.as_dict(), "status": "error", "val_loss": None,
-               "error": f"{type(e).__name__}: {e}"[:500]}
+        rec = {
+            "config": cfg.as_dict(),
+            "status": "error",
+            "val_loss": None,
+            "error": f"{type(e).__name__}: {e}"[:500],
+        }
         failed.add(cfg.key())
     rec["machine"] = machine()
     return rec
 
 
-def sweep(path: Path, sections: Sequence[str], grid: Grid, meta: dict[str, Any],
-          max_runs: int | None = None, retry_errors: bool = False) -> int:
+def sweep(
+    path: Path,
+    sections: Sequence[str],
+    grid: Grid,
+    meta: dict[str, Any],
+    max_runs: int | None = None,
+    retry_errors: bool = False,
+) -> int:
     """Runs the planned runs not yet in ``path``, one at a time; returns how many ran.
 
     The plan is recomputed from the file before each run (other writers, edge
@@ -151,9 +176,12 @@ def sweep(path: Path, sections: Sequence[str], grid: Grid, meta: dict[str, Any],
     failed: set[str] = set()
     while max_runs is None or done < max_runs:
         runs = load_results(path)["runs"]
-        todo = [(s, c) for s, c in plan(sections, grid, runs)
-                if c.key() not in failed and (c.key() not in runs or (
-                    retry_errors and runs[c.key()]["status"] == "error"))]
+        todo = [
+            (s, c)
+            for s, c in plan(sections, grid, runs)
+            if c.key() not in failed
+            and (c.key() not in runs or (retry_errors and runs[c.key()]["status"] == "error"))
+        ]
         if not todo:
             break
         section, cfg = todo[0]
@@ -164,8 +192,10 @@ def sweep(path: Path, sections: Sequence[str], grid: Grid, meta: dict[str, Any],
         if rec["status"] == "error":
             _log(f"  error: {rec['error']}")
         else:
-            _log(f"  {rec['status']}: val {rec['val_loss']} train {rec['train_loss']} "
-                 f"step {rec['diverged_step']} ({rec['wall_s']} s + compile {rec['compile_s']} s)")
+            _log(
+                f"  {rec['status']}: val {rec['val_loss']} train {rec['train_loss']} "
+                f"step {rec['diverged_step']} ({rec['wall_s']} s + compile {rec['compile_s']} s)"
+            )
     return done
 
 

@@ -1,7 +1,7 @@
 """The parameters a run starts from: the char model, its gauge, fine-tuning adapters.
 
 Pairs, paths, gauge moves, merges and factor norms come from the library
-(:func:`lora_muon_jax.find_lora_pairs`, :func:`lora_muon_jax._pairs.path_names`,
+(:func:`lora_muon_jax.find_lora_pairs`, :func:`lora_muon_jax._pair_discovery.path_names`,
 :func:`lora_muon_jax.testing` 's pair rescaling, :func:`lora_muon_jax.nnx.merge_lora`,
 :func:`lora_muon_jax.nnx.balance_lora_init`);
 the study only says which leaves are block matrices and how adapters start.
@@ -17,14 +17,14 @@ import numpy as np
 from flax import traverse_util
 
 from benchmarks.study.configs import RunConfig
-from lora_muon_jax import _pairs
+from lora_muon_jax import _pair_discovery
 
 FACTORS = ("lora_a", "lora_b")
 
 
 def is_block_matrix(path: tuple, leaf: Any = None) -> bool:
     """A kernel inside a transformer block (attention and MLP matrices)."""
-    names = _pairs.path_names(path)
+    names = _pair_discovery.path_names(path)
     return names[0] == "blocks" and names[-1] == "kernel"
 
 
@@ -32,13 +32,21 @@ def build_params(cfg: RunConfig, vocab: int) -> tuple[Any, Any]:
     """``(graphdef, params)`` of the run's model; gauge ``(c a, b / c)`` applied."""
     from flax import nnx
 
-    from lora_muon_jax.models import CharTransformer
     from lora_muon_jax.testing import _rescale_pairs
+    from lora_muon_jax_examples.char_lm import CharTransformer
 
     b = cfg.budget
     rank = cfg.rank if cfg.task == "pretrain" else None
-    model = CharTransformer(vocab, width=cfg.width, depth=cfg.depth, heads=b.heads, rank=rank,
-                            seq_len=b.seq_len, mlp_ratio=b.mlp_ratio, rngs=nnx.Rngs(cfg.seed))
+    model = CharTransformer(
+        vocab,
+        width=cfg.width,
+        depth=cfg.depth,
+        heads=b.heads,
+        rank=rank,
+        seq_len=b.seq_len,
+        mlp_ratio=b.mlp_ratio,
+        rngs=nnx.Rngs(cfg.seed),
+    )
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     if cfg.gauge != 1.0:
@@ -54,11 +62,13 @@ def factor_log_ratios(params: Any) -> np.ndarray:
     a 2-core CPU jaxlib's LAPACK fan-out then deadlocks (seen at rank 32). A zero
     factor counts as ``σ = 1e-30``.
     """
-    _, leaves, _ = _pairs.flatten_with_paths(params)
+    _, leaves, _ = _pair_discovery.flatten_with_paths(params)
     out = []
-    for pair in _pairs.find_lora_pairs(params):
-        a, b = (np.asarray(pair.canonical(leaves[i], role), np.float64)
-                for i, role in ((pair.a_index, "a"), (pair.b_index, "b")))
+    for pair in _pair_discovery.find_lora_pairs(params):
+        a, b = (
+            np.asarray(pair.canonical(leaves[i], role), np.float64)
+            for i, role in ((pair.a_index, "a"), (pair.b_index, "b"))
+        )
         sa, sb = (np.linalg.norm(x, 2, axis=(-2, -1)) for x in (a, b))
         out.append(np.ravel(np.log(np.maximum(sa, 1e-30)) - np.log(np.maximum(sb, 1e-30))))
     return np.concatenate(out) if out else np.zeros((0,))
@@ -69,8 +79,11 @@ def factor_log_ratios(params: Any) -> np.ndarray:
 
 def block_kernels(tree: Any) -> dict[tuple, Any]:
     """``{path of the layer (raw keys): kernel}`` for every block matrix of a dense dict."""
-    return {path[:-1]: w for path, w in traverse_util.flatten_dict(tree).items()
-            if path[0] == "blocks" and path[-1] == "kernel"}
+    return {
+        path[:-1]: w
+        for path, w in traverse_util.flatten_dict(tree).items()
+        if path[0] == "blocks" and path[-1] == "kernel"
+    }
 
 
 def _raw(tree: dict) -> dict[tuple, Any]:

@@ -44,8 +44,9 @@ def best_lr(by_lr: dict[float, list[float]], runs: int) -> float | None:
     return min(finite, key=lambda lr: (finite[lr], lr))
 
 
-def curve_lrs(grid_lrs: Sequence[float], curve: tuple, index: Index, extend: int,
-              union: bool = True) -> list[float]:
+def curve_lrs(
+    grid_lrs: Sequence[float], curve: tuple, index: Index, extend: int, union: bool = True
+) -> list[float]:
     """The grid, every LR this curve already ran at, and one LR past a winning edge.
 
     The winner is the LR with the lowest seed-mean final val loss among those run
@@ -78,8 +79,7 @@ def _pilot(base: RunConfig, grid: Grid, index: Index) -> Curves:
     for method, rank in (("dense_muon", None), ("lora_muon", grid.shape_rank)):
         for adam_lr in grid.pilot_adam_lrs:
             budget = dataclasses.replace(grid.budget, adam_lr=adam_lr)
-            out.append((dataclasses.replace(base, method=method, rank=rank, budget=budget),
-                        (0.1,)))
+            out.append((dataclasses.replace(base, method=method, rank=rank, budget=budget), (0.1,)))
     return out
 
 
@@ -99,8 +99,12 @@ def _gauge(base: RunConfig, grid: Grid, index: Index) -> Curves:
     for c in grid.gauges:
         lrs = grid.spectral_lrs if c == 1.0 else grid.gauge_muon_lrs
         out.append((dataclasses.replace(base, rank=grid.gauge_rank, gauge=c), lrs))
-        out.append((dataclasses.replace(base, method="spectron", rank=grid.gauge_rank,
-                                        gauge=c), grid.spectral_lrs))
+        out.append(
+            (
+                dataclasses.replace(base, method="spectron", rank=grid.gauge_rank, gauge=c),
+                grid.spectral_lrs,
+            )
+        )
     return out
 
 
@@ -109,16 +113,22 @@ def _shape(base: RunConfig, grid: Grid, index: Index) -> Curves:
     out: Curves = []
     for w, d in dict.fromkeys(shapes):
         for method, rank in (("dense_muon", None), ("lora_muon", grid.shape_rank)):
-            out.append((dataclasses.replace(base, method=method, rank=rank, width=w, depth=d),
-                        grid.shape_lrs))
+            out.append(
+                (
+                    dataclasses.replace(base, method=method, rank=rank, width=w, depth=d),
+                    grid.shape_lrs,
+                )
+            )
     return out
 
 
 def _baselines(base: RunConfig, grid: Grid, index: Index) -> Curves:
     from benchmarks import registry
 
-    out: Curves = [(dataclasses.replace(base, method="adamw_lora", rank=r), grid.adam_lrs)
-                   for r in grid.baseline_ranks]
+    out: Curves = [
+        (dataclasses.replace(base, method="adamw_lora", rank=r), grid.adam_lrs)
+        for r in grid.baseline_ranks
+    ]
     out.append((dataclasses.replace(base, method="dense_muon_optax"), grid.spectral_lrs))
     if registry.available("psgd_kron"):
         out.append((dataclasses.replace(base, method="psgd_kron"), grid.adam_lrs))
@@ -131,23 +141,28 @@ def _baselines(base: RunConfig, grid: Grid, index: Index) -> Curves:
 
 
 def _finetune(base: RunConfig, grid: Grid, index: Index) -> Curves:
-    ft = dataclasses.replace(base, task="finetune",
-                             base_steps=grid.budget.steps * grid.ft_base_steps_factor,
-                             base_lr=grid.ft_base_lr)
+    ft = dataclasses.replace(
+        base,
+        task="finetune",
+        base_steps=grid.budget.steps * grid.ft_base_steps_factor,
+        base_lr=grid.ft_base_lr,
+    )
     out: Curves = []
     for r in grid.ft_ranks:
         for method, init, reb in grid.ft_variants:
             lrs = grid.ft_spectral_lrs if method == "lora_muon" else grid.ft_adam_lrs
-            out.append((dataclasses.replace(ft, method=method, rank=r, init=init,
-                                            rebalance=reb), lrs))
+            out.append(
+                (dataclasses.replace(ft, method=method, rank=r, init=init, rebalance=reb), lrs)
+            )
     return out
 
 
 def long_base(grid: Grid) -> RunConfig:
     """The configuration every long-budget run shares (method, rank, lr, seed aside)."""
     g = grid.long
-    return RunConfig(method="lora_muon", lr=0.0, seed=0, rank=None, width=g.width,
-                     depth=g.depth, budget=g.budget)
+    return RunConfig(
+        method="lora_muon", lr=0.0, seed=0, rank=None, width=g.width, depth=g.depth, budget=g.budget
+    )
 
 
 def gauge_lr(grid: Grid, index: Index) -> float | None:
@@ -177,8 +192,11 @@ def _long_gauge(grid: Grid, index: Index) -> Curves:
     lr = gauge_lr(grid, index)
     if lr is None:
         return []
-    return [(dataclasses.replace(long_base(grid), method=m, rank=g.gauge_rank, gauge=c), (lr,))
-            for m in g.gauge_methods for c in (1.0, g.gauge)]
+    return [
+        (dataclasses.replace(long_base(grid), method=m, rank=g.gauge_rank, gauge=c), (lr,))
+        for m in g.gauge_methods
+        for c in (1.0, g.gauge)
+    ]
 
 
 def long_pilot_configs(grid: Grid) -> list[RunConfig]:
@@ -186,26 +204,36 @@ def long_pilot_configs(grid: Grid) -> list[RunConfig]:
     g = grid.long
     out = []
     for steps, batch, seq_len, width, depth in g.pilot:
-        base = long_base(dataclasses.replace(
-            grid, long=g.with_budget(steps, batch, seq_len, width, depth)))
+        base = long_base(
+            dataclasses.replace(grid, long=g.with_budget(steps, batch, seq_len, width, depth))
+        )
         out += [dataclasses.replace(base, method="dense_muon", lr=lr) for lr in g.pilot_lrs]
     return out
 
 
 _SECTIONS: dict[str, Callable[[RunConfig, Grid, Index], Curves]] = {
-    "pilot": _pilot, "lr": _lr, "rank": _rank, "gauge": _gauge, "shape": _shape,
-    "baselines": _baselines, "finetune": _finetune, "long": _long,
+    "pilot": _pilot,
+    "lr": _lr,
+    "rank": _rank,
+    "gauge": _gauge,
+    "shape": _shape,
+    "baselines": _baselines,
+    "finetune": _finetune,
+    "long": _long,
 }
 
 
-def _expand(curves: Curves, seeds: Sequence[int], index: Index, extend: int,
-            union: bool = True) -> list[RunConfig]:
+def _expand(
+    curves: Curves, seeds: Sequence[int], index: Index, extend: int, union: bool = True
+) -> list[RunConfig]:
     out: list[RunConfig] = []
     for seed in seeds:
         for cfg, lrs in curves:
             cfg = dataclasses.replace(cfg, seed=seed)
-            out += [dataclasses.replace(cfg, lr=lr)
-                    for lr in curve_lrs(lrs, cfg.curve(), index, extend, union)]
+            out += [
+                dataclasses.replace(cfg, lr=lr)
+                for lr in curve_lrs(lrs, cfg.curve(), index, extend, union)
+            ]
     return out
 
 
@@ -219,21 +247,30 @@ def plan_section(section: str, grid: Grid, index: Index) -> list[RunConfig]:
         return long_pilot_configs(grid)
     if section not in _SECTIONS:
         raise ValueError(f"unknown section {section!r}; choose from {ALL_SECTIONS}")
-    base = RunConfig(method="lora_muon", lr=0.0, seed=0, rank=None, width=grid.width,
-                     depth=grid.depth, budget=grid.budget)
+    base = RunConfig(
+        method="lora_muon",
+        lr=0.0,
+        seed=0,
+        rank=None,
+        width=grid.width,
+        depth=grid.depth,
+        budget=grid.budget,
+    )
     curves = _SECTIONS[section](base, grid, index)
     if section == "pilot":
         return _expand(curves, grid.seeds[:1], index, 0, union=False)
     if section == "long":
         g = grid.long
         # The gauge pairs run at one rate each: never extended.
-        return (_expand(curves, g.seeds, index, g.extend)
-                + _expand(_long_gauge(grid, index), g.seeds, index, 0))
+        return _expand(curves, g.seeds, index, g.extend) + _expand(
+            _long_gauge(grid, index), g.seeds, index, 0
+        )
     return _expand(curves, grid.seeds, index, grid.extend)
 
 
-def plan(sections: Iterable[str], grid: Grid,
-         results: dict[str, Any]) -> list[tuple[str, RunConfig]]:
+def plan(
+    sections: Iterable[str], grid: Grid, results: dict[str, Any]
+) -> list[tuple[str, RunConfig]]:
     """Every planned run, in priority order, with its section; duplicates kept once."""
     seen, out = set(), []
     index = index_results(results)

@@ -25,8 +25,15 @@ import numpy as np
 
 from benchmarks.study import figures
 from benchmarks.study.aggregate import Curve, Results, fmt_lr, mean_std
-from benchmarks.study.configs import ALL_SECTIONS, FULL, PEER_RANK, SECTION_TITLES, Grid
-from benchmarks.study.configs import describe, grid_from_dict
+from benchmarks.study.configs import (
+    ALL_SECTIONS,
+    FULL,
+    PEER_RANK,
+    SECTION_TITLES,
+    Grid,
+    describe,
+    grid_from_dict,
+)
 from benchmarks.study.lr_transfer import DEFAULT_RESULTS, REPO
 from benchmarks.study.planning import index_results, plan_section
 from benchmarks.study.store import load_results
@@ -62,9 +69,9 @@ def paired_deltas(base: Curve | None, moved: Curve | None, lr: float) -> list[fl
     if base is None or moved is None:
         return []
     out = []
-    for (l, s), rec in moved.runs.items():
-        if math.isclose(l, lr, rel_tol=1e-9) and (l, s) in base.runs:
-            a, b = rec.get("val_loss"), base.runs[(l, s)].get("val_loss")
+    for (rate, s), rec in moved.runs.items():
+        if math.isclose(rate, lr, rel_tol=1e-9) and (rate, s) in base.runs:
+            a, b = rec.get("val_loss"), base.runs[(rate, s)].get("val_loss")
             if a is not None and b is not None:
                 out.append(a - b)
     return out
@@ -102,24 +109,34 @@ class Report:
         rows = []
         for method, rank in (("dense_muon", None), ("lora_muon", self.grid.shape_rank)):
             for alr in self.grid.pilot_adam_lrs:
-                c = self.curve(budget=dataclasses.replace(self.b, adam_lr=alr),
-                               method=method, rank=rank)
+                c = self.curve(
+                    budget=dataclasses.replace(self.b, adam_lr=alr), method=method, rank=rank
+                )
                 p = c.at(0.1) if c else None
-                rows.append(f"| {METHOD_LABELS[method]}{'' if rank is None else f' r={rank}'} "
-                            f"| {alr:g} | {mean_std(p)} |")
+                rows.append(
+                    f"| {METHOD_LABELS[method]}{'' if rank is None else f' r={rank}'} "
+                    f"| {alr:g} | {mean_std(p)} |"
+                )
         self.add(
-            "## Pilot: the AdamW rate of embeddings, head and norms", "",
+            "## Pilot: the AdamW rate of embeddings, head and norms",
+            "",
             "Matrix rate 0.1 (the paper's optimum), one seed. The study fixes the AdamW rate "
             f"of these leaves at {self.b.adam_lr:g} for every method; this table shows how "
-            "much the choice moves the loss.", "",
-            "| model | AdamW rate | val loss |", "|---|---|---|", *rows, "",
+            "much the choice moves the loss.",
+            "",
+            "| model | AdamW rate | val loss |",
+            "|---|---|---|",
+            *rows,
+            "",
         )
 
     def section_lr(self) -> None:
         plt = figures.plt()
         curves = [("dense Muon", self.curve(method="dense_muon"))]
-        curves += [(f"LoRA-Muon r={r}", self.curve(method="lora_muon", rank=r))
-                   for r in self.grid.headline_ranks]
+        curves += [
+            (f"LoRA-Muon r={r}", self.curve(method="lora_muon", rank=r))
+            for r in self.grid.headline_ranks
+        ]
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         figures.plot_curves(ax, curves, title=f"width {self.w}, depth {self.d}")
         figures.save(fig, self.plot_dir / "lr_sweep.png")
@@ -131,8 +148,12 @@ class Report:
         self.table(curves)
         self.image("curves.png", "training curves at the best learning rates")
 
-    def table(self, curves: Sequence[tuple[str, Curve | None]], ref: Curve | None = None,
-              ref_name: str = "") -> None:
+    def table(
+        self,
+        curves: Sequence[tuple[str, Curve | None]],
+        ref: Curve | None = None,
+        ref_name: str = "",
+    ) -> None:
         self.add(*curve_table(curves, ref, ref_name), "")
 
     def section_rank(self) -> None:
@@ -142,15 +163,23 @@ class Report:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         cmap = plt.get_cmap("viridis")
         n = len(curves)
-        figures.plot_curves(axes[0], curves + [("dense", dense)], title="LoRA-Muon across rank",
-                            style=lambda i, _: {"color": cmap(i / max(1, n - 1))} if i < n
-                            else {"color": "black", "ls": "--"})
+        figures.plot_curves(
+            axes[0],
+            curves + [("dense", dense)],
+            title="LoRA-Muon across rank",
+            style=lambda i, _: (
+                {"color": cmap(i / max(1, n - 1))} if i < n else {"color": "black", "ls": "--"}
+            ),
+        )
         figures.plot_best_vs_rank(axes[1], self.grid.ranks, [c for _, c in curves], dense)
         figures.save(fig, self.plot_dir / "rank.png")
         self.add("## (ii) Rank transfer", "")
         self.image("rank.png", "LoRA-Muon val loss vs learning rate for each rank")
-        self.table(curves + [("dense Muon", dense)], ref=self.curve(method="lora_muon", rank=2),
-                   ref_name="rank 2")
+        self.table(
+            curves + [("dense Muon", dense)],
+            ref=self.curve(method="lora_muon", rank=2),
+            ref_name="rank 2",
+        )
 
     def gauge_deltas(self, c: float) -> dict[str, str]:
         """Paired (same seed) loss change under gauge ``c`` at each method's c=1 best LR."""
@@ -163,28 +192,39 @@ class Report:
             lr = base.best().lr
             diffs = paired_deltas(base, self.curve(method=method, rank=r, gauge=c), lr)
             if diffs:
-                out[method] = (f"{np.mean(diffs):+.1e} (LR {fmt_lr(lr)}, rank {r}, "
-                               f"n={len(diffs)}; max abs Δ {np.max(np.abs(diffs)):.1e})")
+                out[method] = (
+                    f"{np.mean(diffs):+.1e} (LR {fmt_lr(lr)}, rank {r}, "
+                    f"n={len(diffs)}; max abs Δ {np.max(np.abs(diffs)):.1e})"
+                )
         return out
 
     def section_gauge(self) -> None:
         plt = figures.plt()
         r = self.grid.gauge_rank
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-        for ax, method in zip(axes, ("lora_muon", "spectron")):
-            curves = [(f"c={c:g}", self.curve(method=method, rank=r, gauge=c))
-                      for c in self.grid.gauges]
-            figures.plot_curves(ax, curves,
-                                title=f"{METHOD_LABELS[method]}, rank {r}, gauge (c·a, b/c)")
+        for ax, method in zip(axes, ("lora_muon", "spectron"), strict=False):
+            curves = [
+                (f"c={c:g}", self.curve(method=method, rank=r, gauge=c)) for c in self.grid.gauges
+            ]
+            figures.plot_curves(
+                ax, curves, title=f"{METHOD_LABELS[method]}, rank {r}, gauge (c·a, b/c)"
+            )
         figures.save(fig, self.plot_dir / "gauge.png")
-        self.add("## (iii) Gauge rescaling: LoRA-Muon vs Spectron", "",
-                 f"At initialization every pair is rescaled `a ← c·a`, `b ← b/c` (the model "
-                 f"function is unchanged); rank {r}. LoRA-Muon's step depends only on the "
-                 "factors' column and row spaces, so its trajectory should not change; "
-                 "Spectron's step size `η/(σ_a + σ_b + 1)` does.", "")
+        self.add(
+            "## (iii) Gauge rescaling: LoRA-Muon vs Spectron",
+            "",
+            f"At initialization every pair is rescaled `a ← c·a`, `b ← b/c` (the model "
+            f"function is unchanged); rank {r}. LoRA-Muon's step depends only on the "
+            "factors' column and row spaces, so its trajectory should not change; "
+            "Spectron's step size `η/(σ_a + σ_b + 1)` does.",
+            "",
+        )
         self.image("gauge.png", "val loss vs learning rate under gauge rescaling")
-        rows = ["| method | c | best LR | val loss at best LR | Δ vs c=1 at c=1's best LR "
-                "(paired, mean / max abs) |", "|---|---|---|---|---|"]
+        rows = [
+            "| method | c | best LR | val loss at best LR | Δ vs c=1 at c=1's best LR "
+            "(paired, mean / max abs) |",
+            "|---|---|---|---|---|",
+        ]
         for method in ("lora_muon", "spectron"):
             base = self.curve(method=method, rank=r)
             lr1 = base.best().lr if base and base.best() else None
@@ -196,27 +236,37 @@ class Report:
                 best = cur.best()
                 diffs = paired_deltas(base, cur, lr1) if lr1 is not None and c != 1.0 else []
                 delta = f"{np.mean(diffs):+.2e} / {np.max(np.abs(diffs)):.2e}" if diffs else "–"
-                rows.append(f"| {METHOD_LABELS[method]} | {c:g} | {fmt_lr(best and best.lr)} | "
-                            f"{mean_std(best)} | {delta} |")
+                rows.append(
+                    f"| {METHOD_LABELS[method]} | {c:g} | {fmt_lr(best and best.lr)} | "
+                    f"{mean_std(best)} | {delta} |"
+                )
         self.add(*rows, "")
 
     def section_shape(self) -> None:
         plt = figures.plt()
         r = self.grid.shape_rank
-        shapes = {"width": [(w, self.d, f"w={w}") for w in self.grid.widths],
-                  "depth": [(self.w, d, f"d={d}") for d in self.grid.depths]}
+        shapes = {
+            "width": [(w, self.d, f"w={w}") for w in self.grid.widths],
+            "depth": [(self.w, d, f"d={d}") for d in self.grid.depths],
+        }
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         rows = []
-        for ax, (kind, specs) in zip(axes, shapes.items()):
+        for ax, (kind, specs) in zip(axes, shapes.items(), strict=False):
             curves = []
             for w, d, tag in specs:
                 curves.append((f"dense {tag}", self.curve(method="dense_muon", width=w, depth=d)))
-                curves.append((f"LoRA-Muon r={r} {tag}",
-                               self.curve(method="lora_muon", rank=r, width=w, depth=d)))
-            figures.plot_curves(ax, curves,
-                                title=f"{kind} transfer (dense Muon and rank-{r} LoRA-Muon)",
-                                style=lambda i, _: {"ls": "--" if i % 2 == 0 else "-",
-                                                    "color": f"C{i // 2}"})
+                curves.append(
+                    (
+                        f"LoRA-Muon r={r} {tag}",
+                        self.curve(method="lora_muon", rank=r, width=w, depth=d),
+                    )
+                )
+            figures.plot_curves(
+                ax,
+                curves,
+                title=f"{kind} transfer (dense Muon and rank-{r} LoRA-Muon)",
+                style=lambda i, _: {"ls": "--" if i % 2 == 0 else "-", "color": f"C{i // 2}"},
+            )
             rows += curves
         figures.save(fig, self.plot_dir / "shape.png")
         self.add("## (iv) Width and depth", "")
@@ -227,12 +277,16 @@ class Report:
         ranks = self.grid.baseline_ranks
         return (
             [(f"AdamW-LoRA r={r}", self.curve(method="adamw_lora", rank=r)) for r in ranks]
-            + [("dense PSGD-Kron", self.curve(method="psgd_kron")),
-               ("dense Muon (stock optax)", self.curve(method="dense_muon_optax")),
-               ("dense Muon", self.curve(method="dense_muon")),
-               (f"dense LoRA-Pre Muon (momentum rank {PEER_RANK})",
-                self.curve(method="lora_pre_muon")),
-               (f"dense LiMuon (momentum rank {PEER_RANK}, STORM)", self.curve(method="limuon"))]
+            + [
+                ("dense PSGD-Kron", self.curve(method="psgd_kron")),
+                ("dense Muon (stock optax)", self.curve(method="dense_muon_optax")),
+                ("dense Muon", self.curve(method="dense_muon")),
+                (
+                    f"dense LoRA-Pre Muon (momentum rank {PEER_RANK})",
+                    self.curve(method="lora_pre_muon"),
+                ),
+                (f"dense LiMuon (momentum rank {PEER_RANK}, STORM)", self.curve(method="limuon")),
+            ]
             + [(f"Riemannion r={r}", self.curve(method="riemannion", rank=r)) for r in ranks]
             + [(f"LoRA-Muon r={r}", self.curve(method="lora_muon", rank=r)) for r in ranks]
         )
@@ -242,20 +296,28 @@ class Report:
         n_adam = len(self.grid.baseline_ranks) + 1
         n_dense = n_adam + 4
         fig, axes = figures.plt().subplots(1, 3, figsize=(16, 4.2), sharey=True)
-        figures.plot_curves(axes[0], curves[:n_adam],
-                            title="Adam-like rates: AdamW-LoRA and PSGD-Kron")
-        figures.plot_curves(axes[1], curves[n_adam:n_dense], title="spectral rates, dense: "
-                            "Muon (±optax's shape factor), LoRA-Pre, LiMuon")
-        figures.plot_curves(axes[2], curves[n_dense:],
-                            title="spectral rates, low-rank: Riemannion and LoRA-Muon")
+        figures.plot_curves(
+            axes[0], curves[:n_adam], title="Adam-like rates: AdamW-LoRA and PSGD-Kron"
+        )
+        figures.plot_curves(
+            axes[1],
+            curves[n_adam:n_dense],
+            title="spectral rates, dense: Muon (±optax's shape factor), LoRA-Pre, LiMuon",
+        )
+        figures.plot_curves(
+            axes[2], curves[n_dense:], title="spectral rates, low-rank: Riemannion and LoRA-Muon"
+        )
         figures.save(fig, self.plot_dir / "baselines.png")
         self.add(
-            "## (v) Baselines and the library's other peers", "",
+            "## (v) Baselines and the library's other peers",
+            "",
             "Same protocol as above; every dense method acts on the block matrices only "
             "(embeddings, head and norms on the fixed-rate AdamW). LoRA-Pre Muon and LiMuon "
             "run without a shape factor (so `‖ΔW‖₂ ≈ η`, as dense Muon); LiMuon gets its "
             "STORM gradient (the same batch at the previous point) from the training loop, "
-            "which costs a second backward pass per step.", "")
+            "which costs a second backward pass per step.",
+            "",
+        )
         self.image("baselines.png", "val loss vs learning rate of the baselines")
         self.table(curves)
 
@@ -266,17 +328,18 @@ class Report:
         for s in ALL_SECTIONS:
             keys = [c.key() for c in plan_section(s, self.grid, index)]
             done = [runs[k] for k in keys if k in runs]
-            rows.append(f"| {SECTION_TITLES[s]} | {len(keys)} | {len(done)} | "
-                        f"{sum(r.get('status') == 'diverged' for r in done)} | "
-                        f"{sum(r.get('status') == 'error' for r in done)} |")
+            rows.append(
+                f"| {SECTION_TITLES[s]} | {len(keys)} | {len(done)} | "
+                f"{sum(r.get('status') == 'diverged' for r in done)} | "
+                f"{sum(r.get('status') == 'error' for r in done)} |"
+            )
         self.add("## Sweep status", "", *rows, "")
         if self.res.errors:
             self.add("Errors (first 5):", "")
             from benchmarks.study.configs import RunConfig
 
             for r in self.res.errors[:5]:
-                self.add(f"* `{describe(RunConfig.from_dict(r['config']))}`: "
-                         f"{r.get('error', '')}")
+                self.add(f"* `{describe(RunConfig.from_dict(r['config']))}`: {r.get('error', '')}")
             self.add("")
 
     def write(self, discussion: bool = True) -> str:
@@ -302,8 +365,9 @@ class Report:
         return text
 
 
-def curve_table(curves: Sequence[tuple[str, Curve | None]], ref: Curve | None = None,
-                ref_name: str = "") -> list[str]:
+def curve_table(
+    curves: Sequence[tuple[str, Curve | None]], ref: Curve | None = None, ref_name: str = ""
+) -> list[str]:
     """Best rate, val and train loss there, and diverged runs of each curve."""
     head = "| curve | best LR | val loss at best LR | train loss at best LR | diverged runs |"
     sep = "|---|---|---|---|---|"
@@ -320,8 +384,10 @@ def curve_table(curves: Sequence[tuple[str, Curve | None]], ref: Curve | None = 
         tr = {p.lr: p for p in c.points("train_loss")}.get(best.lr) if best else None
         div = sum(p.diverged for p in c.points())
         total = sum(len(p.losses) for p in c.points())
-        row = (f"| {label} | {fmt_lr(best and best.lr)} | {mean_std(best)} | "
-               f"{mean_std(tr)} | {div}/{total} |")
+        row = (
+            f"| {label} | {fmt_lr(best and best.lr)} | {mean_std(best)} | "
+            f"{mean_std(tr)} | {div}/{total} |"
+        )
         if ref is not None:
             row += f" {mean_std(c.at(rb.lr)) if rb else '–'} |"
         rows.append(row)
@@ -339,12 +405,16 @@ def grid_of(data: dict[str, Any]) -> Grid:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.study.report",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.study.report", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to write")
-    p.add_argument("--no-discussion", action="store_true",
-                   help="leave out the generated discussion (for partial result files)")
+    p.add_argument(
+        "--no-discussion",
+        action="store_true",
+        help="leave out the generated discussion (for partial result files)",
+    )
     args = p.parse_args(argv)
     data = load_results(args.results)
     res = Results(data)

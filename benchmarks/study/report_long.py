@@ -19,11 +19,13 @@ if TYPE_CHECKING:
 TARGET = 1.90  # the long budget must bring dense Muon's best val loss to at most this
 
 
-def long_curve(res: Results, grid: Grid, method: str, rank: int | None,
-               gauge: float = 1.0) -> Curve | None:
+def long_curve(
+    res: Results, grid: Grid, method: str, rank: int | None, gauge: float = 1.0
+) -> Curve | None:
     g = grid.long
-    return res.find(budget=g.budget, method=method, rank=rank, width=g.width, depth=g.depth,
-                    gauge=gauge)
+    return res.find(
+        budget=g.budget, method=method, rank=rank, width=g.width, depth=g.depth, gauge=gauge
+    )
 
 
 def long_label(method: str, rank: int | None) -> str:
@@ -35,8 +37,11 @@ def long_label(method: str, rank: int | None) -> str:
 def long_runs(res: Results, grid: Grid) -> list[dict[str, Any]]:
     """Records at the long budget and of its pilot."""
     budgets = {_key(grid.long.budget)} | {_key(c.budget) for c in long_pilot_configs(grid)}
-    return [r for r in res.runs.values()
-            if _key(Budget(**r["config"].get("budget", {}))) in budgets and "wall_s" in r]
+    return [
+        r
+        for r in res.runs.values()
+        if _key(Budget(**r["config"].get("budget", {}))) in budgets and "wall_s" in r
+    ]
 
 
 def _key(b: Budget) -> tuple:
@@ -44,24 +49,34 @@ def _key(b: Budget) -> tuple:
 
 
 def _pilot_rows(rep: Report) -> list[str]:
-    rows = ["| steps × batch × length | characters | width | depth | rate | dense Muon val "
-            "loss | wall s |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| steps × batch × length | characters | width | depth | rate | dense Muon val "
+        "loss | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for cfg in long_pilot_configs(rep.grid):
         rec = rep.res.runs.get(cfg.key())
         b = cfg.budget
-        val = "not run yet" if rec is None else (
-            "diverged" if rec.get("val_loss") is None else f"{rec['val_loss']:.3f}")
+        val = (
+            "not run yet"
+            if rec is None
+            else ("diverged" if rec.get("val_loss") is None else f"{rec['val_loss']:.3f}")
+        )
         wall = "" if rec is None else f"{rec.get('wall_s', 0):.0f}"
-        rows.append(f"| {b.steps} × {b.batch} × {b.seq_len} | "
-                    f"{b.steps * b.batch * b.seq_len / 1e6:.2f}M | {cfg.width} | {cfg.depth} | "
-                    f"{fmt_lr(cfg.lr)} | {val} | {wall} |")
+        rows.append(
+            f"| {b.steps} × {b.batch} × {b.seq_len} | "
+            f"{b.steps * b.batch * b.seq_len / 1e6:.2f}M | {cfg.width} | {cfg.depth} | "
+            f"{fmt_lr(cfg.lr)} | {val} | {wall} |"
+        )
     return rows
 
 
 def headline_rows(res: Results, grid: Grid) -> list[str]:
     """Best rate and val loss ± std over seeds per long-budget method."""
-    rows = ["| method | best LR | val loss at best LR | each seed's own best LR | "
-            "diverged runs |", "|---|---|---|---|---|"]
+    rows = [
+        "| method | best LR | val loss at best LR | each seed's own best LR | diverged runs |",
+        "|---|---|---|---|---|",
+    ]
     for method, rank, _ in grid.long.curves:
         c = long_curve(res, grid, method, rank)
         if c is None:
@@ -71,8 +86,10 @@ def headline_rows(res: Results, grid: Grid) -> list[str]:
         seeds = ", ".join(fmt_lr(v) for v in c.per_seed_best().values())
         div = sum(p.diverged for p in c.points())
         total = sum(len(p.losses) for p in c.points())
-        rows.append(f"| {long_label(method, rank)} | {fmt_lr(best and best.lr)} | "
-                    f"{mean_std(best)} | {seeds} | {div}/{total} |")
+        rows.append(
+            f"| {long_label(method, rank)} | {fmt_lr(best and best.lr)} | "
+            f"{mean_std(best)} | {seeds} | {div}/{total} |"
+        )
     return rows
 
 
@@ -94,8 +111,13 @@ def proxy_answer(res: Results, grid: Grid) -> list[str]:
     if db is None or b2 is None:
         return ["*Rank-2 proxy*: not enough runs yet."]
     at = dense.complete().at(b2.lr)
-    cost = ("not run" if at is None else "diverged" if at.diverged
-            else f"{at.mean - db.mean:+.3f} nats ({mean_std(at)}; its best {mean_std(db)})")
+    cost = (
+        "not run"
+        if at is None
+        else "diverged"
+        if at.diverged
+        else f"{at.mean - db.mean:+.3f} nats ({mean_std(at)}; its best {mean_std(db)})"
+    )
     fit_d, fit_2 = transfer.fitted_optimum(dense), transfer.fitted_optimum(r2)
     return [
         f"**Does the rank-2 optimum equal dense Muon's at this budget? "
@@ -111,8 +133,11 @@ def gauge_rows(res: Results, grid: Grid) -> list[str]:
     from benchmarks.study.report import METHOD_LABELS, paired_deltas
 
     g = grid.long
-    rows = [f"| method | rate | val loss, gauge 1 | val loss, gauge {g.gauge:g} | paired Δ, "
-            "mean / max abs |", "|---|---|---|---|---|"]
+    rows = [
+        f"| method | rate | val loss, gauge 1 | val loss, gauge {g.gauge:g} | paired Δ, "
+        "mean / max abs |",
+        "|---|---|---|---|---|",
+    ]
     for method in g.gauge_methods:
         c1 = long_curve(res, grid, method, g.gauge_rank)
         c9 = long_curve(res, grid, method, g.gauge_rank, g.gauge)
@@ -123,17 +148,25 @@ def gauge_rows(res: Results, grid: Grid) -> list[str]:
         lr = next(iter(c9.runs))[0]
         d = paired_deltas(c1, c9, lr)
         delta = f"{np.mean(d):+.2e} / {np.max(np.abs(d)):.2e} (n={len(d)})" if d else "–"
-        rows.append(f"| {METHOD_LABELS[method]} r={g.gauge_rank} | {fmt_lr(lr)} | "
-                    f"{mean_std(c1.at(lr))} | {mean_std(c9.at(lr))} | {delta} |")
+        rows.append(
+            f"| {METHOD_LABELS[method]} r={g.gauge_rank} | {fmt_lr(lr)} | "
+            f"{mean_std(c1.at(lr))} | {mean_std(c9.at(lr))} | {delta} |"
+        )
     return rows
 
 
 def _figure(rep: Report) -> None:
     res, grid = rep.res, rep.grid
-    spectral = [(long_label(m, r), long_curve(res, grid, m, r)) for m, r, _ in grid.long.curves
-                if m != "adamw_lora"]
-    adam = [(long_label(m, r), long_curve(res, grid, m, r)) for m, r, _ in grid.long.curves
-            if m == "adamw_lora"]
+    spectral = [
+        (long_label(m, r), long_curve(res, grid, m, r))
+        for m, r, _ in grid.long.curves
+        if m != "adamw_lora"
+    ]
+    adam = [
+        (long_label(m, r), long_curve(res, grid, m, r))
+        for m, r, _ in grid.long.curves
+        if m == "adamw_lora"
+    ]
     fig, axes = figures.plt().subplots(1, 2, figsize=(12, 4.2))
     figures.plot_curves(axes[0], spectral, title="long budget: spectral rates")
     figures.plot_curves(axes[1], adam, title="long budget: AdamW-LoRA")
@@ -148,8 +181,10 @@ def _target_line(res: Results, grid: Grid) -> str:
     if best is None:
         return "Dense Muon's best val loss at this budget: not run yet."
     verb = "meets" if best.mean <= TARGET else "misses"
-    return (f"Dense Muon's best val loss here, {best.mean:.3f}, {verb} the target of at most "
-            f"{TARGET:.2f} (the paper reports {PAPER['dense_val']}).")
+    return (
+        f"Dense Muon's best val loss here, {best.mean:.3f}, {verb} the target of at most "
+        f"{TARGET:.2f} (the paper reports {PAPER['dense_val']})."
+    )
 
 
 def section_long(rep: Report) -> None:
@@ -161,7 +196,8 @@ def section_long(rep: Report) -> None:
     legacy = legacy_machine(rep.res.data)
     _figure(rep)
     rep.add(
-        "## (vii) Long budget: the headline at the paper's loss", "",
+        "## (vii) Long budget: the headline at the paper's loss",
+        "",
         f"Budget per run: {b.steps} steps, batch {b.batch} × {b.seq_len} characters "
         f"({b.steps * b.batch * b.seq_len / 1e6:.2f}M training characters), width {g.width}, "
         f"depth {g.depth}, the same schedule shape and fixed AdamW rate {b.adam_lr:g} as "
@@ -170,13 +206,20 @@ def section_long(rep: Report) -> None:
         "optimum, one seed) chose it: of the candidates at or below the target, the one "
         "nearest the paper's dense loss at the lowest cost, preferring a narrower model "
         f"with more data over a wider one. {_target_line(rep.res, rep.grid)} Compute (pilot "
-        f"included): {compute_line(long_runs(rep.res, rep.grid), legacy)}.", "",
-        *_pilot_rows(rep), "",
+        f"included): {compute_line(long_runs(rep.res, rep.grid), legacy)}.",
+        "",
+        *_pilot_rows(rep),
+        "",
     )
     rep.image("long.png", "long budget: val loss vs learning rate")
     rep.add(*headline_rows(rep.res, rep.grid), "", *proxy_answer(rep.res, rep.grid), "")
-    rep.add(f"Gauge ×{g.gauge:g} at rank {g.gauge_rank}, both methods at rank-{g.gauge_rank} "
-            "LoRA-Muon's best rate, paired by seed:", "", *gauge_rows(rep.res, rep.grid), "")
+    rep.add(
+        f"Gauge ×{g.gauge:g} at rank {g.gauge_rank}, both methods at rank-{g.gauge_rank} "
+        "LoRA-Muon's best rate, paired by seed:",
+        "",
+        *gauge_rows(rep.res, rep.grid),
+        "",
+    )
     from benchmarks.study import report_rule
 
     lines = report_rule.rule_section(rep.res, rep.grid)

@@ -21,9 +21,15 @@ def pairs(res: Results, grid: Grid) -> list[transfer.Pair]:
     spec = {(m, r): lrs for m, r, lrs in g.curves}
     short = dict(budget=grid.budget, width=grid.width, depth=grid.depth)
     long = dict(budget=g.budget, width=g.width, depth=g.depth)
-    budgets = (("short", short, {r: grid.spectral_lrs for r in grid.ranks}, grid.spectral_lrs),
-               ("long", long, {r: lrs for (m, r), lrs in spec.items() if m == "lora_muon"},
-                spec.get(("dense_muon", None), ())))
+    budgets = (
+        ("short", short, {r: grid.spectral_lrs for r in grid.ranks}, grid.spectral_lrs),
+        (
+            "long",
+            long,
+            {r: lrs for (m, r), lrs in spec.items() if m == "lora_muon"},
+            spec.get(("dense_muon", None), ()),
+        ),
+    )
     for name, fields, ranks, dense_lrs in budgets:
         dense = res.find(method="dense_muon", **fields)
         for r, lrs in sorted(ranks.items()):
@@ -34,16 +40,20 @@ def pairs(res: Results, grid: Grid) -> list[transfer.Pair]:
 
 
 def _pair_rows(ps: list[transfer.Pair], const: dict[str, float]) -> list[str]:
-    rows = ["| budget | rank r | k = width | fitted η*_r | fitted η*_dense | observed "
-            "η*_dense/η*_r | Frobenius rule √(2r/k) | budget's constant |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| budget | rank r | k = width | fitted η*_r | fitted η*_dense | observed "
+        "η*_dense/η*_r | Frobenius rule √(2r/k) | budget's constant |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for p in ps:
         ratio = p.ratio
-        rows.append(f"| {p.budget} | {p.rank} | {p.k} | "
-                    f"{fmt_lr(transfer.fitted_optimum(p.lora))} | "
-                    f"{fmt_lr(transfer.fitted_optimum(p.dense))} | "
-                    f"{'–' if ratio is None else f'{ratio:.3f}'} | "
-                    f"{transfer.frobenius_rule(p):.3f} | {const[p.budget]:.3f} |")
+        rows.append(
+            f"| {p.budget} | {p.rank} | {p.k} | "
+            f"{fmt_lr(transfer.fitted_optimum(p.lora))} | "
+            f"{fmt_lr(transfer.fitted_optimum(p.dense))} | "
+            f"{'–' if ratio is None else f'{ratio:.3f}'} | "
+            f"{transfer.frobenius_rule(p):.3f} | {const[p.budget]:.3f} |"
+        )
     return rows
 
 
@@ -64,19 +74,28 @@ def verdict(slope: float, se: float) -> str:
 
 def advice(ps: list[transfer.Pair]) -> str:
     """What a user should do, from the fitted ratios of each budget."""
-    const = {b: transfer.fit_constant([p for p in ps if p.budget == b])
-             for b in dict.fromkeys(p.budget for p in ps)}
-    cost = {b: transfer.score("", transfer.identity_rule,
-                              [p for p in ps if p.budget == b]).regret for b in const}
-    parts = [f"at the {b} budget dense Muon's optimum is {v:.2f}× the LoRA-Muon one on "
-             f"average, and training dense Muon at the LoRA optimum itself costs "
-             f"{cost[b]:+.3f} nats" for b, v in const.items()]
-    return ("**What to do.** No rank-aware correction: " + "; ".join(parts) + ". Train the "
-            "proxy with the dense run's own steps, batch and schedule and use "
-            "`proxy_lr_search(...).dense_lr`, the proxy's optimum fitted between grid rates "
-            "as in section (vii), for dense Muon (its `dense_lr_factor` defaults to 1); for "
-            "a run as short as the short budget here, pass `dense_lr_factor` near the "
-            "short budget's ratio.")
+    const = {
+        b: transfer.fit_constant([p for p in ps if p.budget == b])
+        for b in dict.fromkeys(p.budget for p in ps)
+    }
+    cost = {
+        b: transfer.score("", transfer.identity_rule, [p for p in ps if p.budget == b]).regret
+        for b in const
+    }
+    parts = [
+        f"at the {b} budget dense Muon's optimum is {v:.2f}× the LoRA-Muon one on "
+        f"average, and training dense Muon at the LoRA optimum itself costs "
+        f"{cost[b]:+.3f} nats"
+        for b, v in const.items()
+    ]
+    return (
+        "**What to do.** No rank-aware correction: " + "; ".join(parts) + ". Train the "
+        "proxy with the dense run's own steps, batch and schedule and use "
+        "`proxy_lr_search(...).dense_lr`, the proxy's optimum fitted between grid rates "
+        "as in section (vii), for dense Muon (its `dense_lr_factor` defaults to 1); for "
+        "a run as short as the short budget here, pass `dense_lr_factor` near the "
+        "short budget's ratio."
+    )
 
 
 def rule_section(res: Results, grid: Grid) -> list[str]:
@@ -84,33 +103,59 @@ def rule_section(res: Results, grid: Grid) -> list[str]:
     ps = pairs(res, grid)
     if not ps:
         return ["### Rank-aware rate rules", "", "Not enough runs yet."]
-    const = {b: transfer.fit_constant([p for p in ps if p.budget == b]) for b in
-             dict.fromkeys(p.budget for p in ps)}
+    const = {
+        b: transfer.fit_constant([p for p in ps if p.budget == b])
+        for b in dict.fromkeys(p.budget for p in ps)
+    }
     slope, se = transfer.rank_slope(ps)
-    rules = [("identity (the paper; `proxy_lr_search`'s `dense_lr` by default): "
-              "η_dense = η_r", transfer.identity_rule),
-             ("Frobenius: η_dense = η_r · √(2r/k)", transfer.frobenius_rule),
-             ("constant per budget (fitted): η_dense = " + ", ".join(
-                 f"{v:.2f} · η_r ({k})" for k, v in const.items()), lambda p: const[p.budget])]
+    rules = [
+        (
+            "identity (the paper; `proxy_lr_search`'s `dense_lr` by default): η_dense = η_r",
+            transfer.identity_rule,
+        ),
+        ("Frobenius: η_dense = η_r · √(2r/k)", transfer.frobenius_rule),
+        (
+            "constant per budget (fitted): η_dense = "
+            + ", ".join(f"{v:.2f} · η_r ({k})" for k, v in const.items()),
+            lambda p: const[p.budget],
+        ),
+    ]
     budgets = list(const)
-    rows = ["| rule | " + " | ".join(f"error, {b} (factors of 2)" for b in budgets) + " | "
-            + " | ".join(f"dense-loss cost, {b} (nats)" for b in budgets) + " |",
-            "|---" * (1 + 2 * len(budgets)) + "|"]
+    rows = [
+        "| rule | "
+        + " | ".join(f"error, {b} (factors of 2)" for b in budgets)
+        + " | "
+        + " | ".join(f"dense-loss cost, {b} (nats)" for b in budgets)
+        + " |",
+        "|---" * (1 + 2 * len(budgets)) + "|",
+    ]
     for name, rule in rules:
         sc = [transfer.score(name, rule, [p for p in ps if p.budget == b]) for b in budgets]
-        rows.append(f"| {name} | " + " | ".join(f"{x.error:.2f}" for x in sc) + " | "
-                    + " | ".join(f"{x.regret:+.3f}" for x in sc) + " |")
+        rows.append(
+            f"| {name} | "
+            + " | ".join(f"{x.error:.2f}" for x in sc)
+            + " | "
+            + " | ".join(f"{x.regret:+.3f}" for x in sc)
+            + " |"
+        )
     return [
-        "### Rank-aware rate rules: the Frobenius hypothesis tested", "",
+        "### Rank-aware rate rules: the Frobenius hypothesis tested",
+        "",
         "At the same spectral norm η, a dense Muon step moves every singular direction "
         "(`‖ΔW‖_F ≈ η √k`, k = min(m, n)), a rank-r LoRA-Muon product step at most 2r of "
         "them (`‖ΔW‖_F ≤ η √(2r)`). If the optimum followed the Frobenius size, "
         "η*_dense / η*_r would be √(2r/k): rank dependent, slope 1/2 in log₂ r. Optima are "
         "fitted off the grid (a parabola in log₂ η through the best rate and its "
-        "neighbours), both budgets of this page:", "",
-        *_pair_rows(ps, const), "",
+        "neighbours), both budgets of this page:",
+        "",
+        *_pair_rows(ps, const),
+        "",
         f"Slope of log₂(η*_dense/η*_r) against log₂ r, each budget centred: "
         f"**{slope:.2f} ± {se:.2f}** (Frobenius rule: 0.5; identity and constant rules: 0): "
-        f"{verdict(slope, se)}.", "",
-        *rows, "", advice(ps), "",
+        f"{verdict(slope, se)}.",
+        "",
+        *rows,
+        "",
+        advice(ps),
+        "",
     ]

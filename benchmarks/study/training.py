@@ -8,7 +8,7 @@ ratio and divergence: a loss that is NaN/inf or above ``Budget.diverge_above``
 freezes the parameters at the last good step and ends the run at the end of
 that chunk, recorded as diverged with its step.
 
-:func:`lora_muon_jax.proxy_lr_search` has a loop of the same kind, but the study
+:func:`lora_muon_jax_examples.proxy_lr_search` has a loop of the same kind, but the study
 needs what it leaves out (curves per chunk, the divergence step, a frozen base for
 fine-tuning, LiMuon's second gradient), so it keeps its own.
 """
@@ -60,7 +60,12 @@ class Data(NamedTuple):
 @functools.lru_cache(maxsize=4)
 def load_data(seq_len: int, eval_windows: int) -> Data:
     """TinyShakespeare ids, fixed validation windows, and the upper-cased task."""
-    from lora_muon_jax.data import CharTokenizer, load_tinyshakespeare, sample_batch, split_train_val
+    from lora_muon_jax_examples.tinyshakespeare import (
+        CharTokenizer,
+        load_tinyshakespeare,
+        sample_batch,
+        split_train_val,
+    )
 
     text = load_tinyshakespeare()
     tok = CharTokenizer.from_text(text)
@@ -70,8 +75,15 @@ def load_data(seq_len: int, eval_windows: int) -> Data:
     vx, vy = sample_batch(rng, val, eval_windows, seq_len)
     rng = np.random.default_rng(2024)
     fx, fy = sample_batch(rng, ft_val, eval_windows, seq_len)
-    return Data(tok.vocab_size, jnp.asarray(train), jnp.asarray(vx), jnp.asarray(vy),
-                jnp.asarray(ft_train), jnp.asarray(fx), jnp.asarray(fy))
+    return Data(
+        tok.vocab_size,
+        jnp.asarray(train),
+        jnp.asarray(vx),
+        jnp.asarray(vy),
+        jnp.asarray(ft_train),
+        jnp.asarray(fx),
+        jnp.asarray(fy),
+    )
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -86,8 +98,9 @@ def lr_shape(count: jax.Array, b: Budget, steps: int) -> jax.Array:
     return jnp.minimum(1.0, (t + 1.0) / warm) * jnp.clip((steps - t) / cool, 0.0, 1.0)
 
 
-def make_optimizer(cfg: RunConfig, params: Any, peak: Any,
-                   steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: RunConfig, params: Any, peak: Any, steps: int
+) -> optax.GradientTransformation:
     """The run's optimizer (from :mod:`benchmarks.registry`) with peak rate ``peak``.
 
     ``peak`` may be traced: no recompiling per LR. Dense methods act on the block
@@ -127,18 +140,32 @@ _COMPILED: dict[tuple, Trainer] = {}
 
 def _static_key(cfg: RunConfig, steps: int) -> tuple:
     """What the compiled functions depend on: not the LR, the seed, the gauge, the init."""
-    return (cfg.method, cfg.rank, cfg.width, cfg.depth, cfg.task, cfg.rebalance,
-            dataclasses.astuple(cfg.budget), steps)
+    return (
+        cfg.method,
+        cfg.rank,
+        cfg.width,
+        cfg.depth,
+        cfg.task,
+        cfg.rebalance,
+        dataclasses.astuple(cfg.budget),
+        steps,
+    )
 
 
 def _tree_select(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda x, y: jax.lax.select(ok, x, y), new, old)
 
 
-def _step_fn(cfg: RunConfig, model_loss: Callable, tx: optax.GradientTransformation,
-             frozen: Any, data: Any, key: jax.Array) -> Callable:
+def _step_fn(
+    cfg: RunConfig,
+    model_loss: Callable,
+    tx: optax.GradientTransformation,
+    frozen: Any,
+    data: Any,
+    key: jax.Array,
+) -> Callable:
     """One scan step: loss, gradient (and LiMuon's previous-point gradient), update."""
-    from lora_muon_jax.data import sample_batch
+    from lora_muon_jax_examples.tinyshakespeare import sample_batch
 
     b = cfg.budget
     storm = "prev_grads" in registry.get(cfg.method).extra_args
@@ -173,7 +200,7 @@ def get_trainer(cfg: RunConfig, graphdef: Any, steps: int) -> Trainer:
         return _TRAINERS[key]
     from flax import nnx
 
-    from lora_muon_jax.models import loss_fn
+    from lora_muon_jax_examples.char_lm import loss_fn
 
     finetune = cfg.task == "finetune"
     chunk_len = steps // cfg.budget.chunks
@@ -199,8 +226,10 @@ def get_trainer(cfg: RunConfig, graphdef: Any, steps: int) -> Trainer:
 
     @jax.jit
     def evaluate(p, frozen, xs, ys):
-        per = jax.lax.map(lambda xy: model_loss(p, frozen, xy),
-                          (xs.reshape(-1, 32, xs.shape[-1]), ys.reshape(-1, 32, ys.shape[-1])))
+        per = jax.lax.map(
+            lambda xy: model_loss(p, frozen, xy),
+            (xs.reshape(-1, 32, xs.shape[-1]), ys.reshape(-1, 32, ys.shape[-1])),
+        )
         return per.mean()
 
     trainer = Trainer(init, chunk, evaluate)
@@ -208,8 +237,9 @@ def get_trainer(cfg: RunConfig, graphdef: Any, steps: int) -> Trainer:
     return trainer
 
 
-def _compiled(cfg: RunConfig, graphdef: Any, steps: int, args: tuple, eval_args: tuple
-              ) -> tuple[Trainer, float]:
+def _compiled(
+    cfg: RunConfig, graphdef: Any, steps: int, args: tuple, eval_args: tuple
+) -> tuple[Trainer, float]:
     """The trainer with its chunk and eval compiled ahead of time, and the compile time.
 
     Kept for the next runs of the same static configuration (other LRs, seeds,
@@ -220,8 +250,11 @@ def _compiled(cfg: RunConfig, graphdef: Any, steps: int, args: tuple, eval_args:
     if skey in _COMPILED:
         return _COMPILED[skey], 0.0
     t = time.perf_counter()
-    _COMPILED[skey] = Trainer(trainer.init, trainer.chunk.lower(*args).compile(),
-                              trainer.evaluate.lower(*eval_args).compile())
+    _COMPILED[skey] = Trainer(
+        trainer.init,
+        trainer.chunk.lower(*args).compile(),
+        trainer.evaluate.lower(*eval_args).compile(),
+    )
     return _COMPILED[skey], time.perf_counter() - t
 
 
@@ -242,11 +275,19 @@ def _ratio_summary(ratios0: np.ndarray, final: np.ndarray, curve: list[float]) -
     }
 
 
-def _record(cfg: RunConfig, losses: np.ndarray, val: float | None, diverged: int | None,
-            steps: int, wall: float, compile_s: float) -> dict[str, Any]:
-    tail = losses[-max(1, steps // 10):]
-    curve = [finite(np.mean(c), 4)
-             for c in np.array_split(losses, min(cfg.budget.chunks, len(losses)))]
+def _record(
+    cfg: RunConfig,
+    losses: np.ndarray,
+    val: float | None,
+    diverged: int | None,
+    steps: int,
+    wall: float,
+    compile_s: float,
+) -> dict[str, Any]:
+    tail = losses[-max(1, steps // 10) :]
+    curve = [
+        finite(np.mean(c), 4) for c in np.array_split(losses, min(cfg.budget.chunks, len(losses)))
+    ]
     rec: dict[str, Any] = {
         "config": cfg.as_dict(),
         "status": "diverged" if diverged is not None else "ok",
@@ -265,8 +306,15 @@ def _record(cfg: RunConfig, losses: np.ndarray, val: float | None, diverged: int
     return rec
 
 
-def train(cfg: RunConfig, data: Data, *, frozen: Any = None, params: Any = None,
-          graphdef: Any = None, steps: int | None = None) -> TrainOutput:
+def train(
+    cfg: RunConfig,
+    data: Data,
+    *,
+    frozen: Any = None,
+    params: Any = None,
+    graphdef: Any = None,
+    steps: int | None = None,
+) -> TrainOutput:
     """Trains one configuration; returns its result record and final params."""
     b = cfg.budget
     steps = b.steps if steps is None else steps
@@ -286,8 +334,12 @@ def train(cfg: RunConfig, data: Data, *, frozen: Any = None, params: Any = None,
     chunk_len = steps // b.chunks
     bad = jnp.asarray(-1, jnp.int32)
     trainer, compile_s = _compiled(
-        cfg, graphdef, steps, (params, opt_state, frozen, train_ids, key, jnp.int32(0), peak, bad),
-        (params, frozen, val_x, val_y))
+        cfg,
+        graphdef,
+        steps,
+        (params, opt_state, frozen, train_ids, key, jnp.int32(0), peak, bad),
+        (params, frozen, val_x, val_y),
+    )
 
     t = time.perf_counter()
     ratios0 = factor_log_ratios(params) if (cfg.lora or finetune) else None
@@ -295,7 +347,8 @@ def train(cfg: RunConfig, data: Data, *, frozen: Any = None, params: Any = None,
     diverged = None
     for i in range(b.chunks):
         params, opt_state, bad, chunk_losses = trainer.chunk(
-            params, opt_state, frozen, train_ids, key, jnp.int32(i * chunk_len), peak, bad)
+            params, opt_state, frozen, train_ids, key, jnp.int32(i * chunk_len), peak, bad
+        )
         losses.append(np.asarray(chunk_losses))
         if ratios0 is not None:
             ratio_curve.append(float(np.mean(np.abs(factor_log_ratios(params)))))
@@ -303,8 +356,9 @@ def train(cfg: RunConfig, data: Data, *, frozen: Any = None, params: Any = None,
             diverged = int(bad)
             break
     val = None if diverged is not None else float(trainer.evaluate(params, frozen, val_x, val_y))
-    rec = _record(cfg, np.concatenate(losses), val, diverged, steps,
-                  time.perf_counter() - t, compile_s)
+    rec = _record(
+        cfg, np.concatenate(losses), val, diverged, steps, time.perf_counter() - t, compile_s
+    )
     if ratios0 is not None:
         rec.update(_ratio_summary(ratios0, factor_log_ratios(params), ratio_curve))
     return TrainOutput(rec, params)
@@ -318,18 +372,28 @@ _BASES: dict[str, Any] = {}
 def base_config(cfg: RunConfig) -> RunConfig:
     """The dense-Muon pretraining run whose params a fine-tuning run starts from."""
     b = dataclasses.replace(cfg.budget, steps=cfg.base_steps)
-    return RunConfig(method="dense_muon", lr=cfg.base_lr, seed=0, rank=None, width=cfg.width,
-                     depth=cfg.depth, budget=b)
+    return RunConfig(
+        method="dense_muon",
+        lr=cfg.base_lr,
+        seed=0,
+        rank=None,
+        width=cfg.width,
+        depth=cfg.depth,
+        budget=b,
+    )
 
 
-def _load_or_train_base(bcfg: RunConfig, data: Data, params: Any,
-                        log: Callable[[str], None]) -> tuple[Any, dict]:
+def _load_or_train_base(
+    bcfg: RunConfig, data: Data, params: Any, log: Callable[[str], None]
+) -> tuple[Any, dict]:
     """The base's params and info from the /tmp checkpoint, or trained and saved there."""
     path = CACHE_DIR / f"base_{bcfg.key()}.npz"
     flat, treedef = jax.tree.flatten(params)
     if path.exists():
         with np.load(path) as z:
-            params = jax.tree.unflatten(treedef, [jnp.asarray(z[f"a{i}"]) for i in range(len(flat))])
+            params = jax.tree.unflatten(
+                treedef, [jnp.asarray(z[f"a{i}"]) for i in range(len(flat))]
+            )
         return params, json.loads(path.with_suffix(".json").read_text())
     log(f"pretraining the fine-tuning base ({bcfg.budget.steps} dense-Muon steps)")
     out = train(bcfg, data)

@@ -26,11 +26,11 @@ from benchmarks.study.aggregate import Curve, Point
 def fitted_optimum(curve: Curve | None) -> float | None:
     """The curve's optimum fitted between grid rates, by the library's own rule.
 
-    :func:`lora_muon_jax._proxy.log_parabola_optimum` (what ``proxy_lr_search``
+    :func:`lora_muon_jax_examples.proxy_lr.log_parabola_optimum` (what ``proxy_lr_search``
     reports as ``dense_lr``) on the seed-mean final val loss of the rates with the
     most seeds, over the seeds that ran at every rate; ``None`` without a finite point.
     """
-    from lora_muon_jax._proxy import log_parabola_optimum
+    from lora_muon_jax_examples.proxy_lr import log_parabola_optimum
 
     if curve is None or curve.best() is None:
         return None
@@ -82,8 +82,9 @@ def rank_slope(pairs: Sequence[Pair]) -> tuple[float, float]:
     """
     xs, ys = [], []
     for name in sorted({p.budget for p in pairs}):
-        group = [(math.log2(p.rank), math.log2(p.ratio)) for p in pairs
-                 if p.budget == name and p.ratio]
+        group = [
+            (math.log2(p.rank), math.log2(p.ratio)) for p in pairs if p.budget == name and p.ratio
+        ]
         if len(group) < 2:
             continue
         gx, gy = np.array(group).T
@@ -126,5 +127,6 @@ def score(name: str, rule: Rule, pairs: Sequence[Pair]) -> RuleScore:
         g = regret(p, rule(p))
         if g is not None and math.isfinite(g):
             regs.append(g)
-    return RuleScore(name, float(np.mean(errs)) if errs else math.nan,
-                     float(np.mean(regs)) if regs else math.nan)
+    return RuleScore(
+        name, float(np.mean(errs)) if errs else math.nan, float(np.mean(regs)) if regs else math.nan
+    )

@@ -62,7 +62,7 @@ autodoc_type_aliases = {
         "optax.Updates",
         "optax.Params",
         "optax.OptState",
-        "_pairs.PairsLike",
+        "_pair_discovery.PairsLike",
         "PairsLike",
         "_whitened_polar.Solver",
     )

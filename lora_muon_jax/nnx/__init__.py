@@ -15,8 +15,8 @@ Import it as ``import lora_muon_jax.nnx as lmx`` so that it does not shadow
 ``flax.nnx``.
 """
 
-from lora_muon_jax.nnx._init import balance_lora_init as balance_lora_init
-from lora_muon_jax.nnx._init import check_lora_model as check_lora_model
-from lora_muon_jax.nnx._merge import merge_lora as merge_lora
+from lora_muon_jax.nnx._balanced_init import balance_lora_init as balance_lora_init
+from lora_muon_jax.nnx._balanced_init import check_lora_model as check_lora_model
+from lora_muon_jax.nnx._merge_lora import merge_lora as merge_lora
 
 __all__ = ["balance_lora_init", "check_lora_model", "merge_lora"]

@@ -3,7 +3,7 @@
 A dense-weight optimizer updates full matrices: every leaf with ``ndim >= 2`` (leading
 axes are batch axes, the last two the matrix) goes to it and every other leaf to the
 AdamW fallback (:func:`matrix_labels`, used by
-:func:`lora_muon_jax.peers._adamw_fallback.for_matrices`), like
+:func:`lora_muon_jax.peers._adamw_routing.for_matrices`), like
 :func:`optax.contrib.muon`. Trees holding LoRA factor pairs are rejected with a
 message pointing to :func:`lora_muon_jax.lora_muon`. Also here: Muon's shape
 scaling, the choice of orthogonalizer, per-leaf PRNG keys and the state dtype.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
+from lora_muon_jax import _linalg, _pair_discovery, _pair_tree, _validation
 
 Orthogonalizer = Literal["newton_schulz", "polar_express", "svd"]
 ORTHOGONALIZERS: tuple[str, ...] = ("newton_schulz", "polar_express", "svd")
@@ -37,9 +37,9 @@ def shown_list(names: Sequence[str]) -> str:
     return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
-def reject_lora_pairs(fn: str, tree: Any, pairs: _pairs.PairsLike) -> None:
+def reject_lora_pairs(fn: str, tree: Any, pairs: _pair_discovery.PairsLike) -> None:
     """Raises if ``tree`` holds LoRA factor pairs: dense peers update full matrices."""
-    found = _pairs.find_lora_pairs(tree, pairs)
+    found = _pair_discovery.find_lora_pairs(tree, pairs)
     if found:
         names = [f"({p.a_path}, {p.b_path})" for p in found]
         raise ValueError(
@@ -54,9 +54,9 @@ def reject_lora_pairs(fn: str, tree: Any, pairs: _pairs.PairsLike) -> None:
 
 def check_matrices(fn: str, tree: Any, alias: str) -> None:
     """Raises if a leaf of a matrix-only building block has ``ndim < 2``."""
-    paths, leaves, _ = _pairs.flatten_with_paths(tree)
+    paths, leaves, _ = _pair_discovery.flatten_with_paths(tree)
     bad = [
-        f"{_pairs.path_str(p)} (shape {tuple(x.shape)})"
+        f"{_pair_discovery.path_str(p)} (shape {tuple(x.shape)})"
         for p, x in zip(paths, leaves, strict=True)
         if len(getattr(x, "shape", ())) < 2
     ]
@@ -68,7 +68,7 @@ def check_matrices(fn: str, tree: Any, alias: str) -> None:
         )
 
 
-def matrix_labels(fn: str, pairs: _pairs.PairsLike) -> Callable[[Any], Any]:
+def matrix_labels(fn: str, pairs: _pair_discovery.PairsLike) -> Callable[[Any], Any]:
     """Labels for :func:`optax.partition`: ``'matrix'`` for ndim >= 2, else ``'adam'``.
 
     Rejects trees with LoRA pairs first, so the error names the whole tree's pairs.
@@ -116,7 +116,7 @@ def scale_by_matrix_shape(
 
         def one(u: jax.Array) -> jax.Array:
             s = shape_scale(u.shape, scaling, consistent_rms)
-            return (_pairwise.f32(u) * s).astype(u.dtype)
+            return (_pair_tree.f32(u) * s).astype(u.dtype)
 
         return jax.tree.map(one, updates), state
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _pairwise
+from lora_muon_jax import _linalg, _pair_tree
 from lora_muon_jax.peers import _dense_weights
 
 
@@ -44,8 +44,8 @@ def randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversampling: int) -
 
 def reconstruct(mu: LowRankMomentum) -> jax.Array:
     """``U diag(S) Vᵀ`` in float32."""
-    u = _pairwise.f32(mu.u) * _pairwise.f32(mu.s)[..., None, :]
-    return _linalg.mm(u, jnp.swapaxes(_pairwise.f32(mu.v), -1, -2))
+    u = _pair_tree.f32(mu.u) * _pair_tree.f32(mu.s)[..., None, :]
+    return _linalg.mm(u, jnp.swapaxes(_pair_tree.f32(mu.v), -1, -2))
 
 
 def zero_momentum(params: Any, rank: int, mu_dtype: Any) -> LowRankMomentum:

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
-from lora_muon_jax.peers import _adamw_fallback, _dense_weights
+from lora_muon_jax import _lapack_order, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax.peers import _adamw_routing, _dense_weights
 from lora_muon_jax.peers._limuon.low_rank import (
     LowRankMomentum,
     randomized_svd,
@@ -60,18 +60,20 @@ def _prev_leaves(fn: str, updates: Any, prev: Any) -> list[Any]:
     that is masked like the updates (``optax.partition(...,
     mask_compatible_extra_args=True)``) as well as the full, unmasked tree.
     """
-    u_paths, u_leaves, _ = _pairs.flatten_with_paths(updates)
-    p_paths, p_leaves, _ = _pairs.flatten_with_paths(prev)
-    by_path = {_pairs.normalized_path(p): x for p, x in zip(p_paths, p_leaves, strict=True)}
+    u_paths, u_leaves, _ = _pair_discovery.flatten_with_paths(updates)
+    p_paths, p_leaves, _ = _pair_discovery.flatten_with_paths(prev)
+    by_path = {
+        _pair_discovery.normalized_path(p): x for p, x in zip(p_paths, p_leaves, strict=True)
+    }
     out = []
     missing = []
     for path, g in zip(u_paths, u_leaves, strict=True):
-        x = by_path.get(_pairs.normalized_path(path))
+        x = by_path.get(_pair_discovery.normalized_path(path))
         if x is None:
-            missing.append(_pairs.path_str(path))
+            missing.append(_pair_discovery.path_str(path))
         elif tuple(x.shape) != tuple(g.shape):
             raise ValueError(
-                f"{fn}: `{PREV_GRADS}` at {_pairs.path_str(path)} has shape "
+                f"{fn}: `{PREV_GRADS}` at {_pair_discovery.path_str(path)} has shape "
                 f"{tuple(x.shape)}, but the gradient has shape {tuple(g.shape)}."
             )
         out.append(x)
@@ -98,25 +100,28 @@ def _storm_steps(
     ``momenta`` are the carried ``M̂_{t-1}`` (arrays, or :class:`LowRankMomentum`
     with ``low_rank = (key, rank, oversampling)``). LAPACK calls (an SVD
     orthogonalizer, the randomized SVD) run one after another
-    (:func:`lora_muon_jax._linalg.after`).
+    (:func:`lora_muon_jax._lapack_order.after`).
     """
     us: list[jax.Array] = []
     carried_out: list[Any] = []
     previous: tuple[jax.Array, ...] = ()
     for i, (g, mu, gt) in enumerate(zip(grads, momenta, prev_grads, strict=True)):
-        g32 = _pairwise.f32(g)
-        carried = reconstruct(mu) if low_rank is not None else _pairwise.f32(mu)
-        correction = carried - (g32 if gt is None else _pairwise.f32(gt))
+        g32 = _pair_tree.f32(g)
+        carried = reconstruct(mu) if low_rank is not None else _pair_tree.f32(mu)
+        correction = carried - (g32 if gt is None else _pair_tree.f32(gt))
         big_m = g32 + carry * correction
         if low_rank is not None or lapack_msign:
-            big_m = _linalg.after(big_m, *previous)
+            big_m = _lapack_order.after(big_m, *previous)
         o = orthogonalize(big_m)
         us.append(o.astype(g.dtype))
         previous = (o,) if lapack_msign else ()  # Newton–Schulz: no LAPACK
         if low_rank is not None:
             key, rank, oversampling = low_rank
             low = randomized_svd(
-                _linalg.after(big_m, *previous), jax.random.fold_in(key, i), rank, oversampling
+                _lapack_order.after(big_m, *previous),
+                jax.random.fold_in(key, i),
+                rank,
+                oversampling,
             )
             previous = (low.u,)
             carried_out.append([new.astype(old.dtype) for new, old in zip(low, mu, strict=True)])
@@ -136,7 +141,7 @@ def scale_by_limuon(
     eps: jax.typing.ArrayLike = 1e-8,
     seed: int = 0,
     mu_dtype: Any = None,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Orthogonalizes a STORM variance-reduced momentum (LiMuon, Options #1 and #2).
 
@@ -334,7 +339,7 @@ def limuon(
     shape_scaling: _dense_weights.ShapeScaling = "none",
     consistent_rms: jax.typing.ArrayLike | None = None,
     weight_decay_mask: Any = None,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     adam_b1: jax.typing.ArrayLike = 0.9,
     adam_b2: jax.typing.ArrayLike = 0.999,
     adam_eps: jax.typing.ArrayLike = 1e-8,
@@ -431,7 +436,7 @@ def limuon(
     _validation.check_choice(
         _ALIAS_FN, "shape_scaling", shape_scaling, _dense_weights.SHAPE_SCALINGS
     )
-    adamw = _adamw_fallback.AdamWSettings(
+    adamw = _adamw_routing.AdamWSettings(
         adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay
     )
     matrix_tx = optax.chain(
@@ -451,4 +456,4 @@ def limuon(
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _adamw_fallback.for_matrices(matrix_tx, adamw, learning_rate, _ALIAS_FN, pairs, mu_dtype)
+    return _adamw_routing.for_matrices(matrix_tx, adamw, learning_rate, _ALIAS_FN, pairs, mu_dtype)

@@ -35,7 +35,7 @@ Modules: :mod:`.adam` (:func:`scale_by_lora_pre_adam`, :func:`lora_pre_adam`),
 :mod:`.factors` (the factors' rank, initialization and shared checks). Helpers
 shared with LiMuon (LoRA-pair rejection, matrix labels, Muon's shape scaling, the
 orthogonalizers) live in :mod:`lora_muon_jax.peers._dense_weights`, the AdamW
-fallback in :mod:`lora_muon_jax.peers._adamw_fallback`.
+fallback in :mod:`lora_muon_jax.peers._adamw_routing`.
 """
 
 from lora_muon_jax.peers._lora_pre.adam import LoRAPreAdamState as LoRAPreAdamState

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pairs, _pairwise, _validation
-from lora_muon_jax.peers import _adamw_fallback, _dense_weights
+from lora_muon_jax import _pair_discovery, _pair_tree, _validation
+from lora_muon_jax.peers import _adamw_routing, _dense_weights
 from lora_muon_jax.peers._lora_pre import factors, newton
 
 _SCALE_FN = "scale_by_lora_pre_adam"
@@ -42,7 +42,7 @@ def scale_by_lora_pre_adam(
     init_scale: jax.typing.ArrayLike = 0.02,
     seed: int = 0,
     state_dtype: Any = "float32",
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales matrix gradients like Adam, with both moments kept as rank-r products.
 
@@ -185,8 +185,8 @@ def scale_by_lora_pre_adam(
         olds = [treedef.flatten_up_to(t) for t in (state.m_b, state.m_a, state.v_b, state.v_a)]
         us, jobs = [], []
         for g, mb, ma, vb, va in zip(grads, *olds, strict=True):
-            g32 = _pairwise.f32(g)
-            mb32, ma32, vb32, va32 = (_pairwise.f32(x) for x in (mb, ma, vb, va))
+            g32 = _pair_tree.f32(g)
+            mb32, ma32, vb32, va32 = (_pair_tree.f32(x) for x in (mb, ma, vb, va))
             # The moments of this step: the stored (old) product decayed once plus the
             # fresh full-rank gradient, i.e. Adam's recursion on the low-rank estimate.
             m = beta1 * jnp.matmul(mb32, ma32) + (1.0 - beta1) * g32
@@ -221,7 +221,7 @@ def lora_pre_adam(
     seed: int = 0,
     state_dtype: Any = "float32",
     weight_decay_mask: Any = None,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     adam_eps_root: jax.typing.ArrayLike = 0.0,
     adam_weight_decay: jax.typing.ArrayLike = 0.0,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -301,7 +301,7 @@ def lora_pre_adam(
       ``LowRankAdam`` citing Algorithm 1 (repository: not found).
     """
     factors.check_hyperparams(_ALIAS_FN, rank, damping, init_scale, state_dtype, factor_update)
-    adamw = _adamw_fallback.AdamWSettings(
+    adamw = _adamw_routing.AdamWSettings(
         adam_learning_rate, b1, b2, eps, adam_eps_root, adam_weight_decay
     )
     matrix_tx = optax.chain(
@@ -320,4 +320,4 @@ def lora_pre_adam(
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _adamw_fallback.for_matrices(matrix_tx, adamw, learning_rate, _ALIAS_FN, pairs)
+    return _adamw_routing.for_matrices(matrix_tx, adamw, learning_rate, _ALIAS_FN, pairs)

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pairs, _pairwise, _validation
-from lora_muon_jax.peers import _adamw_fallback, _dense_weights
+from lora_muon_jax import _pair_discovery, _pair_tree, _validation
+from lora_muon_jax.peers import _adamw_routing, _dense_weights
 from lora_muon_jax.peers._lora_pre import factors, newton
 
 _SCALE_FN = "scale_by_lora_pre_muon"
@@ -43,7 +43,7 @@ def scale_by_lora_pre_muon(
     init_scale: jax.typing.ArrayLike = 0.02,
     seed: int = 0,
     state_dtype: Any = "float32",
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon's orthogonalized momentum, with the momentum kept as a rank-r product.
 
@@ -148,9 +148,9 @@ def scale_by_lora_pre_muon(
         )
         us, jobs = [], []
         for g, mb, ma in leaves:
-            g32 = _pairwise.f32(g)
-            m = b * jnp.matmul(_pairwise.f32(mb), _pairwise.f32(ma)) + (1.0 - b) * g32
-            jobs.append(newton.NewtonJob(g32, _pairwise.f32(mb), _pairwise.f32(ma), gamma))
+            g32 = _pair_tree.f32(g)
+            m = b * jnp.matmul(_pair_tree.f32(mb), _pair_tree.f32(ma)) + (1.0 - b) * g32
+            jobs.append(newton.NewtonJob(g32, _pair_tree.f32(mb), _pair_tree.f32(ma), gamma))
             if nesterov:
                 d = b * m / (1.0 - b ** (t + 1.0)) + (1.0 - b) * g32 / (1.0 - b**t)
             else:
@@ -190,7 +190,7 @@ def lora_pre_muon(
     shape_scaling: _dense_weights.ShapeScaling = "muon",
     consistent_rms: jax.typing.ArrayLike | None = None,
     weight_decay_mask: Any = None,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     adam_b1: jax.typing.ArrayLike = 0.9,
     adam_b2: jax.typing.ArrayLike = 0.999,
     adam_eps: jax.typing.ArrayLike = 1e-8,
@@ -279,7 +279,7 @@ def lora_pre_muon(
     fn = _ALIAS_FN
     factors.check_hyperparams(fn, rank, damping, init_scale, state_dtype, factor_update)
     _validation.check_choice(fn, "shape_scaling", shape_scaling, _dense_weights.SHAPE_SCALINGS)
-    adamw = _adamw_fallback.AdamWSettings(
+    adamw = _adamw_routing.AdamWSettings(
         adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay
     )
     matrix_tx = optax.chain(
@@ -302,4 +302,4 @@ def lora_pre_muon(
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _adamw_fallback.for_matrices(matrix_tx, adamw, learning_rate, fn, pairs)
+    return _adamw_routing.for_matrices(matrix_tx, adamw, learning_rate, fn, pairs)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
-from lora_muon_jax.peers import _adamw_fallback
+from lora_muon_jax import _lapack_order, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax.peers import _adamw_routing
 from lora_muon_jax.peers._lora_rite import preconditioner as pc
 
 _SCALE_FN = "scale_by_lora_rite"
@@ -50,7 +50,7 @@ class _StateLeaves(NamedTuple):
 class _Group(NamedTuple):
     """Same-shaped pairs stacked on a new leading axis, after pass 1."""
 
-    members: list[_pairs.LoRAPair]
+    members: list[_pair_discovery.LoRAPair]
     a: pc.Factor  # a, tall
     b: pc.Factor  # bᵀ, tall
     pass1: pc.Unmagnified
@@ -61,7 +61,7 @@ def _compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _check_shapes(fn: str, pair: _pairs.LoRAPair) -> None:
+def _check_shapes(fn: str, pair: _pair_discovery.LoRAPair) -> None:
     # Thin QR gives an r×r R only when both matrix sizes are at least the rank; the
     # reference fails later with a shape error otherwise.
     if pair.m < pair.rank or pair.n < pair.rank:
@@ -77,15 +77,15 @@ def _tall(x: jax.Array, role: str) -> jax.Array:
 
 
 def _stacked_factor(
-    members: Sequence[_pairs.LoRAPair],
+    members: Sequence[_pair_discovery.LoRAPair],
     role: Literal["a", "b"],
     dtype: Any,
-    tree: _pairwise.PairTree,
+    tree: _pair_tree.PairTree,
     state: _StateLeaves,
 ) -> pc.Factor:
     """One factor of every pair of a group, canonical and tall, stacked, in ``dtype``."""
 
-    def one(pair: _pairs.LoRAPair) -> pc.Factor:
+    def one(pair: _pair_discovery.LoRAPair) -> pc.Factor:
         index = pair.a_index if role == "a" else pair.b_index
 
         def tall(leaves: Sequence[Any]) -> jax.Array:
@@ -103,7 +103,7 @@ def _stacked_factor(
     return jax.tree.map(lambda *xs: jnp.stack(xs), *(one(pair) for pair in members))
 
 
-def _pass1(tree: _pairwise.PairTree, state: _StateLeaves, update_skipping: Any) -> list[_Group]:
+def _pass1(tree: _pair_tree.PairTree, state: _StateLeaves, update_skipping: Any) -> list[_Group]:
     """Every group's bases and unmagnified gradients (the clip needs all of them first).
 
     Pairs of identical shapes (the adapters of an unscanned model) are stacked on a
@@ -111,8 +111,8 @@ def _pass1(tree: _pairwise.PairTree, state: _StateLeaves, update_skipping: Any) 
     the number of distinct shapes, not of adapters.
     """
     groups: list[_Group] = []
-    previous: tuple[Any, ...] = ()  # LAPACK calls one at a time: _linalg.after
-    for members in _pairwise.same_shape_groups(tree):
+    previous: tuple[Any, ...] = ()  # LAPACK calls one at a time: _lapack_order.after
+    for members in _pair_tree.same_shape_groups(tree):
         dtype = _compute_dtype(tree.params[members[0].a_index].dtype)
         fa, fb = (_stacked_factor(members, role, dtype, tree, state) for role in ("a", "b"))
         pass1 = pc.unmagnify(fa, fb, jnp.asarray(update_skipping, dtype), previous)
@@ -130,7 +130,7 @@ def scale_by_lora_rite(
     update_skipping: jax.typing.ArrayLike = 1.0,
     update_capping: jax.typing.ArrayLike = 0.0,
     apply_escape: bool = False,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales LoRA factor gradients with LoRA-RITE's invariant r×r preconditioner.
@@ -259,10 +259,10 @@ def scale_by_lora_rite(
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params: Any) -> LoRARiteState:
-        plan = _pairwise.check_init(_SCALE_FN, params, pairs)
+        plan = _pair_tree.check_init(_SCALE_FN, params, pairs)
         for pair in plan.pairs:
             _check_shapes(_SCALE_FN, pair)
-        _, leaves, treedef = _pairs.flatten_with_paths(params)
+        _, leaves, treedef = _pair_discovery.flatten_with_paths(params)
         nu, escape = list(leaves), list(leaves)
         for pair in plan.pairs:
             dtype = _compute_dtype(leaves[pair.a_index].dtype)
@@ -281,7 +281,7 @@ def scale_by_lora_rite(
         updates: Any, state: LoRARiteState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, LoRARiteState]:
         del extra_args
-        tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
+        tree = _pair_tree.flatten(_SCALE_FN, updates, params, pairs)
         for pair in tree.plan.pairs:
             _check_shapes(_SCALE_FN, pair)
         old = _StateLeaves(
@@ -302,7 +302,7 @@ def scale_by_lora_rite(
         for group in groups:
             dtype = group.a.param.dtype
             hp = pc.Hyper.make(dtype, state.count, b1, b2, eps, update_capping)
-            c = _linalg.after(clip.astype(dtype), *previous)
+            c = _lapack_order.after(clip.astype(dtype), *previous)
             step = pc.pair_step(group.a, group.b, group.pass1, c, hp, apply_escape)
             previous = (step.update_a,)
             q_a, q_b = group.pass1.q_a, group.pass1.q_b
@@ -314,12 +314,12 @@ def scale_by_lora_rite(
                 esc_out[pair.a_index], esc_out[pair.b_index] = step.escape[0, k], step.escape[1, k]
         ordered = tuple(pair for group in groups for pair in group.members)
         tree = tree._replace(plan=tree.plan._replace(pairs=ordered))
-        return _pairwise.scatter(tree, per_pair), LoRARiteState(
+        return _pair_tree.scatter(tree, per_pair), LoRARiteState(
             count=optax.safe_increment(state.count),
-            mu=_pairwise.scatter(tree, new_mu, like=old.mu),
-            nu=_pairwise.unflatten(tree, nu_out),
-            basis=_pairwise.scatter(tree, new_basis, like=old.basis),
-            escape=_pairwise.unflatten(tree, esc_out),
+            mu=_pair_tree.scatter(tree, new_mu, like=old.mu),
+            nu=_pair_tree.unflatten(tree, nu_out),
+            basis=_pair_tree.scatter(tree, new_basis, like=old.basis),
+            escape=_pair_tree.unflatten(tree, esc_out),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -345,7 +345,7 @@ def lora_rite(
     update_skipping: jax.typing.ArrayLike = 1.0,
     update_capping: jax.typing.ArrayLike = 0.0,
     apply_escape: bool = False,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     mu_dtype: Any = None,
     weight_decay_mask: Any = None,
     adam_b1: jax.typing.ArrayLike = 0.9,
@@ -441,7 +441,7 @@ def lora_rite(
     """
     _check_hparams(_ALIAS_FN, b1, b2, eps, clip_unmagnified_grad, update_skipping, update_capping)
     _validation.check_scalar("weight_decay", weight_decay, low=0.0, fn=_ALIAS_FN)
-    adamw = _adamw_fallback.AdamWSettings(
+    adamw = _adamw_routing.AdamWSettings(
         adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay
     )
     lora_tx = optax.chain(
@@ -459,6 +459,6 @@ def lora_rite(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _adamw_fallback.for_lora_pairs(
+    return _adamw_routing.for_lora_pairs(
         lora_tx, adamw, learning_rate, _ALIAS_FN, pairs, allow_no_pairs, mu_dtype
     )

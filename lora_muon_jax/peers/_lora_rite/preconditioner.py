@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _grams, _linalg
+from lora_muon_jax import _grams, _lapack_order, _linalg
 
 
 class Factor(NamedTuple):
@@ -139,12 +139,12 @@ def unmagnify(
 
     ``g_a R_b⁺ = G Q_b`` and ``g_bᵀ R_a⁺ = Gᵀ Q_a`` are the "unmagnified" gradients:
     they do not change under a gauge change of the pair. The LAPACK calls run one
-    after another, the first after ``previous`` (:func:`lora_muon_jax._linalg.after`).
+    after another, the first after ``previous`` (:func:`lora_muon_jax._lapack_order.after`).
     """
-    q_a, r_a = _linalg.thin_qr(_linalg.after(a.param, *previous))
-    q_b, r_b = _linalg.thin_qr(_linalg.after(b.param, q_a))
+    q_a, r_a = _linalg.thin_qr(_lapack_order.after(a.param, *previous))
+    q_b, r_b = _linalg.thin_qr(_lapack_order.after(b.param, q_a))
     # Both factors' r×r work at once.
-    ri_a, ri_b = pinv(_linalg.after(jnp.stack([r_a, r_b]), q_b))
+    ri_a, ri_b = pinv(_lapack_order.after(jnp.stack([r_a, r_b]), q_b))
     g_a = skip(_linalg.mm(a.grad, ri_b), skip_threshold)
     g_b = skip(_linalg.mm(b.grad, ri_a), skip_threshold)
     return Unmagnified(q_a, q_b, ri_a, ri_b, g_a, g_b)
@@ -187,7 +187,7 @@ def pair_step(
     # /rows, as the reference.
     grams = jnp.stack([_cross_gram(g, g) / g.shape[-2] for g in grads])
     v = _linalg.sym(hp.d2 * v_moved + (1.0 - hp.d2) * _linalg.sym(grams))
-    v = _linalg.after(v, escape)  # the escape's eigvalsh before this eigh
+    v = _lapack_order.after(v, escape)  # the escape's eigvalsh before this eigh
     k = inv_sqrt(v, escape, hp.eps)
     updates, moments = [], []
     for i, (f, g, (_, _, ri)) in enumerate(zip(factors, grads, partners, strict=True)):

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _linalg
+from lora_muon_jax import _lapack_order, _linalg
 
 # ----------------------------------------------------------------------------------
 # Small helpers (batched over leading axes).
@@ -105,8 +105,8 @@ def _frame(a_x: jax.Array, b: jax.Array, eps: jax.Array) -> _Frame:
     ``col(a)`` only.
     """
     qa, ra, qb, rb = _qr_pair(a_x, _t(b))
-    # LAPACK calls one at a time (_linalg.after): this SVD after both QRs.
-    p, s, wt = _svd(_linalg.after(jnp.stack([ra, rb], axis=-3), qa, qb))
+    # LAPACK calls one at a time (_lapack_order.after): this SVD after both QRs.
+    p, s, wt = _svd(_lapack_order.after(jnp.stack([ra, rb], axis=-3), qa, qb))
     keep = _keep(s, eps)
     s = jnp.where(keep, s, 0.0)
     u = _linalg.mm(qa, p[..., 0, :, :]) * keep[..., 0, None, :]
@@ -154,7 +154,7 @@ def _projected_msign(
     r = u.shape[-1]
     q1, t1, q2, t2 = _qr_pair(jnp.concatenate([u, d_a], -1), jnp.concatenate([v, _t(d_b)], -1))
     t1_swapped = jnp.concatenate([t1[..., :, r:], t1[..., :, :r]], -1)
-    pk, sk, wkt = _svd(_linalg.after(_linalg.mm(t1_swapped, _t(t2)), q1, q2))
+    pk, sk, wkt = _svd(_lapack_order.after(_linalg.mm(t1_swapped, _t(t2)), q1, q2))
     omega = _linalg.mm(pk * _keep(sk, eps)[..., None, :], wkt)
     ca = _linalg.mm(_t(q1), u)
     cb = _linalg.mm(_t(q2), v)

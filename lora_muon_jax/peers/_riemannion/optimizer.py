@@ -27,8 +27,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _pairs, _pairwise, _sharding, _validation
-from lora_muon_jax.peers import _adamw_fallback
+from lora_muon_jax import (
+    _lapack_order,
+    _pair_discovery,
+    _pair_tree,
+    _sharding,
+    _validation,
+)
+from lora_muon_jax.peers import _adamw_routing
 from lora_muon_jax.peers._riemannion.fixed_rank import pair_step
 
 __all__ = [
@@ -61,7 +67,7 @@ class RiemannionState(NamedTuple):
 # Validation.
 
 
-def check_ranks(fn: str, plan: _pairs.PairPlan, *, factor: int = 1) -> None:
+def check_ranks(fn: str, plan: _pair_discovery.PairPlan, *, factor: int = 1) -> None:
     for pair in plan.pairs:
         if factor * pair.rank > min(pair.m, pair.n):
             what, why = (
@@ -129,7 +135,7 @@ def scale_by_riemannion(
     *,
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     gauge: Gauge = "balanced",
     stored_momentum: StoredMomentum = "buffer",
     mu_dtype: Any = None,
@@ -282,7 +288,7 @@ def scale_by_riemannion(
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params: Any) -> RiemannionState:
-        plan = _pairwise.check_init(_SCALE_FN, params, pairs)
+        plan = _pair_tree.check_init(_SCALE_FN, params, pairs)
         check_ranks(_SCALE_FN, plan)
         return RiemannionState(
             count=jnp.zeros([], jnp.int32),
@@ -293,7 +299,7 @@ def scale_by_riemannion(
         updates: Any, state: RiemannionState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, RiemannionState]:
         del extra_args
-        tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
+        tree = _pair_tree.flatten(_SCALE_FN, updates, params, pairs)
         check_ranks(_SCALE_FN, tree.plan)
         mu_leaves = tree.treedef.flatten_up_to(state.mu)
         eta = _value_at(learning_rate, state.count)
@@ -302,9 +308,9 @@ def scale_by_riemannion(
         per_pair, mu_out = [], []
         previous: tuple[Any, ...] = ()
         for pair in tree.plan.pairs:
-            a, b = _pairwise.canonical(pair, tree.params)
-            # One pair's LAPACK calls after the previous pair's (_linalg.after).
-            a = _linalg.after(a, *previous)
+            a, b = _pair_tree.canonical(pair, tree.params)
+            # One pair's LAPACK calls after the previous pair's (_lapack_order.after).
+            a = _lapack_order.after(a, *previous)
             dtype = jnp.promote_types(a.dtype, jnp.float32)
 
             def f(x: Any, dtype: Any = dtype) -> jax.Array:
@@ -314,8 +320,8 @@ def scale_by_riemannion(
                 x = jnp.asarray(x).astype(dtype)
                 return _sharding.like_batch(x, x) if x.ndim >= 2 else x
 
-            g_a, g_b = _pairwise.canonical(pair, tree.grads)
-            m_a, m_b = _pairwise.canonical(pair, mu_leaves)
+            g_a, g_b = _pair_tree.canonical(pair, tree.grads)
+            m_a, m_b = _pair_tree.canonical(pair, mu_leaves)
             out = pair_step(
                 f(a),
                 f(b),
@@ -340,9 +346,9 @@ def scale_by_riemannion(
                     _store(_like(out.mu_b, m_b), mu_leaves[pair.b_index].dtype),
                 )
             )
-        return _pairwise.scatter(tree, per_pair), RiemannionState(
+        return _pair_tree.scatter(tree, per_pair), RiemannionState(
             count=optax.safe_increment(state.count),
-            mu=_pairwise.scatter(tree, mu_out, like=mu_leaves),
+            mu=_pair_tree.scatter(tree, mu_out, like=mu_leaves),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -355,7 +361,7 @@ def riemannion(
     *,
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     gauge: Gauge = "balanced",
     stored_momentum: StoredMomentum = "buffer",
     mu_dtype: Any = None,
@@ -464,7 +470,7 @@ def riemannion(
     _check_common(
         _ALIAS_FN, learning_rate, beta, weight_decay, lora_scale, eps, gauge, stored_momentum
     )
-    adamw = _adamw_fallback.AdamWSettings(
+    adamw = _adamw_routing.AdamWSettings(
         adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay
     )
     lora_tx = scale_by_riemannion(
@@ -479,6 +485,6 @@ def riemannion(
         mu_dtype=mu_dtype,
         eps=eps,
     )
-    return _adamw_fallback.for_lora_pairs(
+    return _adamw_routing.for_lora_pairs(
         lora_tx, adamw, learning_rate, _ALIAS_FN, pairs, allow_no_pairs, mu_dtype
     )

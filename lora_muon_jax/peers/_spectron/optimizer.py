@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _pairs, _pairwise, _validation
-from lora_muon_jax.peers import _adamw_fallback
+from lora_muon_jax import _linalg, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax.peers import _adamw_routing
 from lora_muon_jax.peers._spectron.power_iteration import power_iteration, start_vectors
 
 _SCALE_FN = "scale_by_spectron"
@@ -72,7 +72,7 @@ def scale_by_spectron(
     ns_steps: int = 5,
     ns_coeffs: Sequence[tuple[float, float, float]] = NS_COEFFS,
     power_iterations: int = 1,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales LoRA factor gradients to Spectron's direction (unit learning rate).
@@ -165,8 +165,8 @@ def scale_by_spectron(
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params: Any) -> SpectronState:
-        plan = _pairwise.check_init(_SCALE_FN, params, pairs)
-        _, leaves, treedef = _pairs.flatten_with_paths(params)
+        plan = _pair_tree.check_init(_SCALE_FN, params, pairs)
+        _, leaves, treedef = _pair_discovery.flatten_with_paths(params)
         vectors = list(leaves)
         for k, pair in enumerate(plan.pairs):
             v_a, v_b = start_vectors(pair, k, leaves)
@@ -181,18 +181,18 @@ def scale_by_spectron(
         updates: Any, state: SpectronState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, SpectronState]:
         del extra_args
-        tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
+        tree = _pair_tree.flatten(_SCALE_FN, updates, params, pairs)
         mu_leaves = tree.treedef.flatten_up_to(state.mu)
         vec_leaves = list(tree.treedef.flatten_up_to(state.power_vectors))
 
         b32 = jnp.asarray(beta, jnp.float32)
         new_mu = [
-            b32 * _pairwise.f32(m) + (1.0 - b32) * _pairwise.f32(g)
+            b32 * _pair_tree.f32(m) + (1.0 - b32) * _pair_tree.f32(g)
             for m, g in zip(mu_leaves, tree.grads, strict=True)
         ]
         if nesterov:
             source = [
-                b32 * m + (1.0 - b32) * _pairwise.f32(g)
+                b32 * m + (1.0 - b32) * _pair_tree.f32(g)
                 for m, g in zip(new_mu, tree.grads, strict=True)
             ]
         else:
@@ -201,7 +201,7 @@ def scale_by_spectron(
         # Pairs of identical shapes (the adapters of an unscanned model) are stacked
         # and computed as one: compile time grows with the number of shapes only.
         per_pair, ordered = [], []
-        for members in _pairwise.same_shape_groups(tree):
+        for members in _pair_tree.same_shape_groups(tree):
 
             def stacked(leaves, role, members=members):
                 index = (lambda p: p.a_index) if role == "a" else (lambda p: p.b_index)
@@ -222,10 +222,10 @@ def scale_by_spectron(
         tree = tree._replace(plan=tree.plan._replace(pairs=tuple(ordered)))
 
         mu_out = [m.astype(old.dtype) for m, old in zip(new_mu, mu_leaves, strict=True)]
-        return _pairwise.scatter(tree, per_pair), SpectronState(
+        return _pair_tree.scatter(tree, per_pair), SpectronState(
             count=optax.safe_increment(state.count),
-            mu=_pairwise.unflatten(tree, mu_out),
-            power_vectors=_pairwise.unflatten(tree, vec_leaves),
+            mu=_pair_tree.unflatten(tree, mu_out),
+            power_vectors=_pair_tree.unflatten(tree, vec_leaves),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -240,7 +240,7 @@ def spectron(
     ns_steps: int = 5,
     ns_coeffs: Sequence[tuple[float, float, float]] = NS_COEFFS,
     power_iterations: int = 1,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     mu_dtype: Any = None,
     weight_decay_mask: Any = None,
     adam_b1: jax.typing.ArrayLike = 0.9,
@@ -342,7 +342,7 @@ def spectron(
     """
     _check_common(_ALIAS_FN, beta, ns_steps, ns_coeffs, power_iterations)
     _validation.check_scalar("weight_decay", weight_decay, low=0.0, fn=_ALIAS_FN)
-    adamw = _adamw_fallback.AdamWSettings(
+    adamw = _adamw_routing.AdamWSettings(
         adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_weight_decay
     )
     lora_tx = optax.chain(
@@ -358,6 +358,6 @@ def spectron(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _adamw_fallback.for_lora_pairs(
+    return _adamw_routing.for_lora_pairs(
         lora_tx, adamw, learning_rate, _ALIAS_FN, pairs, allow_no_pairs, mu_dtype
     )

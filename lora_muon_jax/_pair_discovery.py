@@ -20,8 +20,8 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, TypeAlias, Union
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import jax
 
@@ -93,9 +93,7 @@ A_AXES = FactorAxes(rank_axis=-1)  # a: (*batch, m, r)
 B_AXES = FactorAxes(rank_axis=-2)  # b: (*batch, r, n)
 
 
-AxesFn: TypeAlias = Callable[
-    [tuple[int, ...], tuple[int, ...]], tuple[FactorAxes, FactorAxes]
-]
+AxesFn: TypeAlias = Callable[[tuple[int, ...], tuple[int, ...]], tuple[FactorAxes, FactorAxes]]
 
 
 def leading_batch_axes(
@@ -213,8 +211,8 @@ class LoRAFactor(NamedTuple):
     axes: FactorAxes | None = None
 
 
-PairFn: TypeAlias = Callable[[tuple[str, ...], Any], Union[LoRAFactor, None]]
-PairsLike: TypeAlias = Union[str, PairRule, Sequence[PairRule], PairFn]
+PairFn: TypeAlias = Callable[[tuple[str, ...], Any], LoRAFactor | None]
+PairsLike: TypeAlias = str | PairRule | Sequence[PairRule] | PairFn
 
 # MaxText scans layers with `param_scan_axis: 1`, so the layer axis sits in the
 # middle, both for its PEFT-converted adapters (`lora_a.kernel`: a (emb, L, r),
@@ -275,9 +273,7 @@ def peft_adapter(name: str | None = None) -> tuple[PairRule, ...]:
       >>> [(p.m, p.n, p.rank) for p in find_lora_pairs(sd, peft_adapter('other'))]
       [(24, 32, 2)]
     """
-    if name is not None and (
-        not isinstance(name, str) or not name or any(c in name for c in "./")
-    ):
+    if name is not None and (not isinstance(name, str) or not name or any(c in name for c in "./")):
         raise ValueError(
             f"peft_adapter: `name` must be a non-empty adapter name without '.' or "
             f"'/'; got {name!r}."
@@ -285,13 +281,11 @@ def peft_adapter(name: str | None = None) -> tuple[PairRule, ...]:
     suffix = "" if name is None else "." + name
     return (
         PairRule("lora_B" + suffix, "lora_A" + suffix, *_PEFT_LINEAR_AXES),
-        PairRule(
-            "lora_embedding_A" + suffix, "lora_embedding_B" + suffix, *_PEFT_EMBEDDING_AXES
-        ),
+        PairRule("lora_embedding_A" + suffix, "lora_embedding_B" + suffix, *_PEFT_EMBEDDING_AXES),
     )
 
 
-PRESETS: Mapping[str, tuple[PairRule, ...]] = {
+PRESETS: dict[str, tuple[PairRule, ...]] = {
     # flax.nnx LoRA / LoRALinear and linen modules: a (*batch, in, r),
     # b (*batch, r, out).
     "flax": (PairRule("lora_a", "lora_b"),),
@@ -375,9 +369,7 @@ class LoRAPair:
         )
         return x.reshape(shape) if x.shape != shape else x
 
-    def restore(
-        self, x: jax.Array, role: Literal["a", "b"], shape: tuple[int, ...]
-    ) -> jax.Array:
+    def restore(self, x: jax.Array, role: Literal["a", "b"], shape: tuple[int, ...]) -> jax.Array:
         """Inverse of :meth:`canonical`: back to the leaf's own ``shape``."""
         perm = self._perm(role, len(shape))
         moved = tuple(shape[i] for i in perm)
@@ -450,9 +442,7 @@ def _token_matches(key: str, token: str) -> list[tuple[str, str]]:
     start = key.find(token)
     while start >= 0:
         pre, post = key[:start], key[start + len(token) :]
-        if (not pre or pre[-1] in _SEPARATORS) and (
-            not post or post[0] in _SEPARATORS
-        ):
+        if (not pre or pre[-1] in _SEPARATORS) and (not post or post[0] in _SEPARATORS):
             out.append((pre, post))
         start = key.find(token, start + 1)
     return out
@@ -472,7 +462,7 @@ def _resolve_rules(pairs: PairsLike) -> tuple[PairRule, ...] | PairFn:
     if callable(pairs):
         return pairs
     if isinstance(pairs, Sequence) and all(isinstance(p, PairRule) for p in pairs):
-        return tuple(pairs)
+        return tuple(p for p in pairs if isinstance(p, PairRule))
     raise TypeError(
         "`pairs` must be a preset name, a PairRule, a sequence of PairRules or a "
         f"callable (path, leaf) -> LoRAFactor | None; got {pairs!r}."
@@ -561,7 +551,7 @@ def _match_by_fn(
     names: list[tuple[str, ...]], leaves: list[Any], fn: PairFn, shown: list[str]
 ) -> list[_Match]:
     groups: dict[Hashable, dict[str, tuple[int, FactorAxes]]] = {}
-    for i, (name, leaf) in enumerate(zip(names, leaves)):
+    for i, (name, leaf) in enumerate(zip(names, leaves, strict=True)):
         role = fn(name, leaf)
         if role is None:
             continue
@@ -603,13 +593,10 @@ def _resolve_axes(axes: FactorAxes, ndim: int, where: str) -> FactorAxes:
     else:
         batch = tuple(norm(ax) for ax in axes.batch_axes)
     if rank in batch or len(set(batch)) != len(batch):
-        raise ValueError(
-            f"{where}: rank axis {rank} and batch axes {batch} must be distinct."
-        )
+        raise ValueError(f"{where}: rank axis {rank} and batch axes {batch} must be distinct.")
     if ndim - 1 - len(batch) < 1:
         raise ValueError(
-            f"{where}: a factor of ndim={ndim} with batch axes {batch} has no matrix "
-            "axis left."
+            f"{where}: a factor of ndim={ndim} with batch axes {batch} has no matrix axis left."
         )
     return FactorAxes(rank_axis=rank, batch_axes=batch)
 
@@ -622,7 +609,10 @@ def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
                 f"LoRA factor {where} must be an array with ndim >= 2; got "
                 f"{getattr(x, 'shape', type(x))}."
             )
-    what = f"a at {shown[m.a]} (shape {tuple(xa.shape)}) and b at {shown[m.b]} (shape {tuple(xb.shape)})"
+    what = (
+        f"a at {shown[m.a]} (shape {tuple(xa.shape)}) and "
+        f"b at {shown[m.b]} (shape {tuple(xb.shape)})"
+    )
     a_ax, b_ax = m.a_axes, m.b_axes
     if m.axes_from_shapes is not None:
         try:
@@ -783,11 +773,15 @@ def require_pairs(
     if plan.pairs or not plan.paths:
         return
     names = [joined_name(path_names(p)) for p in paths]
-    suspects = [] if _detection_off(pairs) else [
-        shown
-        for shown, name in zip(plan.paths, names, strict=True)
-        if _FACTOR_LIKE.search(name)
-    ]
+    suspects = (
+        []
+        if _detection_off(pairs)
+        else [
+            shown
+            for shown, name in zip(plan.paths, names, strict=True)
+            if _FACTOR_LIKE.search(name)
+        ]
+    )
     which = "pairs='auto'" if isinstance(pairs, str) and pairs == "auto" else f"pairs={pairs!r}"
     if suspects:
         raise ValueError(

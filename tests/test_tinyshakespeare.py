@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from lora_muon_jax import data
+from lora_muon_jax_examples import tinyshakespeare as data
 
 
 def _digest(text: str) -> str:
@@ -50,9 +50,7 @@ def test_lookup_order_path_then_env_then_cache(isolated, monkeypatch):
     assert load(explicit) == "from path"
     assert load(explicit.parent) == "from path"  # a directory works too
     assert load() == "from env"
-    monkeypatch.setenv(
-        data.DATA_ENV_VAR, str(env_dir / "tinyshakespeare.txt")
-    )  # a file
+    monkeypatch.setenv(data.DATA_ENV_VAR, str(env_dir / "tinyshakespeare.txt"))  # a file
     assert load() == "from env"
     monkeypatch.delenv(data.DATA_ENV_VAR)
     assert load() == "from xdg cache"
@@ -125,12 +123,8 @@ def test_download_is_verified_cached_and_not_repeated(isolated, monkeypatch):
 
     monkeypatch.setattr(data, "_fetch", fake_fetch)
     cache = isolated / "cache"
-    assert (
-        data.load_tinyshakespeare(cache_dir=cache, sha256=_digest(content)) == content
-    )
-    assert (
-        data.load_tinyshakespeare(cache_dir=cache, sha256=_digest(content)) == content
-    )
+    assert data.load_tinyshakespeare(cache_dir=cache, sha256=_digest(content)) == content
+    assert data.load_tinyshakespeare(cache_dir=cache, sha256=_digest(content)) == content
     assert calls == [data.TINYSHAKESPEARE_URL]
     assert sorted(p.name for p in cache.iterdir()) == ["tinyshakespeare.txt"]
 
@@ -148,10 +142,7 @@ def test_failed_download_leaves_nothing_in_the_cache(isolated, monkeypatch):
     assert list(cache.iterdir()) == []  # no partial file, no temp file
     # The next attempt downloads again instead of trusting a half-written file.
     monkeypatch.setattr(data, "_fetch", lambda url, out: out.write(b"complete"))
-    assert (
-        data.load_tinyshakespeare(cache_dir=cache, sha256=_digest("complete"))
-        == "complete"
-    )
+    assert data.load_tinyshakespeare(cache_dir=cache, sha256=_digest("complete")) == "complete"
 
 
 _OFFLINE = {
@@ -187,7 +178,11 @@ def test_quickstart_offline_exits_with_the_message_and_no_traceback(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k.lower() not in {"no_proxy", data.DATA_ENV_VAR.lower()}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in {"no_proxy", data.DATA_ENV_VAR.lower()}
+    }
     env.update(
         XDG_CACHE_HOME=str(tmp_path / "xdg"),
         https_proxy=f"http://127.0.0.1:{port}",
@@ -197,7 +192,11 @@ def test_quickstart_offline_exits_with_the_message_and_no_traceback(tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, str(root / "examples" / "quickstart.py"), "--steps", "1"],
-        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -208,9 +207,7 @@ def test_quickstart_offline_exits_with_the_message_and_no_traceback(tmp_path):
 
 
 def test_corrupt_download_is_rejected_and_not_cached(isolated, monkeypatch):
-    monkeypatch.setattr(
-        data, "_fetch", lambda url, out: out.write(b"<html>rate limited</html>")
-    )
+    monkeypatch.setattr(data, "_fetch", lambda url, out: out.write(b"<html>rate limited</html>"))
     cache = isolated / "cache"
     with pytest.raises(ValueError, match=data.TINYSHAKESPEARE_SHA256):
         data.load_tinyshakespeare(cache_dir=cache)
@@ -267,9 +264,7 @@ def test_sample_batch_windows_are_deterministic_and_shifted(backend):
     assert x.shape == y.shape == (batch, seq) and x.dtype == np.int32
     np.testing.assert_array_equal(x, x2)
     assert not np.array_equal(x, x3)
-    np.testing.assert_array_equal(
-        x - x[:, :1], np.broadcast_to(np.arange(seq), x.shape)
-    )
+    np.testing.assert_array_equal(x - x[:, :1], np.broadcast_to(np.arange(seq), x.shape))
     np.testing.assert_array_equal(y, x + 1)
     assert x.min() >= 0 and y.max() <= n - 1
     with pytest.raises(ValueError, match="at least"):
@@ -294,7 +289,4 @@ def test_no_copy_of_the_corpus_in_the_project():
             path = os.path.join(dirpath, name)
             if os.path.getsize(path) == 1_115_394:
                 with open(path, "rb") as f:
-                    assert (
-                        hashlib.sha256(f.read()).hexdigest()
-                        != data.TINYSHAKESPEARE_SHA256
-                    ), path
+                    assert hashlib.sha256(f.read()).hexdigest() != data.TINYSHAKESPEARE_SHA256, path

@@ -6,7 +6,7 @@ expect plain checkpoints. The fold is done in float32 (then cast to the kernel's
 dtype), so a bfloat16 model loses one rounding, not a bfloat16 matmul's worth.
 
 The helpers here also locate the base weight of each adapter; the balanced
-initialization of :mod:`lora_muon_jax.nnx._init` uses them.
+initialization of :mod:`lora_muon_jax.nnx._balanced_init` uses them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_muon_jax import _linalg, _pairs, _validation
+from lora_muon_jax import _linalg, _pair_discovery, _validation
 
 # Maps the path of factor `a` (key names) to the path of its base weight, or None.
 BasePath = Callable[[tuple[str, ...]], "tuple[str, ...] | None"]
@@ -49,7 +49,7 @@ def base_candidates(a_path: tuple[str, ...]) -> list[tuple[str, ...]]:
 def find_bases(
     fn: str,
     names: Sequence[tuple[str, ...]],
-    plan: _pairs.PairPlan,
+    plan: _pair_discovery.PairPlan,
     base_path: BasePath | None,
 ) -> list[int | None]:
     """Index of each pair's base weight among the leaves, or ``None`` if it has none."""
@@ -74,13 +74,15 @@ def find_bases(
     return out
 
 
-def _matrix_shape(pair: _pairs.LoRAPair, role: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _matrix_shape(
+    pair: _pair_discovery.LoRAPair, role: str, shape: tuple[int, ...]
+) -> tuple[int, ...]:
     return tuple(shape[i] for i in pair._matrix_axes(role, len(shape)))
 
 
 def product_shape(
     fn: str,
-    pair: _pairs.LoRAPair,
+    pair: _pair_discovery.LoRAPair,
     kernel_shape: tuple[int, ...],
     kernel_where: str,
     a_shape: tuple[int, ...],
@@ -121,7 +123,7 @@ def fold_canonical(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Arr
 
 def fold(
     fn: str,
-    pair: _pairs.LoRAPair,
+    pair: _pair_discovery.LoRAPair,
     kernel: jax.Array,
     kernel_where: str,
     a: jax.Array,
@@ -157,7 +159,7 @@ def remove_leaves(fn: str, tree: Any, paths: Sequence[tuple[Any, ...]]) -> Any:
     Only mappings (dict, ``FrozenDict``, ``nnx.State``) can lose entries; the
     containers are rebuilt with their own type and key order.
     """
-    raw = [tuple(_raw_key(k) for k in _pairs.normalized_path(p)) for p in paths]
+    raw = [tuple(_raw_key(k) for k in _pair_discovery.normalized_path(p)) for p in paths]
 
     def go(node: Any, todo: list[tuple[Any, ...]], where: tuple[Any, ...]) -> Any:
         if not isinstance(node, Mapping):
@@ -180,26 +182,26 @@ def remove_leaves(fn: str, tree: Any, paths: Sequence[tuple[Any, ...]]) -> Any:
                 if isinstance(v, Mapping) and not v:  # e.g. nnx's emptied `lora` module
                     continue
             items[k] = v
-        return type(node)(items)
+        return type(node)(items)  # type: ignore[call-arg]  # a concrete Mapping subclass
 
     return go(tree, raw, ())
 
 
 def _merge_tree(
-    tree: Any, pairs: _pairs.PairsLike, lora_scale: Any, base_path: BasePath | None
+    tree: Any, pairs: _pair_discovery.PairsLike, lora_scale: Any, base_path: BasePath | None
 ) -> Any:
-    paths, leaves, treedef = _pairs.flatten_with_paths(tree)
-    plan = _pairs.plan_pairs(paths, leaves, pairs)
+    paths, leaves, treedef = _pair_discovery.flatten_with_paths(tree)
+    plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
     if not plan.pairs:
         raise ValueError(
             f"{_MERGE_FN}: found no LoRA pair in the tree (leaves: "
             f"{', '.join(plan.paths[:6]) or 'none'}{' ...' if len(plan.paths) > 6 else ''}). "
             "Pass `pairs=` if the factors have other names."
         )
-    names = [_pairs.path_names(p) for p in paths]
+    names = [_pair_discovery.path_names(p) for p in paths]
     bases = find_bases(_MERGE_FN, names, plan, base_path)
     leaves = list(leaves)
-    for pair, base in zip(plan.pairs, bases):
+    for pair, base in zip(plan.pairs, bases, strict=True):
         if base is None:
             tried = ", ".join("/".join(c) for c in base_candidates(names[pair.a_index]))
             raise ValueError(
@@ -259,7 +261,7 @@ def _fold_module(
     for x, name in ((a_val, "lora_a"), (b_val, "lora_b")):
         if x.ndim < 2:
             raise ValueError(f"{_MERGE_FN}: {name} of the adapter at {where} has shape {x.shape}.")
-    pair = _pairs.find_lora_pairs({"lora_a": a_val, "lora_b": b_val}, "flax")[0]
+    pair = _pair_discovery.find_lora_pairs({"lora_a": a_val, "lora_b": b_val}, "flax")[0]
     pair = dataclasses.replace(pair, a_path=f"{where}/lora_a", b_path=f"{where}/lora_b")
     kernel.set_value(fold(_MERGE_FN, pair, k_val, f"{where}/kernel", a_val, b_val, scale))
 
@@ -308,17 +310,17 @@ def _merge_model(model: nnx.Module, lora_scale: Any) -> nnx.Module:
             f"{_MERGE_FN}: the model has no nnx.LoRALinear and no nnx.LoRA with a base_module; "
             "nothing to merge."
         )
-    root = model
-    for path, new in replace:
+    root: nnx.Module = model
+    for path, module in replace:
         if not path:
-            root = new
+            root = module
             continue
         parent = model
         for key in path[:-1]:
             parent = _child(parent, key)
-        _set_child(parent, path[-1], new)
+        _set_child(parent, path[-1], module)
     left = [
-        _pairs.path_str(p)
+        _pair_discovery.path_str(p)
         for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(root, nnx.LoRAParam))[0]
     ]
     if left:
@@ -336,7 +338,7 @@ def _merge_model(model: nnx.Module, lora_scale: Any) -> nnx.Module:
 def merge_lora(
     model_or_params: Any,
     *,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     lora_scale: jax.typing.ArrayLike = 1.0,
     base_path: BasePath | None = None,
 ) -> Any:

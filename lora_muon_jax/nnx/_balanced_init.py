@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_muon_jax import _grams, _pairs, _validation
-from lora_muon_jax.nnx import _merge
+from lora_muon_jax import _grams, _pair_discovery, _validation
+from lora_muon_jax.nnx import _merge_lora
 
 _INIT_FN = "balance_lora_init"
 _CHECK_FN = "check_lora_model"
@@ -87,7 +87,7 @@ def _balance_pair(
     if kernel is not None:
         # W₀ - c·a@b from the factors as stored, so W₀' + c·a@b = W₀ up to one
         # rounding of W₀' to the kernel dtype.
-        moved = _merge.fold_canonical(kernel, new_a, new_b, -lora_scale)
+        moved = _merge_lora.fold_canonical(kernel, new_a, new_b, -lora_scale)
         kernel = jnp.where(draw[..., None, None], moved, kernel)
     return new_a, new_b, kernel
 
@@ -95,21 +95,21 @@ def _balance_pair(
 def _balance_tree(
     tree: Any,
     key: jax.Array | None,
-    pairs: _pairs.PairsLike,
+    pairs: _pair_discovery.PairsLike,
     lora_scale: Any,
     product_scale: Any,
-    base_path: _merge.BasePath | None,
+    base_path: _merge_lora.BasePath | None,
 ) -> Any:
-    paths, leaves, treedef = _pairs.flatten_with_paths(tree)
-    plan = _pairs.plan_pairs(paths, leaves, pairs)
+    paths, leaves, treedef = _pair_discovery.flatten_with_paths(tree)
+    plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
     if not plan.pairs:
         raise ValueError(
             f"{_INIT_FN}: found no LoRA pair (leaves: {', '.join(plan.paths[:6]) or 'none'}"
             f"{' ...' if len(plan.paths) > 6 else ''}). Pass `pairs=` if the factors have "
             "other names."
         )
-    names = [_pairs.path_names(p) for p in paths]
-    bases = _merge.find_bases(_INIT_FN, names, plan, base_path)
+    names = [_pair_discovery.path_names(p) for p in paths]
+    bases = _merge_lora.find_bases(_INIT_FN, names, plan, base_path)
     leaves = list(leaves)
     updates: dict[int, jax.Array] = {}
     for k, (pair, base) in enumerate(zip(plan.pairs, bases, strict=True)):
@@ -117,7 +117,7 @@ def _balance_tree(
         kernel = None
         if base is not None:
             kernel = jnp.asarray(leaves[base])
-            _merge.product_shape(
+            _merge_lora.product_shape(
                 _INIT_FN,
                 pair,
                 kernel.shape,
@@ -134,7 +134,9 @@ def _balance_tree(
             )
         if np.any(zero_a | zero_b):
             if base is None:
-                tried = ", ".join("/".join(c) for c in _merge.base_candidates(names[pair.a_index]))
+                tried = ", ".join(
+                    "/".join(c) for c in _merge_lora.base_candidates(names[pair.a_index])
+                )
                 raise ValueError(
                     f"{_INIT_FN}: the LoRA pair at {pair.a_path} has a zero factor and no base "
                     f"weight to absorb a non-zero product (tried {tried}). Pass `base_path=`, "
@@ -171,10 +173,10 @@ def balance_lora_init(
     model_or_params: Any,
     key: jax.Array | None,
     *,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     lora_scale: jax.typing.ArrayLike = 1.0,
     product_scale: jax.typing.ArrayLike | None = 0.1,
-    base_path: _merge.BasePath | None = None,
+    base_path: _merge_lora.BasePath | None = None,
 ) -> Any:
     r"""Gives both factors of every adapter equal, non-zero spectral norm, keeping ``W``.
 
@@ -268,8 +270,8 @@ def balance_lora_init(
 
 
 def check_lora_model(
-    model: nnx.Module, *, wrt: Any = nnx.LoRAParam, pairs: _pairs.PairsLike = "auto"
-) -> tuple[_pairs.LoRAPair, ...]:
+    model: nnx.Module, *, wrt: Any = nnx.LoRAParam, pairs: _pair_discovery.PairsLike = "auto"
+) -> tuple[_pair_discovery.LoRAPair, ...]:
     """Checks that ``nnx.Optimizer(model, lora_muon(...), wrt=wrt)`` will train adapters.
 
     ``lora_muon`` on a tree with no leaves is a no-op, as every optax
@@ -305,7 +307,7 @@ def check_lora_model(
         )
     paths = [tuple(jax.tree_util.DictKey(k) for k in path) for path, _ in flat]
     values = [var.get_value() if isinstance(var, nnx.Variable) else var for _, var in flat]
-    plan = _pairs.plan_pairs(paths, values, pairs)
+    plan = _pair_discovery.plan_pairs(paths, values, pairs)
     if not plan.pairs:
         raise ValueError(
             f"{_CHECK_FN}: none of the leaves selected by wrt={wrt!r} form a LoRA pair "

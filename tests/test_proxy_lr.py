@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from lora_muon_jax import lora_muon
-from lora_muon_jax._proxy import ProxyResult, ProxyRow, proxy_lr_search
+from lora_muon_jax_examples.proxy_lr import ProxyResult, ProxyRow, proxy_lr_search
 
 M, N = 8, 6
 
@@ -28,8 +28,10 @@ TARGET = _target()
 def init_fn(key: jax.Array, rank: int) -> dict:
     ka, kb = jax.random.split(key)
     return {
-        "w": {"lora_a": jax.random.normal(ka, (M, rank)) / 3,
-              "lora_b": jax.random.normal(kb, (rank, N)) / 3},
+        "w": {
+            "lora_a": jax.random.normal(ka, (M, rank)) / 3,
+            "lora_b": jax.random.normal(kb, (rank, N)) / 3,
+        },
         "bias": jnp.zeros(N),
     }
 
@@ -61,15 +63,16 @@ def _manual(lr: float, seed: int, steps: int, schedule=None) -> float:
     for k in jax.random.split(k_data, steps):
         params, state, loss = _step(params, state, k, lr, sched)
         losses.append(float(loss))
-    return float(np.mean(losses[-max(1, steps // 10):]))
+    return float(np.mean(losses[-max(1, steps // 10) :]))
 
 
 def test_matches_a_hand_written_loop_and_picks_its_argmin():
     lrs = [0.003, 0.03, 0.3]
     steps = 30
     sched = lambda c: jnp.minimum(1.0, (c + 1.0) / 5.0)  # noqa: E731
-    res = proxy_lr_search(init_fn, loss_fn, batch_fn, lrs, steps=steps, seeds=(0, 3),
-                          schedule=sched)
+    res = proxy_lr_search(
+        init_fn, loss_fn, batch_fn, lrs, steps=steps, seeds=(0, 3), schedule=sched
+    )
     assert isinstance(res, ProxyResult) and res.rank == 2
     assert [row.learning_rate for row in res.table] == sorted(lrs)
     manual = {lr: [_manual(lr, s, steps, sched) for s in (0, 3)] for lr in lrs}
@@ -89,8 +92,15 @@ def test_one_compilation_for_all_rates_and_seeds():
         traces.append(1)
         return loss_fn(params, x)
 
-    proxy_lr_search(init_fn, counting_loss, batch_fn, [0.01, 0.1, 1.0], steps=5, seeds=(0, 1),
-                    optimizer=optax.sgd)
+    proxy_lr_search(
+        init_fn,
+        counting_loss,
+        batch_fn,
+        [0.01, 0.1, 1.0],
+        steps=5,
+        seeds=(0, 1),
+        optimizer=optax.sgd,
+    )
     # One trace of the training step serves every rate and seed (the final loss of a
     # run without eval_batch is its training loss).
     assert len(traces) == 1
@@ -98,8 +108,16 @@ def test_one_compilation_for_all_rates_and_seeds():
 
 def test_diverged_rates_are_never_chosen_and_eval_batch_is_used():
     eval_x = jax.random.normal(jax.random.key(9), (64, M))
-    res = proxy_lr_search(init_fn, loss_fn, batch_fn, [0.05, 1e6], steps=10, seeds=(0, 1),
-                          eval_batch=eval_x, diverge_above=1e3)
+    res = proxy_lr_search(
+        init_fn,
+        loss_fn,
+        batch_fn,
+        [0.05, 1e6],
+        steps=10,
+        seeds=(0, 1),
+        eval_batch=eval_x,
+        diverge_above=1e3,
+    )
     big = res.table[-1]
     assert big.learning_rate == 1e6 and big.diverged == 2 and math.isinf(big.loss)
     assert res.best_lr == 0.05 and res.at_edge
@@ -108,14 +126,15 @@ def test_diverged_rates_are_never_chosen_and_eval_batch_is_used():
 
 def test_all_diverged_raises():
     with pytest.raises(ValueError, match="every learning rate diverged"):
-        proxy_lr_search(init_fn, loss_fn, batch_fn, [1e6], steps=5, diverge_above=1e3,
-                        optimizer=optax.sgd)
+        proxy_lr_search(
+            init_fn, loss_fn, batch_fn, [1e6], steps=5, diverge_above=1e3, optimizer=optax.sgd
+        )
 
 
 def test_nnx_module_proxy():
     from flax import nnx
 
-    from lora_muon_jax.models import LowRankLinear
+    from lora_muon_jax_examples.char_lm import LowRankLinear
 
     def make(key, rank):
         return LowRankLinear(M, N, rank, rngs=nnx.Rngs(params=key))
@@ -123,10 +142,10 @@ def test_nnx_module_proxy():
     def module_loss(layer, x):
         return jnp.mean((layer(x) - x @ TARGET) ** 2)
 
-    res = proxy_lr_search(make, module_loss, batch_fn, [0.01, 0.1], rank=2, steps=20,
-                          seeds=(0, 1))
-    start = float(module_loss(make(jax.random.split(jax.random.key(0))[0], 2),
-                              batch_fn(jax.random.key(5))))
+    res = proxy_lr_search(make, module_loss, batch_fn, [0.01, 0.1], rank=2, steps=20, seeds=(0, 1))
+    start = float(
+        module_loss(make(jax.random.split(jax.random.key(0))[0], 2), batch_fn(jax.random.key(5)))
+    )
     # Both rates trained the module's LoRAParam factors; the larger one much further.
     assert all(r.loss < 0.9 * start for r in res.table), (start, res.table)
     assert res.best_lr == 0.1 and res.table[1].loss < 0.4 * start
@@ -153,14 +172,15 @@ def test_bad_arguments(kwargs, match):
 
 def test_proxy_without_pairs_or_with_wrong_rank():
     with pytest.raises(ValueError, match="no LoRA pair"):
-        proxy_lr_search(lambda k, r: {"w": jnp.ones((M, N))}, lambda p, x: jnp.sum(p["w"]),
-                        batch_fn, [0.1])
+        proxy_lr_search(
+            lambda k, r: {"w": jnp.ones((M, N))}, lambda p, x: jnp.sum(p["w"]), batch_fn, [0.1]
+        )
     with pytest.raises(ValueError, match="another rank"):
         proxy_lr_search(lambda k, r: init_fn(k, 3), loss_fn, batch_fn, [0.1], rank=2)
 
 
 def test_log_parabola_optimum_is_the_vertex_in_log_rate():
-    from lora_muon_jax._proxy import log_parabola_optimum
+    from lora_muon_jax_examples.proxy_lr import log_parabola_optimum
 
     # L = 3 (log2 η − log2 0.04)² + 1 on a ×2 grid: the vertex is exactly 0.04, off-grid.
     rates = [0.0125 * 2.0**k for k in range(-2, 4)]
@@ -180,7 +200,7 @@ def test_log_parabola_optimum_is_the_vertex_in_log_rate():
 
 
 def test_dense_lr_is_the_fitted_optimum_times_the_factor():
-    from lora_muon_jax._proxy import log_parabola_optimum
+    from lora_muon_jax_examples.proxy_lr import log_parabola_optimum
 
     lrs = [0.01, 0.03, 0.1, 0.3, 1.0]
     res = proxy_lr_search(init_fn, loss_fn, batch_fn, lrs, steps=20, seeds=(0,))
@@ -189,8 +209,9 @@ def test_dense_lr_is_the_fitted_optimum_times_the_factor():
     i = lrs.index(res.best_lr)
     if 0 < i < len(lrs) - 1:  # between the best rate's neighbours
         assert lrs[i - 1] <= res.dense_lr <= lrs[i + 1]
-    half = proxy_lr_search(init_fn, loss_fn, batch_fn, lrs, steps=20, seeds=(0,),
-                           dense_lr_factor=0.5)
+    half = proxy_lr_search(
+        init_fn, loss_fn, batch_fn, lrs, steps=20, seeds=(0,), dense_lr_factor=0.5
+    )
     assert half.dense_lr == pytest.approx(0.5 * res.dense_lr) and half.best_lr == res.best_lr
     for bad in (0.0, -1.0, math.inf):
         with pytest.raises(ValueError, match="dense_lr_factor"):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pairs, _validation
+from lora_muon_jax import _pair_discovery, _validation
 
 _FN = "split_weight_decay"
 
@@ -114,7 +114,7 @@ def split_weight_decay(
         new_state = SplitWeightDecayState(count=optax.safe_increment(state.count))
         if skip:
             return updates, new_state
-        paths, leaves, treedef = _pairs.flatten_with_paths(updates)
+        paths, leaves, treedef = _pair_discovery.flatten_with_paths(updates)
         p_leaves = _validation.params_leaves(_FN, paths, params)
         lam = _value_at(weight_decay, state.count)
         eta = _value_at(learning_rate, state.count)

@@ -9,13 +9,14 @@ nor the next product step, only the numerics of the factors.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _grams, _pairs, _pairwise, _validation
+from lora_muon_jax import _directions, _grams, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax._lora_muon_state import LoRAMuonState
 
 _FN = "with_gauge_rebalancing"
 
@@ -77,22 +78,54 @@ def rebalance_pair(
     return (a * c).astype(a.dtype), (b / c).astype(b.dtype)
 
 
-def _expand(pair: _pairs.LoRAPair, c: jax.Array, role: str, shape: tuple[int, ...]) -> jax.Array:
-    """Broadcasts per-batch ``c`` to a factor's own layout (fused by XLA)."""
-    canon = (
-        (*pair.batch_shape, pair.m, pair.rank)
-        if role == "a"
-        else (*pair.batch_shape, pair.rank, pair.n)
-    )
-    full = jnp.broadcast_to(c[..., None, None], canon)
-    return pair.restore(full, role, shape)  # type: ignore[arg-type]
+def _log_scales(
+    tree: _pair_tree.PairTree, new: list[jax.Array], alpha: jax.typing.ArrayLike
+) -> list[jax.Array]:
+    """``log c`` of every pair (its batch shape) that balances the factors ``new``.
+
+    ``c = (σ_max(b)/σ_max(a))^{α/2}`` (see :func:`gauge_scales`), from Grams of the
+    leaves as stored; ``0`` where a factor is zero.
+    """
+    out = []
+    for pair in tree.plan.pairs:
+        a, b = new[pair.a_index], new[pair.b_index]
+        log_sa, log_sb = _grams.log_spectral_norms(
+            [(a, pair.layout("a", a.ndim)), (b, pair.layout("b", b.ndim))]
+        )
+        ok = jnp.isfinite(log_sa) & jnp.isfinite(log_sb)
+        out.append(jnp.where(ok, 0.5 * jnp.asarray(alpha, jnp.float32) * (log_sb - log_sa), 0.0))
+    return out
+
+
+def _leaf_multipliers(tree: _pair_tree.PairTree, log_c: list[jax.Array]) -> dict[int, jax.Array]:
+    """``c`` for every ``a`` leaf and ``1/c`` for every ``b`` leaf, in the leaf's layout."""
+    out: dict[int, jax.Array] = {}
+    for pair, lc in zip(tree.plan.pairs, log_c, strict=True):
+        roles: tuple[tuple[Literal["a", "b"], int, float], ...] = (
+            ("a", pair.a_index, 1.0),
+            ("b", pair.b_index, -1.0),
+        )
+        for role, index, sign in roles:
+            ndim = tree.params[index].ndim
+            out[index] = _directions.per_batch(jnp.exp(sign * lc), pair.layout(role, ndim), ndim)
+    return out
+
+
+def _rescale_momenta(node: Any, treedef: Any, mult: dict[int, jax.Array]) -> Any:
+    """Divides the momentum of every factor by its leaf's multiplier (gradients' gauge)."""
+    if not isinstance(node, LoRAMuonState):
+        return node
+    mu = treedef.flatten_up_to(node.mu)
+    for i, m in mult.items():
+        mu[i] = (mu[i].astype(jnp.float32) / m).astype(mu[i].dtype)
+    return node._replace(mu=jax.tree_util.tree_unflatten(treedef, mu))
 
 
 def with_gauge_rebalancing(
     inner: optax.GradientTransformation,
     rebalance: GaugeRebalance = GaugeRebalance(),
     *,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps a LoRA-Muon chain so every ``rebalance.every`` steps each pair is rebalanced.
 
@@ -140,7 +173,6 @@ def with_gauge_rebalancing(
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"{_FN}: `rebalance.every` must be an int >= 1; got {every!r}.")
     _validation.check_scalar("rebalance.alpha", alpha, low=0.0, high=2.0, fn=_FN)
-    from lora_muon_jax._core import LoRAMuonState  # the core imports this module
 
     def init_fn(params: Any) -> GaugeRebalanceState:
         return GaugeRebalanceState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
@@ -148,64 +180,33 @@ def with_gauge_rebalancing(
     def update_fn(
         updates: Any, state: GaugeRebalanceState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, GaugeRebalanceState]:
-        tree = _pairwise.flatten(_FN, updates, params, pairs, require_all_paired=False)
-        plan, treedef, p_leaves = tree.plan, tree.treedef, tree.params
+        tree = _pair_tree.flatten(_FN, updates, params, pairs, require_all_paired=False)
         inner_updates, inner_state = optax.with_extra_args_support(inner).update(
             updates, state.inner_state, params, **extra_args
         )
 
-        u_leaves = treedef.flatten_up_to(inner_updates)
-
-        def scales() -> list[jax.Array]:
-            # Balance the factors *after* the step, so they leave it balanced.
-            def new(i: int) -> jax.Array:
-                return p_leaves[i].astype(jnp.float32) + u_leaves[i].astype(jnp.float32)
-
-            return [
-                gauge_scales(
-                    pair.canonical(new(pair.a_index), "a"),
-                    pair.canonical(new(pair.b_index), "b"),
-                    alpha,
-                )
-                for pair in plan.pairs
-            ]
-
-        ones = [jnp.ones(pair.batch_shape, jnp.float32) for pair in plan.pairs]
-        cs = jax.lax.cond(state.count % every == 0, scales, lambda: ones)
-
-        # Per-leaf multiplier for params (c on a, 1/c on b) and momenta (inverse).
-        factor_scale: dict[str, tuple[_pairs.LoRAPair, jax.Array, str]] = {}
-        for pair, c in zip(plan.pairs, cs, strict=True):
-            factor_scale[pair.a_path] = (pair, c, "a")
-            factor_scale[pair.b_path] = (pair, 1.0 / c, "b")
-
-        out = list(u_leaves)
-        for i, path in enumerate(plan.paths):
-            if path in factor_scale:
-                pair, c, role = factor_scale[path]
-                p = p_leaves[i]
-                cf = _expand(pair, c, role, p.shape)
-                # c (p + u) - p, written so that c = 1 returns u bit for bit.
-                new = (cf - 1.0) * p.astype(jnp.float32) + cf * u_leaves[i].astype(jnp.float32)
-                out[i] = new.astype(u_leaves[i].dtype)
-
-        def rescale_mu(node: Any) -> Any:
-            if not isinstance(node, LoRAMuonState):
-                return node
-            mu_paths, mu_leaves, mu_def = _pairs.flatten_with_paths(node.mu)
-            new_mu = []
-            for path, m in zip(mu_paths, mu_leaves, strict=True):
-                key = _pairs.path_str(path)
-                if key in factor_scale:
-                    pair, c, role = factor_scale[key]
-                    m = (m.astype(jnp.float32) / _expand(pair, c, role, m.shape)).astype(m.dtype)
-                new_mu.append(m)
-            return node._replace(mu=jax.tree_util.tree_unflatten(mu_def, new_mu))
-
-        inner_state = jax.tree.map(
-            rescale_mu, inner_state, is_leaf=lambda x: isinstance(x, LoRAMuonState)
+        u_leaves = tree.treedef.flatten_up_to(inner_updates)
+        # Balance the factors *after* the step, so they leave it balanced.
+        new = [
+            p.astype(jnp.float32) + u.astype(jnp.float32)
+            for p, u in zip(tree.params, u_leaves, strict=True)
+        ]
+        zeros = [jnp.zeros(p.batch_shape, jnp.float32) for p in tree.plan.pairs]
+        log_c = jax.lax.cond(
+            state.count % every == 0, lambda: _log_scales(tree, new, alpha), lambda: zeros
         )
-        return jax.tree_util.tree_unflatten(treedef, out), GaugeRebalanceState(
+        mult = _leaf_multipliers(tree, log_c)  # exactly 1 off rebalancing steps
+        out = list(u_leaves)
+        for i, c in mult.items():
+            # c (p + u) - p, written so that c = 1 returns u bit for bit.
+            p32 = tree.params[i].astype(jnp.float32)
+            out[i] = ((c - 1.0) * p32 + c * u_leaves[i].astype(jnp.float32)).astype(out[i].dtype)
+        inner_state = jax.tree.map(
+            lambda node: _rescale_momenta(node, tree.treedef, mult),
+            inner_state,
+            is_leaf=lambda x: isinstance(x, LoRAMuonState),
+        )
+        return jax.tree_util.tree_unflatten(tree.treedef, out), GaugeRebalanceState(
             count=optax.safe_increment(state.count), inner_state=inner_state
         )
 

@@ -21,7 +21,10 @@ def _sds(*shape, dtype=jnp.float32):
 
 
 def _summary(tree, pairs="auto"):
-    return [(p.a_path, p.b_path, p.batch_shape, p.m, p.n, p.rank) for p in lmj.find_lora_pairs(tree, pairs)]
+    return [
+        (p.a_path, p.b_path, p.batch_shape, p.m, p.n, p.rank)
+        for p in lmj.find_lora_pairs(tree, pairs)
+    ]
 
 
 def test_flax_names_nested_and_stacked():
@@ -69,7 +72,10 @@ def test_maxtext_canonical_round_trip():
 
 
 def test_gemma_scope_is_required():
-    tree = {"attn": {"lora": {"a": _sds(8, 2), "b": _sds(2, 4)}}, "other": {"a": _sds(3), "b": _sds(3)}}
+    tree = {
+        "attn": {"lora": {"a": _sds(8, 2), "b": _sds(2, 4)}},
+        "other": {"a": _sds(3), "b": _sds(3)},
+    }
     assert _summary(tree) == [("['attn']['lora']['a']", "['attn']['lora']['b']", (), 8, 4, 2)]
 
 
@@ -77,7 +83,9 @@ def test_nnx_state_with_value_keys_and_pure_match():
     model = nnx.LoRALinear(6, 5, lora_rank=3, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.LoRAParam)
     with_value = _summary(state)
-    pure = _summary(nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict())
+    pure = _summary(
+        nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+    )
     assert with_value == pure == [("['lora']['lora_a']", "['lora']['lora_b']", (), 6, 5, 3)]
 
 
@@ -117,10 +125,22 @@ def test_lora_param_labels_same_on_params_and_updates():
     [
         ({"x": {"lora_a": _sds(4, 2)}}, r"Unpaired.*\['x'\]\['lora_a'\].*partner"),
         ({"x": {"lora_b": _sds(2, 4)}}, r"Unpaired.*\['x'\]\['lora_b'\]"),
-        ({"lora_a": _sds(4, 2), "lora_b": _sds(3, 5)}, r"rank mismatch.*\['lora_a'\].*\['lora_b'\]"),
-        ({"lora_a": _sds(2, 4, 2), "lora_b": _sds(3, 2, 5)}, r"batch axes mismatch.*\(2,\).*\(3,\)"),
-        ({"lora_a": _sds(4, 2), "lora_b": _sds(2, 5, dtype=jnp.bfloat16)}, r"dtype mismatch.*float32.*bfloat16"),
-        ({"lora_a": _sds(4), "lora_b": _sds(2, 5)}, r"\['lora_a'\] must be an array with ndim >= 2"),
+        (
+            {"lora_a": _sds(4, 2), "lora_b": _sds(3, 5)},
+            r"rank mismatch.*\['lora_a'\].*\['lora_b'\]",
+        ),
+        (
+            {"lora_a": _sds(2, 4, 2), "lora_b": _sds(3, 2, 5)},
+            r"batch axes mismatch.*\(2,\).*\(3,\)",
+        ),
+        (
+            {"lora_a": _sds(4, 2), "lora_b": _sds(2, 5, dtype=jnp.bfloat16)},
+            r"dtype mismatch.*float32.*bfloat16",
+        ),
+        (
+            {"lora_a": _sds(4), "lora_b": _sds(2, 5)},
+            r"\['lora_a'\] must be an array with ndim >= 2",
+        ),
     ],
     ids=["lone-a", "lone-b", "rank", "batch", "dtype", "ndim"],
 )

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from lora_muon_jax import find_lora_pairs, lora_muon, lora_param_labels
-from lora_muon_jax.models import CharTransformer, LowRankLinear, generate, loss_fn
+from lora_muon_jax_examples.char_lm import CharTransformer, LowRankLinear, generate, loss_fn
 
 VOCAB = 11
 SMALL = dict(width=32, depth=2, heads=4, rank=4, seq_len=16)
@@ -76,10 +76,7 @@ def test_lora_factors_are_found_as_pairs():
     # On the full parameter state, exactly the factors are labelled LoRA (embeddings,
     # norms, positions and head go to AdamW inside lora_muon).
     labels = lora_param_labels()(nnx.state(model, nnx.Param))
-    flat = {
-        jax.tree_util.keystr(p): v
-        for p, v in jax.tree_util.tree_leaves_with_path(labels)
-    }
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(labels)}
     assert sum(v == "lora" for v in flat.values()) == 24
     assert all(("lora_" in k) == (v == "lora") for k, v in flat.items())
 
@@ -101,9 +98,7 @@ def test_low_rank_init_balanced_with_spectral_scale(lora_scale):
         np.testing.assert_allclose(s[:4], gain, rtol=1e-5)
         np.testing.assert_allclose(s[4:], 0.0, atol=1e-5)
         x = np.random.default_rng(0).normal(size=(2, 5, m)).astype(np.float32)
-        np.testing.assert_allclose(
-            layer(x), lora_scale * (x @ a) @ b, rtol=1e-4, atol=1e-5
-        )
+        np.testing.assert_allclose(layer(x), lora_scale * (x @ a) @ b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank", [4, None])
@@ -112,9 +107,7 @@ def test_causal_future_tokens_do_not_change_past_logits(rank):
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, VOCAB)
     changed = tokens.at[:, 9:].set((tokens[:, 9:] + 1) % VOCAB)
     # A zero head would make every logit zero: give it weights first.
-    model.head.kernel[...] = jax.random.normal(
-        jax.random.key(2), model.head.kernel.shape
-    )
+    model.head.kernel[...] = jax.random.normal(jax.random.key(2), model.head.kernel.shape)
     before, after = _apply(model, tokens), _apply(model, changed)
     np.testing.assert_allclose(before[:, :9], after[:, :9], rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(before[:, 9:] - after[:, 9:]).max()) > 1e-3
@@ -165,9 +158,7 @@ def test_a_few_steps_reduce_the_loss(rank, make_tx):
 
 def test_generate_extends_the_prompt_greedily_and_deterministically():
     model = _model()
-    model.head.kernel[...] = jax.random.normal(
-        jax.random.key(2), model.head.kernel.shape
-    )
+    model.head.kernel[...] = jax.random.normal(jax.random.key(2), model.head.kernel.shape)
     prompt = jnp.array([1, 2, 3])
     out = generate(model, prompt, 20, jax.random.key(0), temperature=0.0)
     assert out.shape == (23,) and out.dtype == jnp.int32
@@ -180,9 +171,7 @@ def test_generate_extends_the_prompt_greedily_and_deterministically():
     np.testing.assert_array_equal(out[3:17], greedy[0, 2:16])
     np.testing.assert_array_equal(out[17:], greedy[1:, -1])
     sampled = generate(model, prompt, 20, jax.random.key(5))
-    np.testing.assert_array_equal(
-        sampled, generate(model, prompt, 20, jax.random.key(5))
-    )
+    np.testing.assert_array_equal(sampled, generate(model, prompt, 20, jax.random.key(5)))
     assert not np.array_equal(sampled, generate(model, prompt, 20, jax.random.key(6)))
     assert int(sampled.min()) >= 0 and int(sampled.max()) < VOCAB
     with pytest.raises(ValueError, match="prompt"):

@@ -14,6 +14,7 @@ from flax import nnx
 import lora_muon_jax as lmj
 from tests import contract
 
+
 def test_inject_hyperparams_beta_and_weight_decay_schedules():
     tx = optax.inject_hyperparams(lmj.lora_muon)(
         learning_rate=optax.cosine_decay_schedule(0.05, 10),
@@ -26,7 +27,8 @@ def test_inject_hyperparams_beta_and_weight_decay_schedules():
     for _ in range(3):
         params, state = step(params, state)
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(
-        float(optax.cosine_decay_schedule(0.05, 10)(2)), rel=1e-6  # value used by step 3
+        float(optax.cosine_decay_schedule(0.05, 10)(2)),
+        rel=1e-6,  # value used by step 3
     )
 
 

@@ -1,6 +1,6 @@
 """How the peers' aliases route the leaves their optimizer does not take to AdamW.
 
-There is one AdamW fallback, :func:`lora_muon_jax._pairwise.with_adamw_fallback`.
+There is one AdamW fallback, :func:`lora_muon_jax._adamw_fallback.with_adamw_fallback`.
 The aliases bundle its settings (their ``adam_*`` arguments) in one
 :class:`AdamWSettings` and call it through :func:`for_lora_pairs` (leaves in no
 LoRA pair go to AdamW) or :func:`for_matrices` (leaves with ``ndim < 2`` go to
@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from lora_muon_jax import _pairs, _pairwise
+from lora_muon_jax import _adamw_fallback, _pair_discovery
 from lora_muon_jax.peers import _dense_weights
 
 
@@ -45,7 +45,7 @@ def _fallback(
     mu_dtype: Any,
     **routing: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    return _pairwise.with_adamw_fallback(
+    return _adamw_fallback.with_adamw_fallback(
         tx,
         learning_rate=learning_rate if adamw.learning_rate is None else adamw.learning_rate,
         adam_b1=adamw.b1,
@@ -63,7 +63,7 @@ def for_lora_pairs(
     adamw: AdamWSettings,
     learning_rate: optax.ScalarOrSchedule,
     label: str,
-    pairs: _pairs.PairsLike,
+    pairs: _pair_discovery.PairsLike,
     allow_no_pairs: bool,
     mu_dtype: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -71,7 +71,7 @@ def for_lora_pairs(
 
     Labels come from the pair rules (paths only), so they agree between ``init``
     and ``update``; a tree without pairs raises unless ``allow_no_pairs`` (see
-    :func:`lora_muon_jax._pairwise.with_adamw_fallback`). ``label`` names the
+    :func:`lora_muon_jax._adamw_fallback.with_adamw_fallback`). ``label`` names the
     optimizer in those errors and in the state of :func:`optax.partition`.
     """
     return _fallback(
@@ -90,7 +90,7 @@ def for_matrices(
     adamw: AdamWSettings,
     learning_rate: optax.ScalarOrSchedule,
     fn: str,
-    pairs: _pairs.PairsLike,
+    pairs: _pair_discovery.PairsLike,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``matrix_tx`` on leaves with ``ndim >= 2``, AdamW on the rest.

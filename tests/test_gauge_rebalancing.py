@@ -51,7 +51,10 @@ def test_rebalancing_leaves_product_trajectory_and_balances_factors():
     b = well_conditioned(rng, (3, 20)) / 27.0
     target = jnp.asarray(rng.standard_normal((24, 20)) * 0.1, jnp.float32)
     params = {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
-    loss = lambda p: jnp.sum((p["lora_a"] @ p["lora_b"] - target) ** 2)
+
+    def loss(p):
+        return jnp.sum((p["lora_a"] @ p["lora_b"] - target) ** 2)
+
     plain = _run(lmj.lora_muon(0.05, beta=0.9, weight_decay=0.1), params, loss, 6)
     balanced = _run(
         lmj.lora_muon(0.05, beta=0.9, weight_decay=0.1, rebalance=lmj.GaugeRebalance(every=2)),
@@ -59,8 +62,10 @@ def test_rebalancing_leaves_product_trajectory_and_balances_factors():
         loss,
         6,
     )
-    for p0, p1 in zip(plain, balanced):
-        assert rel_err(product(p1["lora_a"], p1["lora_b"]), product(p0["lora_a"], p0["lora_b"])) < 1e-5
+    for p0, p1 in zip(plain, balanced, strict=False):
+        assert (
+            rel_err(product(p1["lora_a"], p1["lora_b"]), product(p0["lora_a"], p0["lora_b"])) < 1e-5
+        )
     # Rebalanced on steps 0, 2, 4: right after step 5 (index 4) the factors are equal.
     p = balanced[4]
     assert spectral_norm(p["lora_a"]) == pytest.approx(spectral_norm(p["lora_b"]), rel=1e-3)
@@ -83,21 +88,34 @@ def test_rebalancing_rescales_momentum_consistently():
     u_wrap, s_wrap = wrapped.update(grads, s_wrap, params)
     p_plain = optax.apply_updates(params, u_plain)
     p_wrap = optax.apply_updates(params, u_wrap)
-    assert rel_err(product(p_wrap["lora_a"], p_wrap["lora_b"]), product(p_plain["lora_a"], p_plain["lora_b"])) < 1e-6
+    assert (
+        rel_err(
+            product(p_wrap["lora_a"], p_wrap["lora_b"]),
+            product(p_plain["lora_a"], p_plain["lora_b"]),
+        )
+        < 1e-6
+    )
     # Next step with gradients that transform covariantly under the gauge.
     c = float(jnp.linalg.norm(p_wrap["lora_a"]) / jnp.linalg.norm(p_plain["lora_a"]))
     g2 = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
     g2_wrap = {"lora_a": g2["lora_a"] / c, "lora_b": g2["lora_b"] * c}
     u2_plain, _ = inner.update(g2, s_plain, p_plain)
     u2_wrap, _ = wrapped.update(g2_wrap, s_wrap, p_wrap)  # step 1: no rebalancing
-    step_plain = np.asarray(u2_plain["lora_a"]) @ np.asarray(p_plain["lora_b"]) + np.asarray(p_plain["lora_a"]) @ np.asarray(u2_plain["lora_b"])
-    step_wrap = np.asarray(u2_wrap["lora_a"]) @ np.asarray(p_wrap["lora_b"]) + np.asarray(p_wrap["lora_a"]) @ np.asarray(u2_wrap["lora_b"])
+    step_plain = np.asarray(u2_plain["lora_a"]) @ np.asarray(p_plain["lora_b"]) + np.asarray(
+        p_plain["lora_a"]
+    ) @ np.asarray(u2_plain["lora_b"])
+    step_wrap = np.asarray(u2_wrap["lora_a"]) @ np.asarray(p_wrap["lora_b"]) + np.asarray(
+        p_wrap["lora_a"]
+    ) @ np.asarray(u2_wrap["lora_b"])
     assert rel_err(step_wrap, step_plain) < 1e-4
 
 
 def test_rebalancing_with_zero_init_b_is_finite():
     params = {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.zeros((2, 4))}
-    loss = lambda p: jnp.sum((p["lora_a"] @ p["lora_b"] - 1.0) ** 2)
+
+    def loss(p):
+        return jnp.sum((p["lora_a"] @ p["lora_b"] - 1.0) ** 2)
+
     traj = _run(lmj.lora_muon(0.1, rebalance=lmj.GaugeRebalance(every=1)), params, loss, 3)
     for p in traj:
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))

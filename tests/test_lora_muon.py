@@ -63,15 +63,13 @@ def test_matches_float64_reference_multistep(batch, nesterov, lora_scale):
     hp = dict(beta=0.9, weight_decay=0.3, nesterov=nesterov, lora_scale=lora_scale)
     loss_j, np_grad = regression_loss(lora_scale, jnp.asarray(target, jnp.float32))
     tx = lmj.lora_muon(lr, **hp)
-    params = {"layer": {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}}
-    traj = _trajectory(
-        tx, params, lambda p: loss_j(p["layer"]["lora_a"], p["layer"]["lora_b"]), 5
-    )
+    params = {
+        "layer": {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
+    }
+    traj = _trajectory(tx, params, lambda p: loss_j(p["layer"]["lora_a"], p["layer"]["lora_b"]), 5)
     for idx in np.ndindex(*batch):
         _, grad_one = regression_loss(lora_scale, target[idx])
-        ref = reference.run(
-            a[idx], b[idx], grad_one, steps=5, lr=lambda t: float(lr(t)), **hp
-        )
+        ref = reference.run(a[idx], b[idx], grad_one, steps=5, lr=lambda t: float(lr(t)), **hp)
         for t, (ra, rb) in enumerate(ref):
             got = traj[t]["layer"]
             assert rel_err(got["lora_a"][idx], ra) < 1e-4, (idx, t)
@@ -82,7 +80,9 @@ def test_peft_orientation_matches_reference():
     # PEFT: lora_A (r, in), lora_B (out, r), ΔW = lora_B @ lora_A, so a = lora_B.
     a, b, target = _problem(seed=2)
     loss_j, np_grad = regression_loss(1.0, jnp.asarray(target, jnp.float32))
-    params = {"q_proj": {"lora_A": jnp.asarray(b, jnp.float32), "lora_B": jnp.asarray(a, jnp.float32)}}
+    params = {
+        "q_proj": {"lora_A": jnp.asarray(b, jnp.float32), "lora_B": jnp.asarray(a, jnp.float32)}
+    }
     traj = _trajectory(
         lmj.lora_muon(0.05, beta=0.8),
         params,
@@ -162,7 +162,7 @@ def test_gauge_invariance_scalar(c):
     eye = np.eye(R)
     base = _gauge_trajectory(a, b, target, eye, eye)
     scaled = _gauge_trajectory(a, b, target, c * eye, eye / c)
-    for p0, p1 in zip(base, scaled):
+    for p0, p1 in zip(base, scaled, strict=False):
         assert rel_err(p1, p0) < 1e-4
 
 
@@ -172,7 +172,7 @@ def test_gauge_invariance_general_linear():
     s = well_conditioned(rng, (R, R), 5.0) * 3.0
     base = _gauge_trajectory(a, b, target, np.eye(R), np.eye(R))
     moved = _gauge_trajectory(a, b, target, s, np.linalg.inv(s))
-    for p0, p1 in zip(base, moved):
+    for p0, p1 in zip(base, moved, strict=False):
         assert rel_err(p1, p0) < 1e-4
 
 
@@ -255,7 +255,11 @@ def test_zero_init_b_moves_only_b_first(dtype):
     # Flax's nnx.LoRA and PEFT start with b = 0: then g_a = G bᵀ = 0.
     params = {"lora_a": jnp.asarray(_A, dtype), "lora_b": jnp.zeros((R, N), dtype)}
     target = jnp.asarray(_G, jnp.float32)
-    loss = lambda p: 0.5 * jnp.sum((p["lora_a"].astype(jnp.float32) @ p["lora_b"].astype(jnp.float32) - target) ** 2)
+
+    def loss(p):
+        a, b = p["lora_a"].astype(jnp.float32), p["lora_b"].astype(jnp.float32)
+        return 0.5 * jnp.sum((a @ b - target) ** 2)
+
     tx = lmj.lora_muon(0.1)
     state = tx.init(params)
     g = jax.grad(loss)(params)
@@ -289,7 +293,9 @@ def test_split_weight_decay_vs_factorwise():
     )
     u, _ = factorwise.update(zero, factorwise.init(params), params)
     new = optax.apply_updates(params, u)
-    assert rel_err(product(new["lora_a"], new["lora_b"]), (1 - lam * eta) ** 2 * product(a, b)) < 1e-6
+    assert (
+        rel_err(product(new["lora_a"], new["lora_b"]), (1 - lam * eta) ** 2 * product(a, b)) < 1e-6
+    )
 
 
 def test_split_weight_decay_first_order_with_gradient():
@@ -362,8 +368,10 @@ def test_many_adapters_equal_one_at_a_time():
     rng = np.random.default_rng(12)
     shapes = {"q": (16, 12), "k": (16, 12), "v": (16, 12), "up": (16, 20), "down": (20, 16)}
     params = {
-        name: {"lora_a": jnp.asarray(rng.standard_normal((m, 3)), jnp.float32),
-               "lora_b": jnp.asarray(rng.standard_normal((3, n)), jnp.float32)}
+        name: {
+            "lora_a": jnp.asarray(rng.standard_normal((m, 3)), jnp.float32),
+            "lora_b": jnp.asarray(rng.standard_normal((3, n)), jnp.float32),
+        }
         for name, (m, n) in shapes.items()
     }
     params["k"]["lora_b"] = jnp.zeros((3, 12))  # one zero-init pair inside a stacked group

@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _directions, _gauge, _pairs, _pairwise, _validation
+from lora_muon_jax import (
+    _adamw_fallback,
+    _directions,
+    _gauge_rebalancing,
+    _pair_discovery,
+    _pair_tree,
+    _validation,
+)
+from lora_muon_jax._lora_muon_state import LoRAMuonState
+from lora_muon_jax._split_weight_decay import split_weight_decay
 from lora_muon_jax._whitened_polar import SOLVERS, Solver
-from lora_muon_jax._weight_decay import split_weight_decay
 
 _SCALE_FN = "scale_by_lora_muon"
 _ALIAS_FN = "lora_muon"
 
-class LoRAMuonState(NamedTuple):
-    """State of :func:`scale_by_lora_muon`: one momentum per factor, nothing else."""
-
-    count: jax.Array  # shape=(), dtype=int32.
-    mu: optax.Updates  # like params; dtype=mu_dtype (default: the param's dtype).
-
 
 def _check_common(
     fn: str, beta: Any, lora_scale: Any, eps: Any, method: str, solver: str
-) -> str:
+) -> _directions.Method:
     """Checks the shared hyperparameters; returns ``method`` with aliases resolved."""
     _validation.check_scalar("beta", beta, low=0.0, high=1.0, high_inclusive=False, fn=fn)
     _validation.check_scalar("lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=fn)
@@ -33,14 +35,14 @@ def _check_common(
     if method == "eigh":
         warnings.warn(
             f'{fn}: method="eigh" is now called method="gram" (the Gram shortcut; '
-            'its r×r solver is chosen by `solver`).',
+            "its r×r solver is chosen by `solver`).",
             DeprecationWarning,
             stacklevel=3,
         )
         method = "gram"
     _validation.check_choice(fn, "method", method, _directions.METHODS)
     _validation.check_choice(fn, "solver", solver, SOLVERS)
-    return method
+    return "paper" if method == "paper" else "gram"
 
 
 def scale_by_lora_muon(
@@ -48,7 +50,7 @@ def scale_by_lora_muon(
     *,
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     method: _directions.Method = "gram",
     solver: Solver = "auto",
     mu_dtype: Any = None,
@@ -150,7 +152,7 @@ def scale_by_lora_muon(
 
     def init_fn(params: Any) -> LoRAMuonState:
         # Validate early (shapes only) so a bad tree fails at init.
-        _pairwise.check_init(_SCALE_FN, params, pairs)
+        _pair_tree.check_init(_SCALE_FN, params, pairs)
         return LoRAMuonState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -160,7 +162,7 @@ def scale_by_lora_muon(
         updates: Any, state: LoRAMuonState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, LoRAMuonState]:
         del extra_args
-        tree = _pairwise.flatten(_SCALE_FN, updates, params, pairs)
+        tree = _pair_tree.flatten(_SCALE_FN, updates, params, pairs)
         b32 = jnp.asarray(beta, jnp.float32)
         mu = optax.tree.update_moment(updates, state.mu, b32, 1)  # float32
         source = optax.tree.update_moment(updates, mu, b32, 1) if nesterov else mu
@@ -169,28 +171,29 @@ def scale_by_lora_muon(
         out = list(tree.grads)
         for index, d in dirs.items():
             out[index] = d.astype(tree.params[index].dtype)
-        return _pairwise.unflatten(tree, out), LoRAMuonState(
+        return _pair_tree.unflatten(tree, out), LoRAMuonState(
             count=optax.safe_increment(state.count),
             mu=optax.tree.cast_like(mu, state.mu),
         )
 
     def _factor_directions(
-        tree: _pairwise.PairTree, sources: list[Any], scale: jax.Array
+        tree: _pair_tree.PairTree, sources: list[Any], scale: jax.Array
     ) -> dict[int, jax.Array]:
         factors = _directions.factors_of(tree.plan.pairs, tree.params, eps)
         if method == "gram":
             dirs = _directions.gram_directions(factors, tree.params, sources, scale, solver)
-            return {f.index: d for f, d in zip(factors, dirs)}
-        jobs, restore = [], []
+            return {f.index: d for f, d in zip(factors, dirs, strict=True)}
+        jobs: list[tuple[jax.Array, jax.Array, bool]] = []
+        restore: list[tuple[_pair_discovery.LoRAPair, Literal["a", "b"], int]] = []
         for pair in tree.plan.pairs:
-            a, b = _pairwise.canonical(pair, tree.params)
-            m_a, m_b = _pairwise.canonical(pair, sources)
+            a, b = _pair_tree.canonical(pair, tree.params)
+            m_a, m_b = _pair_tree.canonical(pair, sources)
             jobs += [(m_a, b, True), (m_b, a, False)]
             restore += [(pair, "a", pair.a_index), (pair, "b", pair.b_index)]
         dirs = _directions.paper_directions(jobs, scale)
         return {
             i: pair.restore(d, role, tree.params[i].shape)
-            for (pair, role, i), d in zip(restore, dirs)
+            for (pair, role, i), d in zip(restore, dirs, strict=True)
         }
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -203,12 +206,12 @@ def lora_muon(
     *,
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
-    pairs: _pairs.PairsLike = "auto",
+    pairs: _pair_discovery.PairsLike = "auto",
     method: _directions.Method = "gram",
     solver: Solver = "auto",
     mu_dtype: Any = None,
     eps: jax.typing.ArrayLike = 1e-6,
-    rebalance: _gauge.GaugeRebalance | None = None,
+    rebalance: _gauge_rebalancing.GaugeRebalance | None = None,
     weight_decay_mask: Any = None,
     adam_b1: jax.typing.ArrayLike = 0.9,
     adam_b2: jax.typing.ArrayLike = 0.999,
@@ -320,8 +323,8 @@ def lora_muon(
         split_weight_decay(weight_decay, learning_rate, mask=weight_decay_mask),
     )
     if rebalance is not None:
-        lora_tx = _gauge.with_gauge_rebalancing(lora_tx, rebalance, pairs=pairs)
-    return _pairwise.with_adamw_fallback(
+        lora_tx = _gauge_rebalancing.with_gauge_rebalancing(lora_tx, rebalance, pairs=pairs)
+    return _adamw_fallback.with_adamw_fallback(
         lora_tx,
         pairs=pairs,
         learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,

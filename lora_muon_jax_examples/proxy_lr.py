@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _core, _pairs, _validation
+import lora_muon_jax as lmj
+from lora_muon_jax import _validation
 
 _FN = "proxy_lr_search"
-
 
 
 class ProxyRow(NamedTuple):
@@ -93,7 +93,7 @@ def log_parabola_optimum(rates: Sequence[float], losses: Sequence[float]) -> flo
 
     Examples:
       >>> import math
-      >>> from lora_muon_jax._proxy import log_parabola_optimum
+      >>> from lora_muon_jax_examples.proxy_lr import log_parabola_optimum
       >>> rates = [0.0125, 0.025, 0.05, 0.1]
       >>> losses = [math.log2(r / 0.03) ** 2 for r in rates]  # optimum at 0.03
       >>> print(f"{log_parabola_optimum(rates, losses):.4f}")
@@ -101,7 +101,7 @@ def log_parabola_optimum(rates: Sequence[float], losses: Sequence[float]) -> flo
     """
     if len(rates) != len(losses):
         raise ValueError(f"log_parabola_optimum: {len(rates)} rates but {len(losses)} losses.")
-    pairs = sorted(zip((float(r) for r in rates), (float(v) for v in losses)))
+    pairs = sorted(zip((float(r) for r in rates), (float(v) for v in losses), strict=False))
     finite = [k for k, (_, v) in enumerate(pairs) if math.isfinite(v)]
     if not finite:
         raise ValueError("log_parabola_optimum: no finite loss.")
@@ -149,7 +149,7 @@ def _check_args(learning_rates: Any, rank: Any, steps: Any, seeds: Any) -> tuple
 
 
 def _check_proxy(params: Any, rank: int) -> None:
-    found = _pairs.find_lora_pairs(params)
+    found = lmj.find_lora_pairs(params)
     if not found:
         raise ValueError(
             f"{_FN}: `init_fn(key, rank)` returned no LoRA pair (no sibling `lora_a`/"
@@ -174,7 +174,7 @@ def proxy_lr_search(
     steps: int = 200,
     seeds: Sequence[int] = (0,),
     eval_batch: Any = None,
-    optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation] = _core.lora_muon,
+    optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation] = lmj.lora_muon,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     diverge_above: float | None = None,
     dense_lr_factor: float = 1.0,
@@ -252,7 +252,7 @@ def proxy_lr_search(
       A rank-2 regression target; the proxy is a rank-2 product fit to it.
 
       >>> import jax, jax.numpy as jnp
-      >>> from lora_muon_jax import proxy_lr_search
+      >>> from lora_muon_jax_examples import proxy_lr_search
       >>> k1, k2 = jax.random.split(jax.random.key(0))
       >>> target = jax.random.normal(k1, (8, 2)) @ jax.random.normal(k2, (2, 6)) / 3
       >>> def init_fn(key, rank):
@@ -282,8 +282,9 @@ def proxy_lr_search(
       the Low-Rank Manifold <https://arxiv.org/abs/2606.12921>`_, 2026
     """
     lrs = _check_args(learning_rates, rank, steps, seeds)
-    _validation.check_scalar("dense_lr_factor", dense_lr_factor, low=0.0, low_inclusive=False,
-                             fn=_FN)
+    _validation.check_scalar(
+        "dense_lr_factor", dense_lr_factor, low=0.0, low_inclusive=False, fn=_FN
+    )
     if schedule is None:
         schedule = lambda count: jnp.ones((), jnp.float32)  # noqa: E731
     threshold = math.inf if diverge_above is None else float(diverge_above)
@@ -355,9 +356,11 @@ def proxy_lr_search(
             f"({', '.join(f'{lr:g}' for lr in lrs)}); try smaller rates."
         )
     best = min(finite, key=lambda row: (row.loss, row.learning_rate)).learning_rate
-    fitted = log_parabola_optimum([row.learning_rate for row in table],
-                                  [row.loss for row in table])
+    fitted = log_parabola_optimum([row.learning_rate for row in table], [row.loss for row in table])
     return ProxyResult(
-        best_lr=best, table=table, rank=rank, at_edge=best in (lrs[0], lrs[-1]),
+        best_lr=best,
+        table=table,
+        rank=rank,
+        at_edge=best in (lrs[0], lrs[-1]),
         dense_lr=float(dense_lr_factor) * fitted,
     )

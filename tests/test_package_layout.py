@@ -1,0 +1,211 @@
+"""The package's structure rules, checked on its source (issue 14's gates).
+
+* no import cycle between modules of ``lora_muon_jax`` (module-level imports and
+  imports inside functions alike);
+* ``flax`` is imported only under ``lora_muon_jax/nnx/``: the optimizer library runs
+  without it;
+* no function is longer than 80 lines of code (docstring, blank and comment-only lines
+  not counted).
+
+Each rule is also checked on a small synthetic package, so a broken checker fails.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lora_muon_jax"
+MAX_CODE_LINES = 80
+
+
+def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path, root: pathlib.Path) -> set[str]:
+    """Modules of the package that ``path`` imports (absolute or relative)."""
+    package = root.name
+    here = _module_name(path, root)
+    is_init = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == package}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = here.split(".")[
+                    : len(here.split(".")) - node.level + (1 if is_init else 0)
+                ]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != package:
+                continue
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}
+    return out
+
+
+def import_graph(root: pathlib.Path) -> dict[str, set[str]]:
+    """Module → package modules it imports (names that are not modules dropped)."""
+    files = {_module_name(p, root): p for p in root.rglob("*.py")}
+    return {m: {i for i in _imports(p, root) if i in files and i != m} for m, p in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (a list of modules), ignoring edges into a package's own
+    ``__init__`` from its children (``from pkg import x`` inside ``pkg``)."""
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if node.startswith(nxt + "."):  # child importing its parent package
+                continue
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt] if nxt in stack else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*stack, nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def flax_importers(root: pathlib.Path) -> list[str]:
+    allowed = root / "nnx"
+    bad = []
+    for path in root.rglob("*.py"):
+        if allowed in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n == "flax" or n.startswith("flax.") for n in names):
+                bad.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    return bad
+
+
+def code_lines(node: ast.AST, lines: list[str]) -> int:
+    """Lines of code of a function: no docstring, blank or comment-only lines."""
+    body = getattr(node, "body", [])
+    doc: set[int] = set()
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(getattr(body[0], "value", None), ast.Constant)
+    ):
+        if isinstance(body[0].value.value, str):
+            doc = set(range(body[0].lineno, body[0].end_lineno + 1))
+    count = 0
+    for i in range(node.lineno, node.end_lineno + 1):
+        text = lines[i - 1].strip()
+        if i not in doc and text and not text.startswith("#"):
+            count += 1
+    return count
+
+
+def long_functions(root: pathlib.Path, limit: int = MAX_CODE_LINES) -> list[str]:
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        src = path.read_text()
+        lines = src.splitlines()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = code_lines(node, lines)
+                if n > limit:
+                    out.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({n})")
+    return out
+
+
+README = PACKAGE.parent / "README.md"
+
+
+def layout_section(readme: pathlib.Path) -> str:
+    text = readme.read_text()
+    start = text.index("## Layout")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def layout_mismatches(section: str, roots: list[pathlib.Path]) -> list[str]:
+    """Modules the Layout section does not name, and paths it names that don't exist.
+
+    A module counts as named by its path from the repository root, or (inside a
+    subpackage line) by its file name, or through its subpackage's folder name.
+    """
+    out = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root.parent).as_posix()
+            folder = f"{path.parent.name}/"
+            if path.parent != root and path.name == "__init__.py":
+                continue
+            in_subpackage = path.parent != root and folder in section
+            if rel not in section and path.name not in section and not in_subpackage:
+                out.append(f"not in README Layout: {rel}")
+    names = "|".join(re.escape(root.name) for root in roots)
+    for ref in re.findall(rf"`((?:{names})/[\w./]*)`", section):
+        if not (roots[0].parent / ref).exists():
+            out.append(f"README Layout names a missing path: {ref}")
+    return out
+
+
+def test_no_import_cycles():
+    assert find_cycle(import_graph(PACKAGE)) is None, find_cycle(import_graph(PACKAGE))
+
+
+def test_flax_only_under_nnx():
+    assert flax_importers(PACKAGE) == []
+
+
+def test_no_function_longer_than_80_code_lines():
+    assert long_functions(PACKAGE) == []
+
+
+def test_readme_layout_names_every_module():
+    roots = [PACKAGE, PACKAGE.parent / "lora_muon_jax_examples"]
+    assert layout_mismatches(layout_section(README), roots) == []
+
+
+@pytest.fixture
+def toy(tmp_path):
+    pkg = tmp_path / "toy"
+    (pkg / "nnx").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from toy import a\n")
+    (pkg / "a.py").write_text("from toy import b\n")
+    (pkg / "b.py").write_text("def f():\n    from toy import a  # a cycle through a function\n")
+    (pkg / "c.py").write_text("import flax.nnx\n")
+    (pkg / "nnx" / "__init__.py").write_text("from flax import nnx\n")
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_CODE_LINES + 1))
+    (pkg / "d.py").write_text(f'def long():\n    """Doc.\n\n    More doc.\n    """\n{body}\n')
+    return pkg
+
+
+def test_layout_check_sees_missing_and_stale_entries(toy):
+    section = "## Layout\n* `toy/a.py`: a.\n* `toy/gone.py`: removed.\n"
+    found = layout_mismatches(section, [toy])
+    assert "not in README Layout: toy/b.py" in found
+    assert "README Layout names a missing path: toy/gone.py" in found
+    assert "not in README Layout: toy/a.py" not in found
+
+
+def test_checkers_catch_what_they_look_for(toy):
+    assert find_cycle(import_graph(toy)) in (
+        ["toy.a", "toy.b", "toy.a"],
+        ["toy.b", "toy.a", "toy.b"],
+    )
+    assert flax_importers(toy) == ["toy/c.py:1"]
+    assert long_functions(toy) == [f"toy/d.py:1 long ({MAX_CODE_LINES + 2})"]
