@@ -54,14 +54,18 @@ ROUNDING_MARGIN = 2.0
 OVERFLOW_MARGIN = 16.0
 
 
+def rounding_rtol(dtype: jax.typing.DTypeLike) -> float:
+    """``(2 eps_dtype)²``: partner Gram eigenvalues (relative) that ``dtype`` cannot resolve."""
+    return (ROUNDING_MARGIN * float(jnp.finfo(dtype).eps)) ** 2
+
+
 def dtype_rtol(dtype: jax.typing.DTypeLike, eps: jax.typing.ArrayLike) -> jax.Array:
     """The partner-whitening threshold for factors of ``dtype``: ``max(eps, ...)``.
 
     ``max(eps, 100 eps_f32, (2 eps_dtype)²)``: about 1.2e-5 for float32 and float16
     factors, 2.4e-4 for bfloat16 (singular-value ratios 3.5e-3 and 1.6e-2).
     """
-    rounding = (ROUNDING_MARGIN * float(jnp.finfo(dtype).eps)) ** 2
-    return jnp.maximum(jnp.asarray(eps, jnp.float32), max(GRAM_RTOL, rounding))
+    return jnp.maximum(jnp.asarray(eps, jnp.float32), max(GRAM_RTOL, rounding_rtol(dtype)))
 
 
 class Factor(NamedTuple):
@@ -282,7 +286,9 @@ def paper_directions(
 
     A 7-step damped Newton–Schulz inverse square root of each partner Gram and an
     8-step Polar Express on the thin whitened momentum: matrix products only, at
-    the paper's accuracy (about 1e-3). Kept to reproduce the paper.
+    the paper's accuracy (about 1e-3). Kept to reproduce the paper. The damping is
+    the paper's ``10⁻⁵``, raised to ``(2 eps_dtype)²`` for partners whose dtype cannot
+    resolve that (bfloat16): the same rounding bound as :func:`dtype_rtol`.
     """
     items = []
     for m, partner, tall in jobs:
@@ -292,9 +298,10 @@ def paper_directions(
         ]
     norm = _grams.normalized_grams(items)
     out = []
-    for j, (m, _, tall) in enumerate(jobs):
+    for j, (m, partner, tall) in enumerate(jobs):
         k_hat, s_hat = norm.grams[2 * j], norm.grams[2 * j + 1]
-        r_hat = _linalg.inv_sqrt_damped_newton_schulz(_flat(s_hat)).reshape(s_hat.shape)
+        shift = max(_linalg.DAMPED_NS_SHIFT, rounding_rtol(partner.dtype))
+        r_hat = _linalg.inv_sqrt_damped_newton_schulz(_flat(s_hat), shift).reshape(s_hat.shape)
         r_hat = _sharding.like_batch(r_hat, m)
         inv_m = norm.inv_norms[2 * j][..., None, None]
         d = _paper_direction(m.astype(jnp.float32), r_hat, k_hat, inv_m, tall)

@@ -85,10 +85,10 @@ def _scan_coeffs(body, carry, coeffs):
     return carry
 
 
-def inv_sqrt_damped_newton_schulz(s: jax.Array) -> jax.Array:
+def inv_sqrt_damped_newton_schulz(s: jax.Array, shift: float = DAMPED_NS_SHIFT) -> jax.Array:
     """The paper's 7-step damped Newton–Schulz inverse square root of a PSD stack.
 
-    ``P₀ = s/‖s‖_F + 10⁻⁵ I``, ``X₀ = I``; each step forms
+    ``P₀ = s/‖s‖_F + δ I`` (the paper's ``δ = 10⁻⁵`` by default), ``X₀ = I``; each step forms
     ``W = (a/γ) I + (b/γ³) P + (c/γ⁵) P²``, ``X ← X W``, ``P ← sym(P W²)``; the
     result is ``‖s‖_F^{-1/2} X``. Accuracy degrades with ``cond(s)`` (spec §3: about
     1e-2 at ``cond(s) = 1000``). A zero matrix maps to zero.
@@ -96,7 +96,7 @@ def inv_sqrt_damped_newton_schulz(s: jax.Array) -> jax.Array:
     norm = jnp.sqrt(jnp.sum(jnp.square(s), axis=(-2, -1), keepdims=True))
     safe = jnp.where(norm > 0, norm, 1.0)
     eye = eye_like(s)
-    p = s / safe + DAMPED_NS_SHIFT * eye
+    p = s / safe + shift * eye
     g = DAMPED_NS_GAMMA
 
     def body(carry, abc):

@@ -20,8 +20,9 @@ from lora_muon_jax_examples import tinyshakespeare as data
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
-# Tiny runs are dominated by XLA compile time; LLVM optimisation buys nothing there.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# Tiny runs are dominated by XLA compile time; LLVM optimisation buys nothing there
+# (the same flags as tests/conftest.py, without its 8 host devices).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 TINY = [
     "--width",
     "32",

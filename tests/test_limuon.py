@@ -17,6 +17,7 @@ from optax.contrib import _muon as optax_muon
 from lora_muon_jax.peers import _dense_weights as dense
 from lora_muon_jax.peers import _limuon as lm
 from tests import contract
+from tests.helpers import rel_err
 
 DENSE = {"pairs": ()}
 VARIANTS = {
@@ -145,7 +146,11 @@ def test_beta_one_is_momentum_free_muon():
     want, _ = _run(
         optax.contrib.muon(0.1, beta=0.0), grads, [None] * 4, params={"w": jnp.zeros((6, 9))}
     )
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # Two programs of Newton–Schulz: how XLA fuses each changes float32 rounding, and
+    # the quintic iteration amplifies it (measured, jax 0.10.2 CPU: 9e-7 relative with
+    # the default emitters, 9e-6 with the suite's legacy ones; a wrong scale or shape
+    # factor errs by > 1e-2).
+    assert rel_err(got, want) < 1e-4
 
 
 @pytest.mark.parametrize("rank", [None, 5])

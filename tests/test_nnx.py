@@ -20,9 +20,10 @@ from lora_muon_jax._diagnostics import with_lora_diagnostics
 
 STEPS = 12
 # The reference forward adds in Flax's order, so the two programs compute the same
-# floats; measured: bit-identical params after every step. The tolerance leaves
-# room for XLA fusing the two programs differently on other backends.
-RTOL, ATOL = 1e-6, 1e-7
+# maths; measured with XLA CPU's default emitters: bit-identical params after every
+# step. The tolerance leaves room for XLA fusing the two programs differently, as the
+# suite's legacy emitters do (tests/conftest.py; measured 4e-6 relative by step 3).
+RTOL, ATOL = 2e-5, 1e-6
 
 
 class TwoAdapters(nnx.Module):
