@@ -93,9 +93,10 @@ def setup_bullets(rep: Report) -> list[str]:
         "and its rate change along a sweep. A pilot (below) shows how much that "
         "fixed rate matters.",
         "* **Methods** (`benchmarks/registry.py`): LoRA-Muon (`lora_muon`, β = 0.95, "
-        "default exact Gram route; the short-budget runs predate the engine rewrite and "
-        "used its Cholesky/eigh route, equal to float32 rounding); dense Muon (`optax.contrib.scale_by_muon` on block "
-        "matrices, β = 0.95, no Nesterov, **no shape factor**, so `‖ΔW‖₂ ≈ η` like "
+        "default exact Gram route; the short-budget runs predate the engine rewrite "
+        "and used its Cholesky/eigh route, equal to float32 rounding); dense Muon "
+        "(`optax.contrib.scale_by_muon` on block matrices, β = 0.95, no Nesterov, "
+        "**no shape factor**, so `‖ΔW‖₂ ≈ η` like "
         "LoRA-Muon's product step; Newton–Schulz leaves singular values in about "
         "[0.7, 1]); stock `optax.contrib.muon` (Nesterov and the "
         "`sqrt(max(1, fan_out/fan_in))` factor; its default labels would send embeddings "
