@@ -56,9 +56,13 @@ def gauge_scales(a: jax.Array, b: jax.Array, alpha: jax.typing.ArrayLike = 1.0) 
     log_sa, log_sb = _grams.log_spectral_norms(
         [(a, _grams.canonical_layout(a.ndim, True)), (b, _grams.canonical_layout(b.ndim, False))]
     )
+    return jnp.exp(_log_scale(log_sa, log_sb, alpha))
+
+
+def _log_scale(log_sa: jax.Array, log_sb: jax.Array, alpha: jax.typing.ArrayLike) -> jax.Array:
+    """``log c = (α/2) log(σ_max(b)/σ_max(a))``; ``0`` where a factor is zero."""
     ok = jnp.isfinite(log_sa) & jnp.isfinite(log_sb)
-    log_ratio = jnp.where(ok, log_sb - log_sa, 0.0)  # log(σ_max(b) / σ_max(a))
-    return jnp.where(ok, jnp.exp(0.5 * jnp.asarray(alpha, jnp.float32) * log_ratio), 1.0)
+    return jnp.where(ok, 0.5 * jnp.asarray(alpha, jnp.float32) * (log_sb - log_sa), 0.0)
 
 
 def rebalance_pair(
@@ -92,8 +96,7 @@ def _log_scales(
         log_sa, log_sb = _grams.log_spectral_norms(
             [(a, pair.layout("a", a.ndim)), (b, pair.layout("b", b.ndim))]
         )
-        ok = jnp.isfinite(log_sa) & jnp.isfinite(log_sb)
-        out.append(jnp.where(ok, 0.5 * jnp.asarray(alpha, jnp.float32) * (log_sb - log_sa), 0.0))
+        out.append(_log_scale(log_sa, log_sb, alpha))
     return out
 
 
