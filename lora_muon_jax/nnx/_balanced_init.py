@@ -100,17 +100,8 @@ def _balance_tree(
     product_scale: Any,
     base_path: _merge_lora.BasePath | None,
 ) -> Any:
-    paths, leaves, treedef = _pair_discovery.flatten_with_paths(tree)
-    plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
-    if not plan.pairs:
-        raise ValueError(
-            f"{_INIT_FN}: found no LoRA pair (leaves: {', '.join(plan.paths[:6]) or 'none'}"
-            f"{' ...' if len(plan.paths) > 6 else ''}). Pass `pairs=` if the factors have "
-            "other names."
-        )
-    names = [_pair_discovery.path_names(p) for p in paths]
-    bases = _merge_lora.find_bases(_INIT_FN, names, plan, base_path)
-    leaves = list(leaves)
+    found = _merge_lora.pairs_with_bases(_INIT_FN, tree, pairs, base_path)
+    leaves, treedef, plan, bases = found.leaves, found.treedef, found.plan, found.bases
     updates: dict[int, jax.Array] = {}
     for k, (pair, base) in enumerate(zip(plan.pairs, bases, strict=True)):
         a_leaf, b_leaf = jnp.asarray(leaves[pair.a_index]), jnp.asarray(leaves[pair.b_index])
@@ -134,12 +125,10 @@ def _balance_tree(
             )
         if np.any(zero_a | zero_b):
             if base is None:
-                tried = ", ".join(
-                    "/".join(c) for c in _merge_lora.base_candidates(names[pair.a_index])
-                )
                 raise ValueError(
                     f"{_INIT_FN}: the LoRA pair at {pair.a_path} has a zero factor and no base "
-                    f"weight to absorb a non-zero product (tried {tried}). Pass `base_path=`, "
+                    f"weight to absorb a non-zero product (tried {found.tried(pair)}). Pass "
+                    "`base_path=`, "
                     "or initialize both factors non-zero."
                 )
             if key is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,26 +187,49 @@ def remove_leaves(fn: str, tree: Any, paths: Sequence[tuple[Any, ...]]) -> Any:
     return go(tree, raw, ())
 
 
-def _merge_tree(
-    tree: Any, pairs: _pair_discovery.PairsLike, lora_scale: Any, base_path: BasePath | None
-) -> Any:
+class PairsWithBases(NamedTuple):
+    """A tree's leaves, its LoRA pairs and each pair's base weight (or ``None``)."""
+
+    paths: list[Any]
+    leaves: list[Any]
+    treedef: Any
+    plan: _pair_discovery.PairPlan
+    names: list[tuple[str, ...]]
+    bases: list[int | None]
+
+    def tried(self, pair: _pair_discovery.LoRAPair) -> str:
+        """The base paths looked for, for an error message."""
+        return ", ".join("/".join(c) for c in base_candidates(self.names[pair.a_index]))
+
+
+def pairs_with_bases(
+    fn: str, tree: Any, pairs: _pair_discovery.PairsLike, base_path: BasePath | None
+) -> PairsWithBases:
+    """Flattens ``tree``, finds its pairs (at least one, or raises) and their bases."""
     paths, leaves, treedef = _pair_discovery.flatten_with_paths(tree)
     plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
     if not plan.pairs:
         raise ValueError(
-            f"{_MERGE_FN}: found no LoRA pair in the tree (leaves: "
+            f"{fn}: found no LoRA pair in the tree (leaves: "
             f"{', '.join(plan.paths[:6]) or 'none'}{' ...' if len(plan.paths) > 6 else ''}). "
             "Pass `pairs=` if the factors have other names."
         )
     names = [_pair_discovery.path_names(p) for p in paths]
-    bases = find_bases(_MERGE_FN, names, plan, base_path)
-    leaves = list(leaves)
-    for pair, base in zip(plan.pairs, bases, strict=True):
+    bases = find_bases(fn, names, plan, base_path)
+    return PairsWithBases(list(paths), list(leaves), treedef, plan, names, bases)
+
+
+def _merge_tree(
+    tree: Any, pairs: _pair_discovery.PairsLike, lora_scale: Any, base_path: BasePath | None
+) -> Any:
+    found = pairs_with_bases(_MERGE_FN, tree, pairs, base_path)
+    paths, leaves, treedef, plan = found.paths, found.leaves, found.treedef, found.plan
+    for pair, base in zip(plan.pairs, found.bases, strict=True):
         if base is None:
-            tried = ", ".join("/".join(c) for c in base_candidates(names[pair.a_index]))
             raise ValueError(
                 f"{_MERGE_FN}: no base weight for the LoRA pair at {pair.a_path}; tried "
-                f"{tried}. Pass `base_path=` (a callable from a's path to the weight's path)."
+                f"{found.tried(pair)}. Pass `base_path=` (a callable from a's path to the "
+                "weight's path)."
             )
         leaves[base] = fold(
             _MERGE_FN,
