@@ -42,7 +42,6 @@ class Case:
     factory: Callable[..., optax.GradientTransformation]
     hparams: dict[str, Any]
     static_args: tuple[str, ...] = ()
-    inject_atol: float = 0.0  # msign's weak directions: ulp-level absolute changes
     train_hparams: dict[str, Any] = dataclasses.field(default_factory=dict)  # for descent
 
 
@@ -77,13 +76,11 @@ CASES = {
         peers.lora_pre_muon,
         dict(learning_rate=0.02, rank=2, **DENSE),
         static_args=("rank", "ns_steps"),
-        inject_atol=1e-7,
     ),
     "limuon": Case(
         peers.limuon,
         dict(learning_rate=0.02, rank=2, **DENSE),
         static_args=("rank", "oversampling", "ns_steps"),
-        inject_atol=1e-7,
     ),
 }
 
@@ -140,10 +137,7 @@ def test_no_compilation_after_the_first_step(case):
 
 
 def test_inject_hyperparams_without_recompiling(case):
-    if case.inject_atol:
-        _check_inject_with_atol(case)
-    else:
-        contract.check_inject_hyperparams(case.factory, case.hparams, case.static_args)
+    contract.check_inject_hyperparams(case.factory, case.hparams, case.static_args)
     opt = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.hparams)
     params, loss = contract.lora_problem()
     grads = jax.grad(loss)(params)
@@ -158,17 +152,6 @@ def test_inject_hyperparams_without_recompiling(case):
             state.hyperparams["learning_rate"] = rate
             _, state = update(state)
     assert counter.count == 0
-
-
-def _check_inject_with_atol(case: Case) -> None:
-    opt = case.factory(**case.hparams)
-    inj = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.hparams)
-    params, loss = contract.lora_problem()
-    grads = jax.grad(loss)(params)
-    u, s = jax.jit(opt.update)(grads, opt.init(params), params)
-    u_i, s_i = jax.jit(inj.update)(grads, inj.init(params), params)
-    chex.assert_trees_all_close(u_i, u, rtol=1e-5, atol=case.inject_atol)
-    chex.assert_trees_all_close(s_i.inner_state, s, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_params_with_bfloat16_moments(case):
