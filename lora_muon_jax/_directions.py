@@ -160,25 +160,43 @@ def solve_rxr(
     return out
 
 
-# A factor whose rank axis is its last axis, with rank at most this, is multiplied
-# by T as a sum of r broadcast products on CPU: XLA fuses it with the elementwise
-# update that follows, so the step reads the momentum and the param once.
+# A factor in the standard layout (batch axes first, then ``m×r`` or ``r×n``) with
+# rank at most this is multiplied by ``T`` as a sum of ``r`` broadcast products on
+# CPU: XLA fuses it with the elementwise update that follows, so the step reads the
+# momentum and the param once and no factor-sized temporary is materialized.
 _ELEMENTWISE_MAX_RANK = 32
 
 
-def _thin_product_elementwise(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
-    """``x T`` for ``x: (*batch, *matrix, r)`` as ``Σ_i x[..., i] T[i, :]``."""
+def _thin_product_elementwise(x: jax.Array, t: jax.Array, tall: bool) -> jax.Array:
+    """``x T`` (``x: (*batch, m, r)``) or ``T x`` (``x: (*batch, r, n)``), entry by entry.
+
+    ``Σ_i x[..., :, i] T[..., i, :]`` for a tall factor and
+    ``Σ_i T[..., :, i] x[..., i, :]`` for a wide one (``T`` is symmetric, so both are
+    the same contraction over the rank axis).
+    """
     x = x.astype(jnp.float32)
-    t = t.reshape(t.shape[:-2] + (1,) * len(layout.matrix_axes) + t.shape[-2:])
-    out = x[..., 0:1] * t[..., 0, :]
-    for i in range(1, x.shape[-1]):
-        out = out + x[..., i : i + 1] * t[..., i, :]
+    t = t[..., None, :, :]  # broadcast over the one matrix axis
+    r = x.shape[-1] if tall else x.shape[-2]
+
+    def term(i: int) -> jax.Array:
+        if tall:
+            return x[..., :, i : i + 1] * t[..., 0, i, :][..., None, :]
+        return t[..., 0, :, i][..., :, None] * x[..., i : i + 1, :]
+
+    out = term(0)
+    for i in range(1, r):
+        out = out + term(i)
     return out
 
 
-def _standard_tall(layout: FactorLayout, ndim: int) -> bool:
+def _standard(layout: FactorLayout, ndim: int) -> bool | None:
+    """``True``/``False`` for a standard tall/wide layout, ``None`` otherwise."""
     n = len(layout.batch_axes)
-    return layout.batch_axes == tuple(range(n)) and layout.rank_axis == ndim - 1
+    if layout.batch_axes != tuple(range(n)) or ndim != n + 2:
+        return None
+    if layout.rank_axis == ndim - 1:
+        return True
+    return False if layout.rank_axis == ndim - 2 else None
 
 
 def thin_product(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
@@ -187,14 +205,16 @@ def thin_product(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
     ``t`` is ``(*batch, r, r)`` (batch axes in ``layout.batch_axes`` order) and
     symmetric, so ``T m`` of a right factor is the same contraction. The operand
     order puts the rank axis where the leaf has it (after or before its matrix
-    axes), so standard layouts need no transpose. On CPU a ``(*batch, m, r)`` factor
-    of small rank is multiplied elementwise (see :data:`_ELEMENTWISE_MAX_RANK`).
+    axes), so standard layouts need no transpose. On CPU a standard-layout factor of
+    small rank is multiplied entry by entry (see :data:`_ELEMENTWISE_MAX_RANK`).
     """
-    if _standard_tall(layout, x.ndim) and x.shape[-1] <= _ELEMENTWISE_MAX_RANK:
+    tall = _standard(layout, x.ndim)
+    r = x.shape[layout.rank_axis]
+    if tall is not None and r <= _ELEMENTWISE_MAX_RANK:
         return jax.lax.platform_dependent(
             x,
             t,
-            cpu=lambda x, t: _thin_product_elementwise(x, t, layout),
+            cpu=lambda x, t: _thin_product_elementwise(x, t, tall),
             default=lambda x, t: _thin_product_dot(x, t, layout),
         )
     return _thin_product_dot(x, t, layout)
@@ -256,10 +276,15 @@ def gram_directions(
         for f, is_, g in zip(factors, inv_s, s_grams, strict=True)
     ]
     ts = solve_rxr(factors, s_grams, k_grams, rtols, sources, solver)
-    out = []
+    out: list[jax.Array] = []
     for f, t, im, is_ in zip(factors, ts, inv_m, inv_s, strict=True):
         src = sources[f.index]
-        d = thin_product(src, t * (im * scale)[..., None, None], f.layout)
+        # Each thin product starts once the previous one is done: a product that
+        # is not fused into the update (a matmul) is a factor-sized buffer, and in
+        # this order XLA reuses one buffer for all of them instead of holding every
+        # factor's at once. Only an r×r matrix waits; no factor is copied.
+        t = _lapack_order.after(t * (im * scale)[..., None, None], out[-1:])
+        d = thin_product(src, t, f.layout)
         out.append(d * per_batch(is_, f.layout, src.ndim))
     return out
 

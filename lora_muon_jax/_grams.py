@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _linalg, _sharding
+from lora_muon_jax import _lapack_order, _linalg, _sharding
 from lora_muon_jax._pair_discovery import FactorLayout
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -126,9 +126,14 @@ def _batch_values(s: jax.Array, layout: FactorLayout) -> jax.Array:
 
 
 def _normalize_slow(items: list[tuple[jax.Array, FactorLayout]]) -> NormalizedGrams:
-    grams, inv_norms = [], []
+    grams: list[jax.Array] = []
+    inv_norms: list[jax.Array] = []
     for x, layout in items:
-        s = _max_abs(x, layout)
+        # ``x / s`` is a factor-sized temporary. Computing each one only after the
+        # previous Gram lets XLA reuse one buffer for all of them, so this branch
+        # (which the buffer assignment reserves memory for on every step) costs the
+        # largest factor, not the whole tree.
+        s = _lapack_order.after(_max_abs(x, layout), grams[-1:])
         nonzero = s > _ZERO_SCALE
         g = gram(x.astype(jnp.float32) / jnp.where(nonzero, s, 1.0), layout)
         s = _batch_values(s, layout)[..., None, None]
