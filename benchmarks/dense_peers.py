@@ -86,16 +86,16 @@ def contenders(r: int) -> dict[str, optax.GradientTransformation]:
 
 
 def _step(tx: optax.GradientTransformation, name: str) -> Callable[..., Any]:
+    """The donated step (params and state updated in place, as training loops run it)."""
     if not name.startswith("limuon"):
-        return common.optimizer_step(tx)
+        return common.optimizer_step(tx, donate=True)
 
-    @jax.jit
     def step(params, state, grads):
         # The STORM term needs g̃; the grads stand in for it (same shapes, same work).
         updates, state = tx.update(grads, state, params, prev_grads=grads)
         return optax.apply_updates(params, updates), state
 
-    return step
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def state_bytes(state: Any) -> int:
@@ -103,7 +103,10 @@ def state_bytes(state: Any) -> int:
 
 
 def galore_refresh_ms(r: int, params: Any, grads: Any, repeats: int) -> dict[str, float]:
-    """GaLore's step at count 0 (projector refresh: an SVD per matrix)."""
+    """GaLore's step at count 0 (projector refresh: an SVD per matrix).
+
+    Not donated: every call must start again from the state at count 0.
+    """
     tx = optax.contrib.galore(LR, rank=r)
     step = common.optimizer_step(tx)
     state = tx.init(params)
@@ -119,11 +122,11 @@ def run_config(cfg: tuple[int, int, int, int], repeats: int) -> dict[str, Any]:
     fns, states = {}, {}
     for name, tx in contenders(r).items():
         step = _step(tx, name)
-        p, s = step(params, tx.init(params), grads)  # one step: steady state from now on
-        out = step(p, s, grads)
-        common.assert_finite(out, name)
-        states[name] = s
-        fns[name] = lambda step=step, p=p, s=s: step(p, s, grads)
+        # One step from copies (the step donates them): steady state from now on.
+        p, s = step(jax.tree.map(jnp.copy, params), tx.init(params), grads)
+        states[name] = jax.tree.map(jnp.copy, s)
+        fns[name] = common.DonatedCall(step, p, s, grads)
+        common.assert_finite(fns[name](), name)
     times = common.interleaved_times(fns, repeats)
     return {
         "config": dict(layers=layers, m=m, n=n, r=r),

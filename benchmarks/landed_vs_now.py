@@ -5,7 +5,8 @@
 The landed version (commit 9db2f4c) is imported under another package name, made by
 copying its ``lora_muon_jax/`` folder to ``PATH/lora_muon_jax_landed`` and renaming
 the package in its imports, so AdamW, the landed step and today's step take turns in
-one process on the same trees (interleaved, medians of per-round ratios to AdamW).
+one process on the same trees (interleaved, medians of per-round ratios to AdamW), each
+step donating its params and state as training loops do.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         fns, temps = {}, {}
         for key, tx in txs.items():
-            state, step = tx.init(params), common.optimizer_step(tx)
+            state, step = tx.init(params), common.optimizer_step(tx, donate=True)
             temps[key] = common.compiled_costs(step.lower(params, state, grads).compile())
-            fns[key] = lambda step=step, state=state, p=params, g=grads: step(p, state, g)
+            fns[key] = common.DonatedCall(step, params, state, grads)
         t = common.interleaved_times(fns, 21)
         ratio = {k: float(np.median(t[k] / t["adamw"])) for k in t}
         tb = {k: temps[k]["peak_temp_bytes"] / (4 * elems) for k in ("landed", "now")}

@@ -112,27 +112,34 @@ def check_fits(layers: int, m: int, n: int, r: int, dtype, dense: bool) -> None:
 def _time_methods(methods: dict[str, Factory], params, grads, repeats: int) -> dict[str, Any]:
     """Interleaved step times of every method, with what XLA says each step costs.
 
-    Per method: time quartiles, the median of per-round ratios to the first method
-    (robust to machine drift), optimizer-state size, peak temporary bytes of the
-    compiled step (XLA memory analysis), and the bytes it accesses and the flops it
-    does (XLA cost analysis of the compiled step; a loop body counts once).
+    Every step is jitted with update and ``apply_updates`` in one program and params
+    and state donated, as training loops run it; the non-donated step is timed in the
+    same rounds (``plain_ratio_to_first``). Per method: time quartiles, the median
+    of per-round ratios to the first method (robust to machine drift), optimizer-state
+    size, peak temporary bytes of the compiled donated step (XLA memory analysis),
+    and the bytes it accesses and the flops it does (XLA cost analysis of the
+    compiled step; a loop body counts once).
     """
     fns, states, compiled = {}, {}, {}
     for name, make in methods.items():
         tx = make(params)
         state = tx.init(params)
         step = common.optimizer_step(tx)
+        donated = common.optimizer_step(tx, donate=True)
         out = step(params, state, grads)
         common.assert_finite(out[0], name)
-        compiled[name] = step.lower(params, state, grads).compile()
+        compiled[name] = donated.lower(params, state, grads).compile()
         states[name] = state
-        fns[name] = lambda step=step, state=state: step(params, state, grads)
+        fns[name] = common.DonatedCall(donated, params, state, grads)
+        fns[f"{name}/plain"] = lambda step=step, state=state: step(params, state, grads)
     times = common.interleaved_times(fns, repeats)
-    base = times[next(iter(methods))]
+    first = next(iter(methods))
+    base, base_plain = times[first], times[f"{first}/plain"]
     return {
         name: {
             **common.summarize(times[name]),
             "ratio_to_first": float(np.median(times[name] / base)),
+            "plain_ratio_to_first": float(np.median(times[f"{name}/plain"] / base_plain)),
             "state_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(states[name]))),
             "state_floats": state_floats(states[name]),
             **common.compiled_costs(compiled[name]),

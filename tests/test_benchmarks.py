@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import common, plots, run
+from benchmarks import common, plots, run, speed, trees
 
 
 def test_lora_row_times_every_method_and_counts_state():
@@ -51,3 +53,24 @@ def test_end_to_end_times_a_training_step_of_both_optimizers():
     assert e["config"]["width"] == 16 and e["batch"] == 2
     assert e["adamw"]["median_ms"] > 0 and e["lora_muon"]["median_ms"] > 0
     assert "LoRA-Muon step ms" in plots.e2e_table({"end_to_end": e})
+
+
+def test_readme_speed_table_is_the_committed_results():
+    """The README's speed block is exactly what the results file renders to."""
+    results = json.loads(speed.RESULTS.read_text())
+    assert len(results["runs"]) >= 2, "the table must rest on at least two runs"
+    readme = speed.README.read_text()
+    block = readme[readme.index(speed.BEGIN) : readme.index(speed.END) + len(speed.END)]
+    want = speed.replace_block(f"{speed.BEGIN}{speed.END}", speed.render_table(results))
+    assert block == want, "README speed table differs from benchmarks/results/speed_cpu.json"
+
+
+def test_speed_case_measures_donated_and_plain_steps():
+    case = speed.Case("L=1, 16×12, r=2", lambda: trees.lora_tree(1, 16, 12, 2), 56, 2.0)
+    row = speed.measure_case(case, repeats=2)
+    for name in ("adamw", "lora_muon"):
+        assert row[name]["donated_ms"] > 0 and row[name]["plain_ms"] > 0
+    assert row["adamw"]["donated_ratio"] == 1.0
+    # One momentum per factor against AdamW's two moments.
+    assert row["lora_muon"]["state_over_adapter"] == pytest.approx(1.0, abs=0.05)
+    assert row["adamw"]["state_over_adapter"] == pytest.approx(2.0, abs=0.05)
