@@ -44,6 +44,11 @@ def with_adamw_fallback(
     factor (see :func:`lora_muon_jax._pair_discovery.require_pairs`). Dense-weight
     optimizers pass their own ``labels`` (``label`` for matrices, ``"adam"``
     otherwise). The AdamW updates are cast to the param dtype.
+
+    Only ``main_tx`` refuses complex, integer and boolean leaves (its pair or
+    matrix leaves; see :func:`lora_muon_jax._validation.check_float_leaves`):
+    the leaves sent to AdamW are not checked, since :func:`optax.adamw` handles
+    complex leaves correctly.
     """
     adam = optax.adamw(
         learning_rate=learning_rate,

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lora_muon_jax import _validation
+
 
 def msign(x: jax.Array) -> jax.Array:
     """``U Vᵀ`` for ``x = U Σ Vᵀ``: the polar factor, zero on numerically null directions."""
@@ -77,6 +79,9 @@ def lora_muon_pair_step(
     Returns:
       The new ``a``, ``b`` and momenta.
 
+    Raises:
+      TypeError: a complex, integer or boolean argument (named in the message).
+
     Examples:
       >>> import jax.numpy as jnp
       >>> from lora_muon_jax import PairState, lora_muon_pair_step
@@ -92,6 +97,12 @@ def lora_muon_pair_step(
       Cesista, Crowson, Simal, Biderman, `LoRA-Muon: Spectral Steepest Descent on
       the Low-Rank Manifold <https://arxiv.org/abs/2606.12921>`_, 2026
     """
+    _validation.check_float_leaves(
+        "lora_muon_pair_step",
+        ("a", "b", "g_a", "g_b", "state.m_a", "state.m_b"),
+        (a, b, g_a, g_b, state.m_a, state.m_b),
+        None,
+    )
     m_a = beta * state.m_a + (1 - beta) * g_a
     m_b = beta * state.m_b + (1 - beta) * g_b
     src_a, src_b = (

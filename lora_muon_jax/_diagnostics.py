@@ -241,6 +241,7 @@ def lora_pair_diagnostics(
 
     Raises:
       ValueError: shapes that do not form a pair.
+      TypeError: a complex, integer or boolean argument (named in the message).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -269,6 +270,8 @@ def lora_pair_diagnostics(
             f"same shapes; got a {sa}, b {sb}, delta_a {sda}, delta_b {sdb}."
         )
     _validation.check_scalar("lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=_PAIR_FN)
+    names = ("a", "b", "delta_a", "delta_b")
+    _validation.check_float_leaves(_PAIR_FN, names, (a, b, delta_a, delta_b), None)
     a, b, delta_a, delta_b = (jnp.asarray(x) for x in (a, b, delta_a, delta_b))
     return _metrics([_problem(a, b, delta_a, delta_b)], lora_scale)[0]
 
@@ -342,6 +345,8 @@ def with_lora_diagnostics(
     Raises:
       ValueError: bad ``every`` or ``lora_scale``; an unpaired factor or missing
         ``params`` (at trace time, naming the leaf paths).
+      TypeError: a complex, integer or boolean pair factor (in ``init`` and
+        ``update``, naming the leaf paths).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -366,6 +371,7 @@ def with_lora_diagnostics(
     def init_fn(params: Any) -> LoRADiagnosticsState:
         paths, leaves, _ = _pair_discovery.flatten_with_paths(params)
         plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
+        _pair_tree.check_pair_dtypes(_FN, plan, leaves)
         names = _pair_names(plan, paths)
         return LoRADiagnosticsState(
             count=jnp.zeros([], jnp.int32),

@@ -77,7 +77,11 @@ def rebalance_pair(
       >>> a2, b2 = rebalance_pair(a, b)
       >>> print(f"{jnp.linalg.norm(a2, 2):.2f} {jnp.linalg.norm(b2, 2):.2f}")
       2.00 2.00
+
+    Raises:
+      TypeError: a complex, integer or boolean factor (named in the message).
     """
+    _validation.check_float_leaves("rebalance_pair", ("a", "b"), (a, b), None)
     c = gauge_scales(a, b, alpha)[..., None, None]
     return (a * c).astype(a.dtype), (b / c).astype(b.dtype)
 

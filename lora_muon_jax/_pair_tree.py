@@ -5,7 +5,9 @@ with their paths, find the pairs (same rules and errors everywhere), view each
 pair's factors in canonical layout ``a: (*batch, m, r)``, ``b: (*batch, r, n)``, and
 put the per-pair results back into the leaves' own layout and dtype. This module
 does those four things once; optimizers only write the per-pair maths. It also
-builds the AdamW fallback alias for leaves in no pair.
+refuses, at ``init`` and in ``update``, pair factors (params or updates) that are
+complex, integer or boolean (:func:`check_pair_dtypes`); leaves in no pair are not
+checked here, since the AdamW fallback takes them as they are.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def flatten(
     if require_all_paired:
         _pair_discovery.require_pairs(fn, paths, p_leaves, plan, pairs)
         _validation.require_all_paired(fn, plan)
+    check_pair_dtypes(fn, plan, p_leaves, "params")
+    check_pair_dtypes(fn, plan, grads, "updates")
     return PairTree(plan, treedef, list(grads), list(p_leaves))
 
 
@@ -52,7 +56,28 @@ def check_init(fn: str, params: Any, pairs: _pair_discovery.PairsLike) -> _pair_
     plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
     _pair_discovery.require_pairs(fn, paths, leaves, plan, pairs)
     _validation.require_all_paired(fn, plan)
+    check_pair_dtypes(fn, plan, leaves, "params")
     return plan
+
+
+def check_pair_dtypes(
+    fn: str, plan: _pair_discovery.PairPlan, leaves: Sequence[Any], tree: str = "params"
+) -> None:
+    """Raises ``TypeError`` if a factor of a pair is complex, integer or boolean.
+
+    Args:
+      fn: the transformation, named in the message.
+      plan: the pairs of the flattened tree.
+      leaves: the flattened params or updates, in the plan's leaf order.
+      tree: ``"params"`` or ``"updates"``, for the message.
+
+    Raises:
+      TypeError: see :func:`lora_muon_jax._validation.check_float_leaves`; the
+        message names the leaf paths (and says "complex" for complex leaves).
+    """
+    index = sorted(i for pair in plan.pairs for i in (pair.a_index, pair.b_index))
+    names = [plan.paths[i] for i in index]
+    _validation.check_float_leaves(fn, names, [leaves[i] for i in index], tree)
 
 
 def canonical(pair: _pair_discovery.LoRAPair, leaves: Sequence[Any]) -> tuple[jax.Array, jax.Array]:

@@ -25,6 +25,13 @@ def _value_at(x: optax.ScalarOrSchedule, count: jax.Array) -> Any:
     return x(count) if callable(x) else x
 
 
+def _check_dtypes(tree: Any, what: str) -> None:
+    """Every leaf is a factor here: complex, integer and boolean leaves are refused."""
+    paths, leaves, _ = _pair_discovery.flatten_with_paths(tree)
+    names = [_pair_discovery.path_str(p) for p in paths]
+    _validation.check_float_leaves(_FN, names, leaves, what)
+
+
 def split_weight_decay(
     weight_decay: optax.ScalarOrSchedule,
     learning_rate: optax.ScalarOrSchedule,
@@ -72,6 +79,9 @@ def split_weight_decay(
       ValueError: non-finite or negative ``weight_decay``, non-finite
         ``learning_rate``, or ``λη ≥ 1`` when both are known; ``params`` missing in
         ``update``.
+      TypeError: a complex, integer or boolean leaf in the params (``init``) or
+        the updates (``update``), named by its path: every leaf it sees is
+        treated as a LoRA factor (mask the others out with ``mask``).
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -104,7 +114,7 @@ def split_weight_decay(
     skip = isinstance(weight_decay, (int, float)) and weight_decay == 0
 
     def init_fn(params: Any) -> SplitWeightDecayState:
-        del params
+        _check_dtypes(params, "params")
         return SplitWeightDecayState(count=jnp.zeros([], jnp.int32))
 
     def update_fn(
@@ -112,10 +122,12 @@ def split_weight_decay(
     ) -> tuple[Any, SplitWeightDecayState]:
         del extra_args
         new_state = SplitWeightDecayState(count=optax.safe_increment(state.count))
+        _check_dtypes(updates, "updates")
         if skip:
             return updates, new_state
         paths, leaves, treedef = _pair_discovery.flatten_with_paths(updates)
         p_leaves = _validation.params_leaves(_FN, paths, params)
+        _check_dtypes(params, "params")
         lam = _value_at(weight_decay, state.count)
         eta = _value_at(learning_rate, state.count)
         lam_c, eta_c = _validation.concrete_float(lam), _validation.concrete_float(eta)

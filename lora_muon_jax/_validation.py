@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_muon_jax import _pair_discovery
@@ -92,13 +93,73 @@ def params_leaves(fn: str, updates_paths: list[Any], params: Any) -> list[Any]:
 def require_all_paired(fn: str, plan: _pair_discovery.PairPlan) -> None:
     """Raises if a leaf handed to a pair-only transformation is in no pair."""
     if plan.unpaired:
-        names = [plan.paths[i] for i in plan.unpaired]
-        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        shown = _shown([plan.paths[i] for i in plan.unpaired])
         raise ValueError(
             f"{fn} only updates LoRA factor pairs, but these leaves are in no pair: "
             f"{shown}. Use the alias (e.g. `lora_muon`), which sends other leaves to "
             "AdamW, or wrap with `optax.partition(..., lora_param_labels())`."
         )
+
+
+def leaf_dtype(x: Any) -> np.dtype:
+    """The dtype of an array, tracer, ``jax.ShapeDtypeStruct`` or Python scalar leaf."""
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+
+
+def check_float_leaves(
+    fn: str, names: Sequence[str], leaves: Sequence[Any], tree: str | None = "params"
+) -> None:
+    """Raises ``TypeError`` naming every leaf that is complex or not floating point.
+
+    The LoRA and matrix rules of this package are real-valued: a complex leaf would
+    silently lose its imaginary part (in the first ``astype(float32)``), and an
+    integer or boolean leaf has no meaningful step. Every transformation calls this
+    on the leaves its own rule takes (pair factors, or matrices for the dense
+    peers), in ``init`` and in ``update``; leaves routed to the AdamW fallback are
+    not checked (:func:`optax.adamw` handles complex leaves). Reads dtypes only.
+
+    Args:
+      fn: the transformation, named first in the message.
+      names: readable paths of ``leaves``, e.g. ``"['layer']['lora_a']"``.
+      leaves: the leaves to check (arrays, tracers or ``jax.ShapeDtypeStruct``).
+      tree: which tree they come from (``"params"`` or ``"updates"``), or ``None``
+        for plain array arguments.
+
+    Raises:
+      TypeError: a complex leaf (the message says "complex"), else an integer,
+        boolean or other non-floating-point leaf; each is named with its dtype.
+    """
+    complex_: list[str] = []
+    other: list[str] = []
+    for name, x in zip(names, leaves, strict=True):
+        dtype = leaf_dtype(x)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            complex_.append(f"leaf {name} is {dtype}")
+        elif not jnp.issubdtype(dtype, jnp.floating):
+            other.append(f"leaf {name} is {dtype}")
+    if complex_:
+        where = "" if tree is None else f" (in `{tree}`)"
+        raise TypeError(
+            f"{fn}: complex adapters are not supported{where}: {_shown(complex_)}. "
+            "The LoRA and matrix rules here are real-valued and would silently drop the "
+            "imaginary part; keep real and imaginary parts as separate real leaves, or "
+            "send these leaves to another transformation with `optax.partition`."
+        )
+    if other:
+        where = "" if tree is None else f" in `{tree}`,"
+        raise TypeError(
+            f"{fn}: LoRA factors and optimized matrices must be floating point "
+            f"(float16, bfloat16, float32 or float64), but{where} {_shown(other)}. "
+            "Integer and boolean leaves cannot be optimized: cast them to a float "
+            "dtype, or keep them out with `optax.partition` (e.g. to "
+            "`optax.set_to_zero()`) or `optax.masked`."
+        )
+
+
+def _shown(items: Sequence[str]) -> str:
+    """The first 8 of ``items``, comma-separated, and how many more there are."""
+    return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
 
 
 def check_static_int(fn: str, name: str, value: Any, low: int = 1) -> int:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from tests.helpers import STATE_RTOL, assert_trees_rel_close
 
@@ -208,3 +209,75 @@ def check_wrappers(opt: optax.GradientTransformation) -> None:
         u, s = jax.jit(w.update)(grads, w.init(params), params)
         chex.assert_tree_all_finite(u)
         chex.assert_trees_all_equal_shapes_and_dtypes(u, params)
+
+
+# The leaves of lora_problem() that every optimizer's own rule takes (a pair, or
+# stacked matrices for the dense peers); "bias" goes to the AdamW fallback.
+FACTOR_NAMES = ("['layer']['lora_a']", "['layer']['lora_b']")
+
+
+def check_refuses_complex_leaves(opt: optax.GradientTransformation) -> None:
+    """Complex factors raise ``TypeError`` naming each leaf, its dtype and "complex".
+
+    At ``init`` (complex params; the bias, which goes to AdamW, may stay complex and
+    is not named) and in ``update`` (real params, complex gradients of the factors).
+    """
+    params, loss = lora_problem(jnp.complex64)
+    with pytest.raises(TypeError, match="complex") as err:
+        opt.init(params)
+    message = str(err.value)
+    for name in FACTOR_NAMES:
+        assert f"leaf {name} is complex64" in message, message
+    assert "`params`" in message and "bias" not in message, message
+
+    params, loss = lora_problem()
+    grads = jax.grad(loss)(params)
+    grads["layer"] = {k: g * (1.0 + 1.0j) for k, g in grads["layer"].items()}
+    state = opt.init(params)
+    with pytest.raises(TypeError, match="complex") as err:
+        jax.jit(opt.update)(grads, state, params)
+    message = str(err.value)
+    for name in FACTOR_NAMES:
+        assert f"leaf {name} is complex64" in message, message
+    assert "`updates`" in message, message
+
+
+def check_refuses_integer_leaves(opt: optax.GradientTransformation) -> None:
+    """Integer and boolean factors raise ``TypeError`` naming each leaf and its dtype."""
+    for dtype in (jnp.int32, jnp.bool_):
+        params, _ = lora_problem()
+        params["layer"] = {k: v.astype(dtype) for k, v in params["layer"].items()}
+        with pytest.raises(TypeError, match="must be floating point") as err:
+            opt.init(params)
+        message = str(err.value)
+        for name in FACTOR_NAMES:
+            assert f"leaf {name} is {jnp.dtype(dtype)}" in message, message
+        assert "bias" not in message, message
+
+
+def check_none_state_dtype_is_params_dtype(
+    factory: Factory,
+    hparams: dict[str, Any],
+    dtypes=(jnp.float16, jnp.bfloat16, jnp.float32),
+) -> None:
+    """``mu_dtype=None`` (``state_dtype=None``) gives the state of the params' own dtype.
+
+    For each params dtype the state built with ``None`` has exactly the types of the
+    state built with that dtype named explicitly, at ``init`` and after a jitted
+    update (type stable); and some state matrix has the params' dtype.
+    """
+    names = inspect.signature(factory).parameters
+    arg = "mu_dtype" if "mu_dtype" in names else "state_dtype"
+    assert arg in names, f"{factory.__name__} has no mu_dtype or state_dtype"
+    for dtype in dtypes:
+        params, loss = lora_problem(dtype)
+        grads = jax.grad(loss)(params)
+        implicit = factory(**{**hparams, arg: None})
+        explicit = factory(**{**hparams, arg: jnp.dtype(dtype).name})
+        state = implicit.init(params)
+        want = jax.tree.map(jax.typeof, explicit.init(params))
+        assert jax.tree.map(jax.typeof, state) == want, dtype
+        _, new_state = jax.jit(implicit.update)(grads, state, params)
+        assert jax.tree.map(jax.typeof, new_state) == want, dtype
+        matrices = [x for x in jax.tree.leaves(state) if x.ndim >= 2]
+        assert any(x.dtype == dtype for x in matrices), (dtype, [x.dtype for x in matrices])

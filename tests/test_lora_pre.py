@@ -349,6 +349,24 @@ def test_bf16_zero_gradients_type_stable_and_multisteps(factory):
         chex.assert_trees_all_equal(u, zeros)
 
 
+@pytest.mark.parametrize("factory", [lp.scale_by_lora_pre_adam, lp.scale_by_lora_pre_muon])
+def test_state_dtype_none_keeps_each_params_dtype(factory, recwarn):
+    # None once meant jnp.dtype(None) = float64: float32 with a truncation warning
+    # without x64, float64 with it. Now it is each leaf's own dtype.
+    params = {"h": jnp.zeros((6, 4), jnp.float16), "b": jnp.zeros((2, 5, 3), jnp.bfloat16)}
+    tx = factory(rank=2, state_dtype=None)
+    state = tx.init(params)
+    moments = [getattr(state, f) for f in type(state)._fields if f != "count"]
+    assert moments and all(
+        m["h"].dtype == jnp.float16 and m["b"].dtype == jnp.bfloat16 for m in moments
+    )
+    grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.1, params)
+    u, new_state = jax.jit(tx.update)(grads, state)
+    assert jax.tree.map(jax.typeof, new_state) == jax.tree.map(jax.typeof, state)
+    chex.assert_trees_all_equal_dtypes(u, params)
+    assert not [w for w in recwarn if "float64" in str(w.message)]
+
+
 def test_seed_sets_the_random_factors():
     params = {"w": jnp.zeros((5, 4))}
     a0 = lp.lora_pre_adam(0.1, rank=2, seed=0).init(params)

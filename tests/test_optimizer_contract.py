@@ -201,6 +201,18 @@ def test_wrappers(case):
     contract.check_wrappers(case.factory(**case.hparams))
 
 
+def test_complex_leaves_refused_naming_the_leaf(case):
+    contract.check_refuses_complex_leaves(case.factory(**case.hparams))
+
+
+def test_integer_and_boolean_leaves_refused_naming_the_leaf(case):
+    contract.check_refuses_integer_leaves(case.factory(**case.hparams))
+
+
+def test_state_dtype_none_is_the_params_dtype(case):
+    contract.check_none_state_dtype_is_params_dtype(case.factory, case.hparams)
+
+
 def test_loss_decreases(case):
     hparams = {**case.hparams, **case.train_hparams, "learning_rate": 0.05}
     contract.check_lora_loss_decreases(case.factory(**hparams))

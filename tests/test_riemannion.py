@@ -422,6 +422,16 @@ def test_loi_without_base_weight_names_the_pair():
     assert np.linalg.matrix_rank(_f64(out["blk"]["lora_a"]) @ _f64(out["blk"]["lora_b"])) == R
 
 
+def test_loi_refuses_complex_factors_naming_the_leaf():
+    params = {"blk": {"lora_a": jnp.ones((M, R)), "lora_b": jnp.ones((R, N), jnp.complex64)}}
+    params["blk"]["lora_a"] = params["blk"]["lora_a"].astype(jnp.complex64)
+    grad = jax.grad(lambda p: jnp.sum(jnp.abs(p["blk"]["lora_a"] @ p["blk"]["lora_b"])))
+    with pytest.raises(
+        TypeError, match=r"^riemannion_loi_init: complex.*leaf \['blk'\]\['lora_a'\] is complex64"
+    ):
+        riemannion_loi_init(grad, params, jax.random.key(0), shift_base=False)
+
+
 def test_loi_base_path_points_at_the_base_weight():
     rng = np.random.default_rng(14)
     w = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)

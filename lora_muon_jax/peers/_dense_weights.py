@@ -52,8 +52,20 @@ def reject_lora_pairs(fn: str, tree: Any, pairs: _pair_discovery.PairsLike) -> N
         )
 
 
-def check_matrices(fn: str, tree: Any, alias: str) -> None:
-    """Raises if a leaf of a matrix-only building block has ``ndim < 2``."""
+def check_matrices(fn: str, tree: Any, alias: str, what: str = "params") -> None:
+    """Raises if a leaf of a matrix-only building block has ``ndim < 2`` or is no float.
+
+    Args:
+      fn: the building block, named in the messages.
+      tree: its params (in ``init``) or updates (in ``update``).
+      alias: the alias that routes other leaves to AdamW, suggested in the message.
+      what: ``"params"`` or ``"updates"``, for the message.
+
+    Raises:
+      ValueError: a leaf with ``ndim < 2``.
+      TypeError: a complex, integer or boolean leaf (see
+        :func:`lora_muon_jax._validation.check_float_leaves`).
+    """
     paths, leaves, _ = _pair_discovery.flatten_with_paths(tree)
     bad = [
         f"{_pair_discovery.path_str(p)} (shape {tuple(x.shape)})"
@@ -66,6 +78,8 @@ def check_matrices(fn: str, tree: Any, alias: str) -> None:
             f"batch axes), but these leaves are not: {shown_list(bad)}. Use the alias "
             f"`{alias}`, which sends them to AdamW, or wrap with `optax.partition`."
         )
+    names = [_pair_discovery.path_str(p) for p in paths]
+    _validation.check_float_leaves(fn, names, leaves, what)
 
 
 def matrix_labels(fn: str, pairs: _pair_discovery.PairsLike) -> Callable[[Any], Any]:
@@ -168,8 +182,22 @@ def leaf_keys(seed: Any, leaves: Sequence[Any], parts: int) -> list[jax.Array]:
     return [jax.random.split(jax.random.fold_in(base, i), parts) for i in range(len(leaves))]
 
 
-def state_dtype_of(fn: str, dtype: Any) -> jnp.dtype:
-    """``dtype`` as a float dtype, or a clear error naming ``state_dtype``."""
+def state_dtype_of(fn: str, dtype: Any) -> jnp.dtype | None:
+    """``dtype`` as a float dtype (``None`` stays ``None``: each param's dtype).
+
+    Args:
+      fn: the transformation, named in the errors.
+      dtype: the ``state_dtype`` argument: a dtype, its name, or ``None``.
+
+    Returns:
+      The dtype, or ``None`` (``jnp.dtype(None)`` would be float64).
+
+    Raises:
+      TypeError: ``dtype`` names no dtype.
+      ValueError: ``dtype`` is not a float dtype.
+    """
+    if dtype is None:
+        return None
     try:
         out = jnp.dtype(dtype)
     except TypeError as err:

@@ -55,7 +55,7 @@ def zero_momentum(params: Any, rank: int, mu_dtype: Any) -> LowRankMomentum:
     for x in leaves:
         batch, m, n = _dense_weights.matrix_size(x)
         r = min(rank, m, n)
-        dt = mu_dtype or x.dtype
+        dt = x.dtype if mu_dtype is None else mu_dtype
         us.append(jnp.zeros((*batch, m, r), dt))
         ss.append(jnp.zeros((*batch, r), dt))
         vs.append(jnp.zeros((*batch, n, r), dt))

@@ -218,7 +218,9 @@ def scale_by_limuon(
       ValueError: out-of-range hyperparameters; a leaf with ``ndim < 2``; LoRA
         pairs in the tree; a ``prev_grads`` that misses a leaf or has a wrong
         shape.
-      TypeError: a ``rank``, ``oversampling`` or ``ns_steps`` that is not an int.
+      TypeError: a ``rank``, ``oversampling`` or ``ns_steps`` that is not an int;
+        a complex, integer or boolean matrix leaf in the params (at ``init``) or
+        the updates (naming the leaf paths).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -268,7 +270,7 @@ def scale_by_limuon(
     ) -> tuple[Any, LiMuonState]:
         del params
         _dense_weights.reject_lora_pairs(_SCALE_FN, updates, pairs)
-        _dense_weights.check_matrices(_SCALE_FN, updates, _ALIAS_FN)
+        _dense_weights.check_matrices(_SCALE_FN, updates, _ALIAS_FN, "updates")
         treedef: Any  # a jax.tree_util.PyTreeDef
         grads, treedef = jax.tree.flatten(updates)
         prev = extra_args.get(PREV_GRADS)

@@ -98,8 +98,8 @@ def scale_by_lora_pre_adam(
       init_scale: standard deviation of the random ``m_A``, ``v_A`` (0.02 [S]).
       seed: integer seed of that initialization, used only in ``init``.
       state_dtype: dtype of the factors; float32 by default because the r×r
-        solves amplify rounding. A string (e.g. ``"bfloat16"``) so it passes
-        through ``inject_hyperparams``.
+        solves amplify rounding. ``None`` keeps each param's dtype. A string
+        (e.g. ``"bfloat16"``) so it passes through ``inject_hyperparams``.
       pairs: LoRA pair rules (see :func:`lora_muon_jax.find_lora_pairs`). A tree
         with LoRA pairs is rejected; pass ``pairs=()`` to turn detection off.
 
@@ -109,7 +109,9 @@ def scale_by_lora_pre_adam(
     Raises:
       ValueError: out-of-range hyperparameters; a leaf with ``ndim < 2``; LoRA
         factor pairs in the tree (naming their paths).
-      TypeError: a ``rank`` that is not a Python int.
+      TypeError: a ``rank`` that is not a Python int; a complex, integer or
+        boolean matrix leaf in the params (at ``init``) or the updates (naming the
+        leaf paths).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -171,7 +173,7 @@ def scale_by_lora_pre_adam(
     ) -> tuple[Any, LoRAPreAdamState]:
         del params, extra_args
         _dense_weights.reject_lora_pairs(_SCALE_FN, updates, pairs)
-        _dense_weights.check_matrices(_SCALE_FN, updates, _ALIAS_FN)
+        _dense_weights.check_matrices(_SCALE_FN, updates, _ALIAS_FN, "updates")
         treedef: Any  # a jax.tree_util.PyTreeDef
         grads, treedef = jax.tree.flatten(updates)
         count = optax.safe_increment(state.count)
@@ -249,7 +251,8 @@ def lora_pre_adam(
       factor_update: ``"gauss_seidel"`` (default) or ``"jacobi"``. Static.
       init_scale: standard deviation of the random initial ``m_A``, ``v_A``.
       seed: integer seed of that initialization (used in ``init`` only).
-      state_dtype: dtype of the factors (default float32).
+      state_dtype: dtype of the factors (default float32); ``None`` keeps each
+        param's dtype.
       weight_decay_mask: optional mask (tree or callable) for ``weight_decay``.
       pairs: LoRA pair rules; ``pairs=()`` turns the rejection off.
       adam_eps_root: AdamW :math:`ε_{root}` for non-matrix leaves.

@@ -26,8 +26,8 @@ def factor_rank(rank: int, x: Any) -> int:
 
 def check_hyperparams(
     fn: str, rank: Any, damping: Any, init_scale: Any, state_dtype: Any, factor_update: Any
-) -> jnp.dtype:
-    """Checks what both variants share; returns ``state_dtype`` as a dtype."""
+) -> jnp.dtype | None:
+    """Checks what both variants share; returns ``state_dtype`` as a dtype (or ``None``)."""
     _validation.check_static_int(fn, "rank", rank)
     _validation.check_choice(fn, "factor_update", factor_update, FACTOR_UPDATES)
     _validation.check_scalar("damping", damping, low=0.0, low_inclusive=False, fn=fn)
@@ -36,9 +36,21 @@ def check_hyperparams(
 
 
 def init_factor_trees(
-    params: Any, rank: int, seed: Any, init_scale: Any, dtype: jnp.dtype, moments: int
+    params: Any, rank: int, seed: Any, init_scale: Any, dtype: jnp.dtype | None, moments: int
 ) -> list[tuple[Any, Any]]:
-    """``moments`` trees of ``(b, a)`` factors: ``b = 0``, ``a ~ N(0, init_scale²)``."""
+    """``moments`` trees of ``(b, a)`` factors: ``b = 0``, ``a ~ N(0, init_scale²)``.
+
+    Args:
+      params: the matrix leaves, ``(*batch, p, q)`` each.
+      rank: the requested rank (capped per leaf by :func:`factor_rank`).
+      seed: integer seed of the random ``a``.
+      init_scale: standard deviation of ``a``.
+      dtype: dtype of the factors; ``None`` gives each leaf's own dtype.
+      moments: how many ``(b, a)`` trees (1 for Muon, 2 for Adam).
+
+    Returns:
+      ``moments`` pairs of trees ``(b, a)``, shaped like ``params`` at the top.
+    """
     leaves, treedef = jax.tree.flatten(params)
     keys = _dense_weights.leaf_keys(seed, leaves, moments)
     out = []
@@ -47,8 +59,9 @@ def init_factor_trees(
         for x, kx in zip(leaves, keys, strict=True):
             batch, p, q = _dense_weights.matrix_size(x)
             r = factor_rank(rank, x)
-            bs.append(jnp.zeros((*batch, p, r), dtype))
+            dt = x.dtype if dtype is None else dtype
+            bs.append(jnp.zeros((*batch, p, r), dt))
             noise = jax.random.normal(kx[k], (*batch, r, q), jnp.float32)
-            as_.append((init_scale * noise).astype(dtype))
+            as_.append((init_scale * noise).astype(dt))
         out.append((jax.tree.unflatten(treedef, bs), jax.tree.unflatten(treedef, as_)))
     return out

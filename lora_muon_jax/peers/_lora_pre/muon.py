@@ -83,7 +83,8 @@ def scale_by_lora_pre_muon(
         :func:`scale_by_lora_pre_adam`. Static.
       init_scale: standard deviation of the random initial ``m_A``.
       seed: integer seed of that initialization (used in ``init`` only).
-      state_dtype: dtype of the factors (default float32).
+      state_dtype: dtype of the factors (default float32); ``None`` keeps each
+        param's dtype.
       pairs: LoRA pair rules; ``pairs=()`` turns the rejection off.
 
     Returns:
@@ -129,7 +130,7 @@ def scale_by_lora_pre_muon(
     ) -> tuple[Any, LoRAPreMuonState]:
         del params, extra_args
         _dense_weights.reject_lora_pairs(fn, updates, pairs)
-        _dense_weights.check_matrices(fn, updates, _ALIAS_FN)
+        _dense_weights.check_matrices(fn, updates, _ALIAS_FN, "updates")
         treedef: Any  # a jax.tree_util.PyTreeDef
         grads, treedef = jax.tree.flatten(updates)
         count = optax.safe_increment(state.count)
@@ -227,7 +228,8 @@ def lora_pre_muon(
         :func:`scale_by_lora_pre_adam`. Static.
       init_scale: standard deviation of the random initial ``m_A``.
       seed: integer seed of that initialization.
-      state_dtype: dtype of the factors (default float32).
+      state_dtype: dtype of the factors (default float32); ``None`` keeps each
+        param's dtype.
       shape_scaling: ``"muon"`` (default) or ``"none"``.
       consistent_rms: if given, scale by ``consistent_rms · sqrt(max(p, q))``
         instead (0.2 matches AdamW's update RMS).

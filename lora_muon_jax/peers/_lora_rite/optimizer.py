@@ -226,6 +226,8 @@ def scale_by_lora_rite(
         unpaired factor, mismatched ranks, batch axes or dtypes, a factor with fewer
         rows than the rank, a leaf in no pair, or missing ``params`` (at trace
         time, naming the leaf paths).
+      TypeError: a complex, integer or boolean factor of a pair, in the params
+        (at ``init``) or the updates (naming the leaf paths).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -411,6 +413,8 @@ def lora_rite(
 
     Raises:
       ValueError: as :func:`scale_by_lora_rite`, and a negative ``weight_decay``.
+      TypeError: as :func:`scale_by_lora_rite` (leaves in no pair go to AdamW
+        and are not checked; they may be complex).
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -490,7 +490,8 @@ def riemannion_loi_init(
         ``shift_base``, a pair without base weight or with a base weight whose
         shape is not that of ``a @ b``; ``sketch="wide"`` with a ``grad_fn`` that
         rejects other ranks. Messages name the pair's path.
-      TypeError: a non-integer ``oversample`` or ``power_iters``.
+      TypeError: a non-integer ``oversample`` or ``power_iters``; a complex,
+        integer or boolean factor of a pair (naming its path).
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -526,6 +527,7 @@ def riemannion_loi_init(
     _check_args(alpha, lora_scale, oversample, power_iters, gauge, sketch)
     paths, leaves, treedef = _pair_discovery.flatten_with_paths(params)
     plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
+    _pair_tree.check_pair_dtypes(_LOI_FN, plan, leaves)
     check_ranks(_LOI_FN, plan, factor=2)
     if not plan.pairs:
         return params

@@ -253,6 +253,8 @@ def scale_by_riemannion(
         ``stored_momentum`` (at construction); an unpaired factor, a leaf in no
         pair, mismatched ranks, ``rank > min(m, n)`` or missing ``params`` (naming
         the leaf paths).
+      TypeError: a complex, integer or boolean factor of a pair, in the params
+        (at ``init``) or the updates (naming the leaf paths).
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax
@@ -423,6 +425,8 @@ def riemannion(
 
     Raises:
       ValueError: as :func:`scale_by_riemannion`.
+      TypeError: as :func:`scale_by_riemannion` (leaves in no pair go to AdamW
+        and are not checked; they may be complex).
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax

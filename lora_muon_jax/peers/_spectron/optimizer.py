@@ -141,7 +141,9 @@ def scale_by_spectron(
       ValueError: out-of-range hyperparameters or a malformed ``ns_coeffs`` (at
         construction); an unpaired factor, mismatched ranks, batch axes or dtypes, a
         leaf in no pair, or missing ``params`` (at trace time, naming the paths).
-      TypeError: a non-integer ``ns_steps`` or ``power_iterations``.
+      TypeError: a non-integer ``ns_steps`` or ``power_iterations``; a complex,
+        integer or boolean factor of a pair, in the params (at ``init``) or the
+        updates (naming the leaf paths).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -302,7 +304,8 @@ def spectron(
 
     Raises:
       ValueError: as :func:`scale_by_spectron`, and a negative ``weight_decay``.
-      TypeError: as :func:`scale_by_spectron`.
+      TypeError: as :func:`scale_by_spectron` (leaves in no pair go to AdamW and
+        are not checked; they may be complex).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
