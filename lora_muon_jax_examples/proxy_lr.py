@@ -8,10 +8,18 @@ well it holds). :func:`proxy_lr_search` turns that into a tool: it sweeps the ra
 on the rank-``r`` proxy, one compilation for every rate and seed, and returns the
 winner with the whole table, and the rate it transfers to dense Muon: the optimum
 fitted between the grid's rates (:func:`log_parabola_optimum`).
+
+Its defaults are the protocol of the TinyShakespeare study's long budget
+(``docs/lr_transfer.md``, section vii), where the proxy's optimum matched dense
+Muon's: :data:`STUDY_STEPS` steps, seeds :data:`STUDY_SEEDS`, the study's schedule
+shape (:func:`warmup_cooldown`), AdamW at the fixed rate :data:`STUDY_ADAM_LR` for
+every leaf in no pair, and ``dense_lr_factor=1``. A seed draws the same
+initialization and batch stream as the study's run of that seed.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +34,71 @@ import lora_muon_jax as lmj
 from lora_muon_jax import _validation
 
 _FN = "proxy_lr_search"
+
+STUDY_STEPS = 1000  # the study's long budget, where proxy and dense optima matched
+STUDY_SEEDS = (0, 1, 2)  # one seed's argmin moved by a whole ×2 grid step there
+STUDY_ADAM_LR = 1e-2  # the study's fixed AdamW rate of leaves in no pair (Budget.adam_lr)
+STUDY_WARMUP = 0.05  # share of steps with a linear warmup
+STUDY_COOLDOWN = 0.2  # share of steps with a linear decay to 0 at the end
+DATA_FOLD = 7  # a seed's batch key: fold_in(key(seed), DATA_FOLD), as in the study
+
+
+def warmup_cooldown(
+    steps: int, warmup: float = STUDY_WARMUP, cooldown: float = STUDY_COOLDOWN
+) -> Callable[[jax.Array], jax.Array]:
+    r"""The study's schedule shape: linear warmup, flat, linear decay to 0.
+
+    .. math::
+
+      s(t) = \min\Big(1, \frac{t + 1}{w}\Big)\,
+             \operatorname{clip}\Big(\frac{T - t}{c}, 0, 1\Big),
+
+    with :math:`T` = ``steps``, :math:`w = \max(1, \operatorname{round}(\text{warmup}
+    \cdot T))` and :math:`c = \max(1, \operatorname{round}(\text{cooldown} \cdot T))`.
+
+    Args:
+      steps: the run's length :math:`T`.
+      warmup: share of the steps that warm up linearly.
+      cooldown: share of the steps, at the end, that decay linearly to 0.
+
+    Returns:
+      ``step -> multiplier`` (traceable).
+
+    Examples:
+      >>> from lora_muon_jax_examples.proxy_lr import warmup_cooldown
+      >>> s = warmup_cooldown(100)
+      >>> [round(float(s(t)), 2) for t in (0, 4, 50, 80, 90, 99)]
+      [0.2, 1.0, 1.0, 1.0, 0.5, 0.05]
+    """
+    warm = max(1.0, round(warmup * steps))
+    cool = max(1.0, round(cooldown * steps))
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count, jnp.float32)
+        return jnp.minimum(1.0, (t + 1.0) / warm) * jnp.clip((steps - t) / cool, 0.0, 1.0)
+
+    return schedule
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(init key, data key)`` of a seed: ``key(seed)`` and ``fold_in(key(seed), 7)``.
+
+    Step ``t`` draws its batch from ``fold_in(data key, t)``: the derivation of the
+    study's training loop (``benchmarks/study/training.py``), so a seed means the
+    same initialization (``nnx.Rngs(seed)`` equals ``nnx.Rngs(key(seed))``) and batch
+    stream in both.
+    """
+    key = jax.random.key(int(seed))
+    return key, jax.random.fold_in(key, DATA_FOLD)
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes a keyword ``name`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class ProxyRow(NamedTuple):
@@ -171,21 +244,23 @@ def proxy_lr_search(
     learning_rates: Sequence[float],
     *,
     rank: int = 2,
-    steps: int = 200,
-    seeds: Sequence[int] = (0,),
+    steps: int = STUDY_STEPS,
+    seeds: Sequence[int] = STUDY_SEEDS,
     eval_batch: Any = None,
-    optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation] = lmj.lora_muon,
+    optimizer: Callable[..., optax.GradientTransformation] = lmj.lora_muon,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
+    adam_learning_rate: float | None = STUDY_ADAM_LR,
     diverge_above: float | None = None,
     dense_lr_factor: float = 1.0,
 ) -> ProxyResult:
     r"""Sweeps LoRA-Muon's learning rate on a rank-``r`` proxy; the winner is for dense Muon.
 
     For every rate :math:`η` and seed it trains ``init_fn(key, rank)`` for ``steps``
-    steps with ``optimizer(lambda t: η · schedule(t))`` (default
-    :func:`lora_muon`: adapter pairs get LoRA-Muon, every other leaf AdamW at the
-    same rate) and records the final loss: ``loss_fn`` on ``eval_batch``, or the
-    mean training loss of the last tenth of the steps. Then
+    steps with ``optimizer(lambda t: η · schedule(t), adam_learning_rate=lambda t:
+    η_adam · schedule(t))`` (default :func:`lora_muon`: adapter pairs get LoRA-Muon,
+    every other leaf AdamW at the fixed peak rate ``η_adam = adam_learning_rate``,
+    the same for every swept :math:`η`) and records the final loss: ``loss_fn`` on
+    ``eval_batch``, or the mean training loss of the last tenth of the steps. Then
 
     .. math::
 
@@ -210,13 +285,22 @@ def proxy_lr_search(
     (equal Frobenius norms of the two steps) is not applied. So: give the proxy the
     dense run's own steps, batch and schedule, and train dense Muon at ``dense_lr``;
     for a short dense run (a few hundred steps, far from the loss it would reach),
-    pass ``dense_lr_factor=0.5``.
+    pass ``dense_lr_factor=0.5``. Section (viii) of the study page tests the
+    long-budget equivalence with 10 paired seeds.
+
+    The defaults are the study's long-budget protocol: :data:`STUDY_STEPS` steps,
+    the seeds :data:`STUDY_SEEDS` (with one seed the argmin moved by a whole ×2
+    grid step there), :func:`warmup_cooldown` as the schedule, and the leaves in no
+    pair (embeddings, norms, head) on AdamW at the fixed :data:`STUDY_ADAM_LR` (swept
+    with the LoRA rate instead, their own optimum would pull the proxy's).
 
     The rate is traced: the training loop (a ``lax.scan``) compiles once for all
     rates and seeds. A seed diverges when its loss becomes NaN/inf or exceeds
     ``diverge_above``; its parameters are frozen from then on and its loss counts as
     ``inf``, so a rate where any seed diverged is never chosen. All seeds of a rate
-    see the same batches as the other rates (paired comparison).
+    see the same batches as the other rates (paired comparison); a seed's keys are
+    :func:`seed_keys`, the study's, so its initialization and batches are those of
+    the study's run with that seed.
 
     Args:
       init_fn: ``(key, rank) -> params`` of the proxy: a pytree with sibling
@@ -228,14 +312,21 @@ def proxy_lr_search(
       learning_rates: the rates to try (positive, distinct).
       rank: the adapter rank passed to ``init_fn``; every pair must have it.
       steps: training steps per run.
-      seeds: seeds; each gives ``init_fn`` and the batch stream their keys.
+      seeds: seeds; each gives ``init_fn`` and the batch stream their keys
+        (:func:`seed_keys`).
       eval_batch: a fixed batch for the final loss; ``None`` uses the mean
         training loss of the last ``max(1, steps // 10)`` steps.
       optimizer: ``learning_rate -> GradientTransformation``; called inside ``jit``
         with a schedule, so it must accept a callable rate (every optax alias does).
         Pass e.g. ``functools.partial(lora_muon, beta=0.9)`` to change settings.
-      schedule: ``step -> multiplier`` of the rate (warmup, decay); constant 1 if
-        ``None``.
+      schedule: ``step -> multiplier`` of both rates (warmup, decay);
+        ``None``: :func:`warmup_cooldown` of ``steps``. Pass ``lambda t: 1.0`` for
+        a constant rate.
+      adam_learning_rate: the fixed peak AdamW rate of the leaves in no pair,
+        passed to ``optimizer`` as ``adam_learning_rate`` (with ``schedule``'s
+        shape) when it takes that keyword (:func:`lora_muon` and the library's
+        peers do; for one that does not, such as ``optax.sgd``, it is ignored);
+        ``None``: those leaves get the swept rate.
       diverge_above: a loss above this counts as diverged (besides NaN/inf).
       dense_lr_factor: ``dense_lr`` is this times the fitted proxy optimum (``> 0``).
 
@@ -244,9 +335,9 @@ def proxy_lr_search(
       ``dense_lr``.
 
     Raises:
-      ValueError: bad ``learning_rates``, ``rank``, ``steps``, ``seeds`` or
-        ``dense_lr_factor``; a proxy with no LoRA pair or with pairs of another rank;
-        every rate diverged.
+      ValueError: bad ``learning_rates``, ``rank``, ``steps``, ``seeds``,
+        ``adam_learning_rate`` or ``dense_lr_factor``; a proxy with no LoRA pair or
+        with pairs of another rank; every rate diverged.
 
     Examples:
       A rank-2 regression target; the proxy is a rank-2 product fit to it.
@@ -267,30 +358,34 @@ def proxy_lr_search(
       ...                          steps=50, seeds=(0, 1))
       >>> for row in result.table:
       ...   print(f"{row.learning_rate:5g}  {row.loss:.2f}  diverged={row.diverged}")
-       0.01  3.81  diverged=0
-       0.03  2.63  diverged=0
-        0.1  0.14  diverged=0
-        0.3  0.26  diverged=0
-          1  0.43  diverged=0
+       0.01  2.27  diverged=0
+       0.03  1.23  diverged=0
+        0.1  0.13  diverged=0
+        0.3  0.08  diverged=0
+          1  0.28  diverged=0
       >>> result.best_lr, result.at_edge
-      (0.1, False)
-      >>> print(f"{result.dense_lr:.3f}")  # fitted between 0.03 and 0.3
-      0.163
+      (0.3, False)
+      >>> print(f"{result.dense_lr:.3f}")  # fitted between 0.1 and 1
+      0.219
 
     References:
       Cesista, Crowson, Simal, Biderman, `LoRA-Muon: Spectral Steepest Descent on
       the Low-Rank Manifold <https://arxiv.org/abs/2606.12921>`_, 2026
     """
     lrs = _check_args(learning_rates, rank, steps, seeds)
-    _validation.check_scalar(
-        "dense_lr_factor", dense_lr_factor, low=0.0, low_inclusive=False, fn=_FN
-    )
+    for name, value in (
+        ("dense_lr_factor", dense_lr_factor),
+        ("adam_learning_rate", adam_learning_rate),
+    ):
+        if value is not None:
+            _validation.check_scalar(name, value, low=0.0, low_inclusive=False, fn=_FN)
     if schedule is None:
-        schedule = lambda count: jnp.ones((), jnp.float32)  # noqa: E731
-    threshold = math.inf if diverge_above is None else float(diverge_above)
-    tail = max(1, steps // 10)
+        schedule = warmup_cooldown(steps)
+    adam = None
+    if adam_learning_rate is not None and _accepts(optimizer, "adam_learning_rate"):
+        adam = float(adam_learning_rate)
 
-    keys = [jax.random.split(jax.random.key(int(seed))) for seed in seeds]  # (init, data)
+    keys = [seed_keys(seed) for seed in seeds]
     first = init_fn(keys[0][0], rank)
     split = _split_module(first)
     if split is None:
@@ -307,14 +402,43 @@ def proxy_lr_search(
     def loss_of(params: Any, rest: Any, batch: Any) -> jax.Array:
         return jnp.asarray(loss_fn(rebuild(params, rest), batch), jnp.float32)
 
+    def make_tx(lr: jax.Array) -> optax.GradientTransformation:
+        rate = lambda count: lr * schedule(count)  # noqa: E731
+        if adam is None:
+            return optimizer(rate)
+        return optimizer(rate, adam_learning_rate=lambda count: adam * schedule(count))
+
+    run = _compiled_run(loss_of, batch_fn, make_tx, steps, diverge_above)
+    per_lr: dict[float, list[float]] = {lr: [] for lr in lrs}
+    for i, (k_init, k_data) in enumerate(keys):
+        params, rest = parts(first if i == 0 else init_fn(k_init, rank))
+        for lr in lrs:
+            out = run(params, rest, jnp.asarray(lr, jnp.float32), k_data, eval_batch)
+            per_lr[lr].append(float(out))
+    return _result(per_lr, lrs, rank, dense_lr_factor)
+
+
+def _compiled_run(
+    loss_of: Callable[[Any, Any, Any], jax.Array],
+    batch_fn: Callable[[jax.Array], Any],
+    make_tx: Callable[[jax.Array], optax.GradientTransformation],
+    steps: int,
+    diverge_above: float | None,
+) -> Callable[..., jax.Array]:
+    """One jitted run: ``(params, rest, lr, data key, eval batch) -> final loss`` (inf:
+    diverged). Step ``t`` trains on ``batch_fn(fold_in(data key, t))``."""
+    threshold = math.inf if diverge_above is None else float(diverge_above)
+    tail = max(1, steps // 10)
+
     @jax.jit
     def run(params: Any, rest: Any, lr: jax.Array, key: jax.Array, batch_eval: Any) -> jax.Array:
-        tx = optimizer(lambda count: lr * schedule(count))
+        tx = make_tx(lr)
         state = tx.init(params)
 
-        def body(carry, k):
+        def body(carry, t):
             p, s, bad = carry
-            loss, grads = jax.value_and_grad(loss_of)(p, rest, batch_fn(k))
+            batch = batch_fn(jax.random.fold_in(key, t))
+            loss, grads = jax.value_and_grad(loss_of)(p, rest, batch)
             updates, s_new = tx.update(grads, s, p)
             p_new = optax.apply_updates(p, updates)
             bad = bad | ~jnp.isfinite(loss) | (loss > threshold)
@@ -325,7 +449,7 @@ def proxy_lr_search(
             return (keep(p_new, p), keep(s_new, s), bad), loss
 
         carry = (params, state, jnp.zeros((), bool))
-        (params, _, bad), losses = jax.lax.scan(body, carry, jax.random.split(key, steps))
+        (params, _, bad), losses = jax.lax.scan(body, carry, jnp.arange(steps))
         if batch_eval is None:
             final = jnp.mean(losses[-tail:])
         else:
@@ -333,13 +457,13 @@ def proxy_lr_search(
         bad = bad | ~jnp.isfinite(final) | (final > threshold)
         return jnp.where(bad, jnp.inf, final)
 
-    per_lr: dict[float, list[float]] = {lr: [] for lr in lrs}
-    for i, (k_init, k_data) in enumerate(keys):
-        params, rest = parts(first if i == 0 else init_fn(k_init, rank))
-        for lr in lrs:
-            out = run(params, rest, jnp.asarray(lr, jnp.float32), k_data, eval_batch)
-            per_lr[lr].append(float(out))
+    return run
 
+
+def _result(
+    per_lr: dict[float, list[float]], lrs: Sequence[float], rank: int, dense_lr_factor: float
+) -> ProxyResult:
+    """The table, the grid's winner and the fitted rate for dense Muon."""
     table = tuple(
         ProxyRow(
             learning_rate=lr,

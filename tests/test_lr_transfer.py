@@ -13,11 +13,22 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from benchmarks import registry
-from benchmarks.study import configs, params, planning, report, store, training
+from benchmarks.study import (
+    configs,
+    params,
+    planning,
+    report,
+    report_proxy,
+    store,
+    training,
+    version,
+)
 from benchmarks.study import lr_transfer as lt
+from benchmarks.study.aggregate import Results
 from lora_muon_jax_examples import tinyshakespeare as data
 
 
@@ -43,12 +54,15 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
     assert len(store.load_results(path)["runs"]) == 3
     assert lt.main(quick) == 0  # resumes: only the missing runs
     first = store.load_results(path)
-    sections = configs.SECTIONS + ("long_pilot", "long")
+    sections = configs.SECTIONS + ("long_pilot", "long", *configs.LONG_STUDY_SECTIONS)
     planned = planning.plan(sections, configs.QUICK, first["runs"])
     assert {cfg.key() for _, cfg in planned} == set(first["runs"])
     # The quick long section shares the quick budget and model: every one of its runs
-    # is also a run of an earlier section (planned once, under that section).
-    assert {s for s, _ in planned} == set(configs.SECTIONS) and "grid" in first["meta"]
+    # is also a run of an earlier section (planned once, under that section). The
+    # sections after it add more seeds, a wider model and weight decay.
+    owners = {s for s, _ in planned}
+    assert owners - set(configs.SECTIONS) == {"proxy", "width128", "wd_long"}
+    assert "grid" in first["meta"]
     index = planning.index_results(first["runs"])
     assert {c.key() for c in planning.plan_section("long", configs.QUICK, index)} <= set(
         first["runs"]
@@ -63,6 +77,7 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
         cfg = configs.RunConfig.from_dict(rec["config"])
         assert cfg.key() == key and cfg.budget.steps == steps
         assert rec["machine"]["backend"] == "cpu" and rec["machine"]["cores"] >= 1
+        assert rec["code"] == version.code_version()  # every run names its code
         methods.add(cfg.method)
         assert rec["status"] == "ok", rec
         assert rec["diverged_step"] is None and rec["steps_run"] == steps
@@ -101,6 +116,19 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
     }
     assert long[("lora_muon", 9.0)] == pytest.approx(long[("lora_muon", 1.0)], abs=2e-3)
     assert long[("spectron", 9.0)] != long[("spectron", 1.0)]
+    # Weight decay ran at each method's best proxy rate, and changed the run.
+    index = planning.index_results(first["runs"])
+    for method, rank in grid.long_study.decay_curves:
+        lr = planning.decay_lr(grid, index, method, rank)
+        decayed = [
+            first["runs"][c.key()]["val_loss"]
+            for c in planning.plan_section("wd_long", grid, index)
+            if c.method == method and c.lr == lr
+        ]
+        assert len(decayed) == 1 + len(grid.long_study.decays) and len(set(decayed)) > 1
+    # The proxy test's statistics, on its three paired seeds.
+    found = report_proxy.tests(Results(first), grid)
+    assert set(found) == {("lora_muon", 2)} and found[("lora_muon", 2)].n == 3
 
     # A run that blows up is a result, with its step, not an exception; the compiled
     # trainer is reused (the rate is traced).
@@ -120,11 +148,16 @@ def test_quick_sweep_caches_resumes_diverges_and_reports(tmp_path, capsys):
     out = tmp_path / "docs" / "lr_transfer.md"
     assert report.main(["--results", str(path), "--out", str(out), "--no-discussion"]) == 0
     text = out.read_text()
-    for n in ("i", "ii", "iii", "iv", "v", "vi", "vii"):
+    for n in ("i", "ii", "iii", "iv", "v", "vi", "vii", "viii", "ix", "x", "xi", "xii"):
         assert f"## ({n}) " in text
+
     assert "not run yet" not in text  # every quick curve is in its table
     assert "| LoRA-Muon r=2 |" in text
-    assert "| 1/3 |" in text  # the diverged point is kept: 1 of the 3 runs at r=2
+    # The diverged point is kept: 1 of the r=2 curve's runs (2 rates × the lr section's
+    # seed and the proxy section's two more, and the diverged one).
+    curve_of = lambda r: configs.RunConfig.from_dict(r["config"]).curve()  # noqa: E731
+    same_curve = [r for r in first["runs"].values() if curve_of(r) == cfg.curve()]
+    assert len(same_curve) == 6 and f"| 1/{len(same_curve) + 1} |" in text
     for png in ("lr_sweep", "rank", "gauge", "shape", "baselines", "finetune", "long"):
         assert (tmp_path / "docs" / "lr_transfer" / f"{png}.png").stat().st_size > 1000
 
@@ -292,3 +325,67 @@ def test_dense_muon_labels_only_block_matrices():
     np.testing.assert_allclose(np.linalg.norm(up, 2), 0.1 / 5, rtol=0.35)
     # AdamW on the embedding, at the fixed rate: every entry moves by adam_lr / 5.
     np.testing.assert_allclose(np.abs(emb), cfg.budget.adam_lr / 5, rtol=1e-3)
+
+
+def test_weight_decay_shrinks_the_matrices_by_one_minus_lambda_eta():
+    tree = _tiny_dense()
+    steps, lam, peak = 100, 0.5, 0.1
+    cfg = configs.RunConfig("dense_muon", peak, 0, None, weight_decay=lam)
+    tx = training.make_optimizer(cfg, tree, jnp.float32(peak), steps)
+    zeros = jax.tree.map(jnp.zeros_like, tree)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(tree), tree)
+    eta = peak / 5  # the first step of the schedule
+    new = optax.apply_updates(tree, updates)
+    q = tree["blocks"][0]["attn"]["q"]["kernel"]
+    np.testing.assert_allclose(
+        new["blocks"][0]["attn"]["q"]["kernel"], (1 - lam * eta) * q, rtol=1e-5
+    )
+    # The AdamW leaves are not decayed.
+    np.testing.assert_array_equal(new["embed"]["embedding"], tree["embed"]["embedding"])
+    with pytest.raises(ValueError, match="weight_decay"):
+        training.make_optimizer(dataclasses.replace(cfg, method="spectron", rank=2), tree, 0.1, 10)
+
+
+def test_lora_muon_weight_decay_is_the_split_decay_of_each_product():
+    cfg = configs.RunConfig(
+        "lora_muon",
+        0.1,
+        0,
+        2,
+        width=8,
+        depth=1,
+        budget=configs.Budget(seq_len=4, mlp_ratio=1, heads=2),
+    )
+    _, p = params.build_params(cfg, 11)
+    grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), p)
+    new = {}
+    for wd in (None, 0.5):
+        c = dataclasses.replace(cfg, weight_decay=wd)
+        tx = training.make_optimizer(c, p, jnp.float32(0.1), 100)
+        u, _ = tx.update(grads, tx.init(p), p)
+        new[wd] = optax.apply_updates(p, u)["blocks"][0]["attn"]["q"]
+    q = p["blocks"][0]["attn"]["q"]
+    prod = lambda f: np.asarray(f["lora_a"] @ f["lora_b"])  # noqa: E731
+    # (s a + Δa/s)(s b + Δb/s) − (a + Δa)(b + Δb) = −λη a b + O(Δ²): λη = 0.5 · 0.1 / 5.
+    np.testing.assert_allclose(prod(new[0.5]) - prod(new[None]), -0.01 * prod(q), atol=2e-4)
+
+
+def test_a_seed_gives_the_twins_the_same_init_of_their_shared_leaves():
+    """Paired seeds: the dense and LoRA twins of a seed start from the same embedding,
+    positions and head (their batch stream, ``fold_in(key(seed), 7)``, depends on the
+    seed alone)."""
+    cfg = configs.RunConfig(
+        "dense_muon",
+        0.1,
+        3,
+        None,
+        width=8,
+        depth=1,
+        budget=configs.Budget(seq_len=4, mlp_ratio=1, heads=2),
+    )
+    _, dense = params.build_params(cfg, 11)
+    _, lora = params.build_params(dataclasses.replace(cfg, method="lora_muon", rank=2), 11)
+    for path in (("embed", "embedding"), ("pos",), ("head", "kernel")):
+        np.testing.assert_array_equal(_at(dense, path), _at(lora, path))
+    _, other = params.build_params(dataclasses.replace(cfg, seed=4), 11)
+    assert not np.array_equal(other["embed"]["embedding"], dense["embed"]["embedding"])

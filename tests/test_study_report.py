@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.study import configs, discussion, report, report_long, transfer
+from benchmarks.study import (
+    configs,
+    discussion,
+    planning,
+    proxy_stats,
+    report,
+    report_long,
+    transfer,
+)
 from benchmarks.study.aggregate import Curve, Results
 from benchmarks.study.lr_transfer import DEFAULT_RESULTS
 
@@ -150,3 +158,146 @@ def test_rank2_verdict_separates_equal_noise_and_offset():
     assert report_long.rank2_verdict(best, near) == "Not on the grid, but within seed noise"
     far = Point(0.0125, (1.80, 1.81, 1.82), (0, 1, 2))  # +0.04 > std
     assert report_long.rank2_verdict(best, far) == "No"
+
+
+# ----------------------------------------------------------------------------- proxy test
+
+RATES = configs.lr_grid_sqrt2(-4, 4)
+
+
+def _seed_curves(optima, rates=RATES, noise=0.0, seed=0) -> proxy_stats.SeedCurves:
+    """Exact parabolas in log₂ η with their vertex at each seed's optimum (+ noise)."""
+    rng = np.random.default_rng(seed)
+    runs = {}
+    for s, opt in enumerate(optima):
+        for r in rates:
+            runs[(r, s)] = 2.0 + 0.1 * math.log2(r / opt) ** 2 + rng.normal(0, noise)
+    return proxy_stats.seed_curves(runs, rates, range(len(optima)))
+
+
+def test_proxy_stats_recover_per_seed_optima_and_pair_the_bootstrap():
+    rng = np.random.default_rng(1)
+    shared = 2.0 ** rng.normal(0, 0.4, size=10)  # a seed effect both methods share
+    dense = _seed_curves(0.025 * shared)
+    proxy = _seed_curves(0.0125 * shared * 2.0 ** rng.normal(0, 0.05, size=10))
+    np.testing.assert_allclose(proxy_stats.per_seed_optima(dense), 0.025 * shared, rtol=1e-9)
+    t = proxy_stats.proxy_test(proxy, dense)
+    assert t.n == 10 and t.ratio.lo < 0.5 < t.ratio.hi
+    # Paired: the shared seed effect cancels in the ratio, not in each optimum.
+    width = lambda iv: math.log2(iv.hi / iv.lo)  # noqa: E731
+    assert width(t.ratio) < 0.3 * width(t.dense_opt)
+    assert t.verdict == "refuted" and t.ratio.hi < 2**-0.5  # a factor 2 off
+    # Dense Muon at half its optimum: 0.1 nats on exact parabolas, minus the grid's
+    # shift of each seed's own minimum; the cost is positive.
+    assert 0.0 < t.cost.lo <= t.cost.value <= t.cost.hi < 0.2
+
+
+def test_proxy_verdict_shown_refuted_or_inconclusive():
+    rng = np.random.default_rng(2)
+    seeds = 2.0 ** rng.normal(0, 0.2, size=10)
+    dense = _seed_curves(0.02 * seeds)
+    same = proxy_stats.proxy_test(_seed_curves(0.02 * seeds * 2.0 ** rng.normal(0, 0.1, 10)), dense)
+    assert same.verdict == "shown" and same.tost_p < 0.05
+    assert 2**-0.5 < same.ratio.lo <= same.ratio.value <= same.ratio.hi < 2**0.5
+    assert same.cost.value < 0.01
+    # Three noisy seeds around the truth: neither shown nor refuted.
+    few = _seed_curves(0.02 * seeds[:3] * 2.0 ** np.array([0.6, -0.5, 0.3]))
+    t = proxy_stats.proxy_test(few, _seed_curves(0.02 * seeds[:3]))
+    assert t.verdict == "inconclusive at this power" and t.tost_p >= 0.05
+    far = proxy_stats.proxy_test(_seed_curves(0.08 * seeds), dense)
+    assert far.verdict == "refuted" and far.ratio.lo > 2**0.5
+
+
+def test_tost_and_cost_by_hand():
+    from scipy import stats
+
+    d = np.array([0.1, -0.2, 0.05, 0.3, 0.0, -0.1])
+    m, se, df = d.mean(), d.std(ddof=1) / math.sqrt(d.size), d.size - 1
+    want = max(stats.t.sf((m + 0.5) / se, df), stats.t.cdf((m - 0.5) / se, df))
+    assert proxy_stats.tost_p(d) == pytest.approx(want)
+    assert proxy_stats.tost_p(-d) == pytest.approx(want)  # symmetric margins
+    assert proxy_stats.tost_p(d + 1.0) > 0.5  # outside the margin
+    assert proxy_stats.tost_p([0.1]) == 1.0
+    rates, curve = [0.01, 0.02, 0.04], np.array([2.3, 2.0, 2.1])
+    assert proxy_stats.dense_cost(rates, curve, 0.02) == pytest.approx(0.0)
+    assert proxy_stats.dense_cost(rates, curve, 0.02 * 2**0.5) == pytest.approx(0.05)  # halfway
+    assert proxy_stats.dense_cost(rates, curve, 1.0) == pytest.approx(0.1)  # clamped
+
+
+def _proxy_grid(seeds=(0, 1, 2, 3)) -> configs.Grid:
+    s = dataclasses.replace(
+        configs.QUICK_LONG_STUDY,
+        proxy_seeds=seeds,
+        proxy_curves=(("dense_muon", None, RATES[2:7]), ("lora_muon", 2, RATES[2:7])),
+    )
+    return dataclasses.replace(configs.QUICK, long_study=s)
+
+
+def _proxy_results(grid: configs.Grid, optimum: dict[str, float], seeds) -> dict:
+    runs = {}
+    for cfg in planning.plan_section("proxy", grid, {}):
+        if cfg.seed in seeds:
+            loss = 2.0 + 0.1 * math.log2(cfg.lr / optimum[cfg.method]) ** 2 + cfg.seed * 1e-3
+            runs[cfg.key()] = {"config": cfg.as_dict(), "val_loss": loss, "status": "ok"}
+    return {"runs": runs}
+
+
+def test_report_shows_the_proxy_test_once_the_data_exists(tmp_path):
+    from benchmarks.study import report_proxy
+
+    grid = _proxy_grid()
+    head = {"source": "x", "commit": None}
+
+    def section(data) -> str:
+        rep = report.Report(Results(data), tmp_path / "p.md", tmp_path / "p", grid, head=head)
+        report_proxy.section_proxy(rep)
+        return "\n".join(rep.lines)
+
+    assert "Not yet run (0 runs of 40)." in section({"runs": {}})
+    optimum = {"dense_muon": 0.0125, "lora_muon": 0.0125}
+    two = section(_proxy_results(grid, optimum, seeds=(0, 1)))
+    assert "Not yet run (20 runs of 40)." in two  # below three paired seeds
+    text = section(_proxy_results(grid, optimum, seeds=(0, 1, 2)))
+    assert "| LoRA-Muon r=2 | 3 | 0.0125 [0.0125, 0.0125] |" in text
+    assert "**shown**" in text and "(partial: 30 runs of 40)" in text
+    assert (tmp_path / "p" / "proxy.png").stat().st_size > 1000
+
+
+def test_study_modules_import_no_cycle():
+    """The study's modules form no import cycle (function-level imports included)."""
+    import ast
+
+    folder = Path(report.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        skip = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in skip or not isinstance(node, ast.ImportFrom | ast.Import):
+                continue
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "benchmarks.study":
+                names = [f"benchmarks.study.{a.name}" for a in node.names]
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            deps |= {n.rsplit(".", 1)[-1] for n in names if n.startswith("benchmarks.study.")}
+        graph[path.stem] = deps
+
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            assert state.get(d) != 1, " -> ".join([*stack, m, d])
+            if d not in state:
+                visit(d, [*stack, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

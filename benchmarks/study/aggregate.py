@@ -1,4 +1,4 @@
-"""Results indexed by LR curve, with seed statistics, for the report.
+"""Results indexed by LR curve, with seed statistics and the tables built on them.
 
 Seed statistics are means with the sample standard deviation over the seeds that
 ran; a diverged run makes its point's mean infinite (never dropped).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -148,3 +149,45 @@ def mean_std(p: Point | None, digits: int = 3) -> str:
     if p.diverged:
         return f"diverged ({p.diverged}/{len(p.losses)} seeds)"
     return f"{p.mean:.{digits}f} ± {p.std:.{digits}f} (n={len(p.losses)})"
+
+
+def paired_deltas(base: Curve | None, moved: Curve | None, lr: float) -> list[float]:
+    """``moved − base`` val loss at ``lr``, seed by seed (both finite)."""
+    if base is None or moved is None:
+        return []
+    out = []
+    for (rate, s), rec in moved.runs.items():
+        if math.isclose(rate, lr, rel_tol=1e-9) and (rate, s) in base.runs:
+            a, b = rec.get("val_loss"), base.runs[(rate, s)].get("val_loss")
+            if a is not None and b is not None:
+                out.append(a - b)
+    return out
+
+
+def curve_table(
+    curves: Sequence[tuple[str, Curve | None]], ref: Curve | None = None, ref_name: str = ""
+) -> list[str]:
+    """Best rate, val and train loss there, and diverged runs of each curve."""
+    head = "| curve | best LR | val loss at best LR | train loss at best LR | diverged runs |"
+    sep = "|---|---|---|---|---|"
+    if ref is not None:
+        head += f" loss at {ref_name}'s best LR |"
+        sep += "---|"
+    rows = [head, sep]
+    rb = ref.best() if ref else None
+    for label, c in curves:
+        if c is None:
+            rows.append(f"| {label} | not run yet | | | |" + (" |" if ref else ""))
+            continue
+        best = c.best()
+        tr = {p.lr: p for p in c.points("train_loss")}.get(best.lr) if best else None
+        div = sum(p.diverged for p in c.points())
+        total = sum(len(p.losses) for p in c.points())
+        row = (
+            f"| {label} | {fmt_lr(best and best.lr)} | {mean_std(best)} | "
+            f"{mean_std(tr)} | {div}/{total} |"
+        )
+        if ref is not None:
+            row += f" {mean_std(c.at(rb.lr)) if rb else '–'} |"
+        rows.append(row)
+    return rows

@@ -7,9 +7,14 @@ renaming or re-defaulting one changes every key (the committed results would no
 longer be found); ``tests/test_study_configs.py`` pins keys of committed runs.
 
 A :class:`Grid` holds the sweep's axes (rates, ranks, gauges, shapes) of the
-short-budget sections; its :class:`LongGrid` those of the long-budget section.
-:data:`FULL` and :data:`QUICK` are the presets (``QUICK`` is the tiny slice the test
-suite runs).
+short-budget sections; its :class:`LongGrid` those of the long-budget section (vii),
+and its :class:`LongStudy` those of the long-budget sections after it (the powered
+proxy test, width 128, shapes, peers, weight decay). :data:`FULL` and :data:`QUICK`
+are the presets (``QUICK`` is the tiny slice the test suite runs).
+
+A field may be added to :class:`RunConfig` only with a ``None`` default: ``as_dict``
+leaves ``None`` fields out, so every existing key stays the same
+(``weight_decay`` was added that way).
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ METHODS = LORA_METHODS + DENSE_METHODS
 PEER_RANK = 8  # rank of LoRA-Pre's momentum factors and of LiMuon's compressed momentum
 
 SECTIONS = ("lr", "rank", "gauge", "shape", "baselines", "finetune")
-EXTRA_SECTIONS = ("pilot", "long_pilot", "long")  # run only when named in --only
+# The long-budget sections after (vii), most important first (issue 20).
+LONG_STUDY_SECTIONS = ("proxy", "width128", "shape_long", "peers_long", "wd_long")
+# Run only when named in --only.
+EXTRA_SECTIONS = ("pilot", "long_pilot", "long", *LONG_STUDY_SECTIONS)
 ALL_SECTIONS = EXTRA_SECTIONS[:1] + SECTIONS + EXTRA_SECTIONS[1:]
 SECTION_TITLES = {
     "pilot": "pilot: the fixed AdamW rate of the non-matrix leaves",
@@ -40,12 +48,27 @@ SECTION_TITLES = {
     "finetune": "(vi) zero-init fine-tuning on a frozen dense base",
     "long_pilot": "long-budget pilot: dense Muon at candidate budgets",
     "long": "(vii) long budget: dense Muon, LoRA-Muon, AdamW-LoRA, gauge",
+    "proxy": "(viii) powered proxy test: dense Muon vs LoRA-Muon r=2, r=32, 10 seeds",
+    "width128": "(ix) long budget at width 128: dense Muon, LoRA-Muon r=2, r=32",
+    "shape_long": "(x) long budget across width and depth: dense Muon, LoRA-Muon r=8",
+    "peers_long": "(xi) long budget peers: Spectron (and its gauge), LoRA-RITE, "
+    "Riemannion, LoRA-Pre, LiMuon, AdamW-LoRA",
+    "wd_long": "(xii) long budget split weight decay: dense Muon, LoRA-Muon r=2",
 }
 
 
 def lr_grid(lo: int, hi: int) -> tuple[float, ...]:
     """``0.0125 · 2^k`` for ``k = lo..hi``: the study's common log grid."""
     return tuple(0.0125 * 2.0**k for k in range(lo, hi + 1))
+
+
+def lr_grid_sqrt2(lo: int, hi: int) -> tuple[float, ...]:
+    """``0.0125 · 2^(k/2)`` for ``k = lo..hi``: a √2-spaced grid.
+
+    Its even ``k`` are exactly (bit for bit) the rates ``lr_grid`` has for ``k/2``,
+    so runs of the ×2 grid are reused.
+    """
+    return tuple(0.0125 * 2.0 ** (k / 2) for k in range(lo, hi + 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +105,14 @@ class RunConfig:
     budget: Budget = Budget()
     base_steps: int | None = None  # finetune: steps of the dense base
     base_lr: float | None = None  # finetune: dense Muon rate of the base
+    # Decoupled weight decay λ of the matrix rule (dense Muon: W ← (1 − λη)W; LoRA-Muon:
+    # its split decay, the product by 1 − λη); None: none (0 is stored as None, so a
+    # run without decay has one key).
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight_decay is not None and float(self.weight_decay) == 0.0:
+            object.__setattr__(self, "weight_decay", None)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -157,6 +188,64 @@ class LongGrid:
         return dataclasses.replace(self, budget=b, width=width, depth=depth)
 
 
+@dataclasses.dataclass(frozen=True)
+class LongStudy:
+    """The long-budget sections after (vii), at :class:`LongGrid`'s budget and model.
+
+    * ``proxy``: ``proxy_curves`` (dense Muon and LoRA-Muon ranks 2 and 32) on a
+      √2-spaced grid spanning both optima, over ``proxy_seeds``; a winning edge is
+      extended by ``proxy_step`` at a time (at most ``extend`` times).
+    * ``width128``: ``wide_curves`` at width ``wide`` (depth as the long grid).
+    * ``shape_long``: ``shape_curves`` at each ``(width, depth)`` of ``shapes``.
+    * ``peers_long``: ``peer_curves``; then, once ``gauge_method``'s curve is
+      complete, ``gauge_method`` at gauge ``gauge`` and every ``gauge_controls``
+      method at gauges 1 and ``gauge``, at ``gauge_method``'s best rate.
+    * ``wd_long``: each ``decay_curves`` method at every ``decays`` value (0 is
+      the ``proxy`` run itself), at its best ``proxy`` rate once that curve is complete.
+
+    Every section but ``proxy`` runs :class:`LongGrid`'s ``seeds``; the ×2 grids
+    extend by a factor 2 (at most ``extend`` times).
+    """
+
+    proxy_seeds: tuple[int, ...] = tuple(range(10))
+    proxy_curves: tuple[CurveSpec, ...] = (
+        ("dense_muon", None, lr_grid_sqrt2(-4, 4)),  # 0.0031 ... 0.05, ×√2: 9 rates
+        ("lora_muon", 2, lr_grid_sqrt2(-4, 4)),
+        ("lora_muon", 32, lr_grid_sqrt2(-4, 4)),
+    )
+    proxy_step: float = 2.0**0.5
+    wide: int = 128
+    wide_curves: tuple[CurveSpec, ...] = (
+        ("dense_muon", None, lr_grid(-2, 2)),  # 0.0031 ... 0.05
+        ("lora_muon", 2, lr_grid(-2, 2)),
+        ("lora_muon", 32, lr_grid(-2, 2)),
+    )
+    shapes: tuple[tuple[int, int], ...] = ((64, 1), (64, 4), (128, 2))
+    shape_curves: tuple[CurveSpec, ...] = (
+        ("dense_muon", None, lr_grid(-2, 2)),
+        ("lora_muon", 8, lr_grid(-2, 2)),
+    )
+    peer_curves: tuple[CurveSpec, ...] = (
+        ("spectron", 8, lr_grid(-2, 3)),  # 0.0031 ... 0.1, as LoRA-Muon's long curves
+        ("riemannion", 8, lr_grid(-2, 3)),
+        ("lora_rite", 8, lr_grid(-6, 0)),  # 0.0002 ... 0.0125 (Adam-like rates)
+        ("adamw_lora", 8, lr_grid(-5, 0)),  # 0.0004 ... 0.0125
+        ("lora_pre_muon", None, lr_grid(-3, 2)),  # 0.0016 ... 0.05, as dense Muon's
+        ("limuon", None, lr_grid(-4, 1)),  # 0.0008 ... 0.025 (short-budget best 0.003)
+    )
+    gauge_method: str = "spectron"
+    gauge_controls: tuple[str, ...] = ("lora_muon",)
+    gauge: float = 9.0
+    decays: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+    decay_curves: tuple[tuple[str, int | None], ...] = (("dense_muon", None), ("lora_muon", 2))
+    extend: int = 2
+
+    @property
+    def gauge_rank(self) -> int | None:
+        """The rank of ``gauge_method``'s curve (the LoRA peers' rank)."""
+        return next((r for m, r, _ in self.peer_curves if m == self.gauge_method), None)
+
+
 QUICK_LONG = LongGrid(
     budget=Budget(steps=20, batch=8, seq_len=32, chunks=2, eval_windows=32),
     width=32,
@@ -170,6 +259,19 @@ QUICK_LONG = LongGrid(
     extend=0,
     pilot=((20, 8, 32, 32, 1),),
     pilot_lrs=(0.05,),
+)
+
+
+QUICK_LONG_STUDY = LongStudy(
+    proxy_seeds=(0, 1, 2),
+    proxy_curves=(("dense_muon", None, (0.05, 0.2)), ("lora_muon", 2, (0.05, 0.2))),
+    wide=64,
+    wide_curves=(("lora_muon", 2, (0.05,)),),
+    shapes=((32, 2),),
+    shape_curves=(("lora_muon", 2, (0.05,)),),
+    peer_curves=(("spectron", 2, (0.05, 0.2)),),
+    decays=(0.1,),
+    extend=0,
 )
 
 
@@ -210,6 +312,7 @@ class Grid:
     extend: int = 3  # at most this many extra LRs beyond each edge of a grid
     budget: Budget = Budget()
     long: LongGrid = LongGrid()
+    long_study: LongStudy = LongStudy()
 
 
 def _tuples(v: Any) -> Any:
@@ -222,15 +325,23 @@ def long_grid_from_dict(d: dict[str, Any]) -> LongGrid:
     return LongGrid(**{k: _tuples(v) for k, v in d.items() if k != "budget"}, budget=budget)
 
 
+def long_study_from_dict(d: dict[str, Any]) -> LongStudy:
+    """The inverse of ``dataclasses.asdict`` for a :class:`LongStudy`."""
+    return LongStudy(**{k: _tuples(v) for k, v in d.items()})
+
+
 def grid_from_dict(d: dict[str, Any]) -> Grid:
     """The inverse of ``dataclasses.asdict`` for a :class:`Grid` read back from JSON.
 
-    Grids saved before the long section existed get the default :class:`LongGrid`.
+    Grids saved before the long sections existed get the default :class:`LongGrid`
+    and :class:`LongStudy`.
     """
     budget = Budget(**d.get("budget", {}))
     long = long_grid_from_dict(d["long"]) if "long" in d else LongGrid()
-    rest = {k: _tuples(v) for k, v in d.items() if k not in ("budget", "long")}
-    return Grid(**rest, budget=budget, long=long)
+    study = long_study_from_dict(d["long_study"]) if "long_study" in d else LongStudy()
+    nested = ("budget", "long", "long_study")
+    rest = {k: _tuples(v) for k, v in d.items() if k not in nested}
+    return Grid(**rest, budget=budget, long=long, long_study=study)
 
 
 FULL = Grid()
@@ -259,6 +370,7 @@ QUICK = Grid(
     extend=0,
     budget=Budget(steps=20, batch=8, seq_len=32, chunks=2, eval_windows=32),
     long=QUICK_LONG,
+    long_study=QUICK_LONG_STUDY,
 )
 
 
@@ -274,6 +386,8 @@ def describe(cfg: RunConfig) -> str:
     ]
     if cfg.gauge != 1.0:
         parts.append(f"c={cfg.gauge:g}")
+    if cfg.weight_decay is not None:
+        parts.append(f"wd={cfg.weight_decay:g}")
     if cfg.task == "finetune":
         parts.append(f"ft:{cfg.init}" + (f"+reb{cfg.rebalance}" if cfg.rebalance else ""))
     if cfg.budget != Budget():

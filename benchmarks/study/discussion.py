@@ -16,8 +16,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.study import transfer
-from benchmarks.study.aggregate import Curve, Results, fmt, fmt_lr, mean_std
+from benchmarks.study.aggregate import Curve, Results, fmt, fmt_lr, mean_std, paired_deltas
 from benchmarks.study.configs import Grid
+from benchmarks.study.labels import METHOD_LABELS, PAPER
+from benchmarks.study.labels import label as curve_label
+from benchmarks.study.report_long import long_curve, proxy_answer
+from benchmarks.study.report_proxy import tests as proxy_tests
+from benchmarks.study.report_rule import advice, pairs, verdict
 
 
 class Facts:
@@ -66,8 +71,6 @@ def compare(a: Any, b: Any, name_a: str, name_b: str) -> str:
 
 
 def _gauge_stats(f: Facts, method: str) -> dict[float, list[float]]:
-    from benchmarks.study.report import paired_deltas
-
     r = f.grid.gauge_rank
     base = f.curve(method=method, rank=r)
     if base is None or base.best() is None:
@@ -81,8 +84,6 @@ def _gauge_stats(f: Facts, method: str) -> dict[float, list[float]]:
 
 
 def gauge_paragraph(f: Facts) -> list[str]:
-    from benchmarks.study.report import PAPER
-
     lm, sp = _gauge_stats(f, "lora_muon"), _gauge_stats(f, "spectron")
     c = max(lm) if lm else None
     nine = 9.0 if 9.0 in lm else c
@@ -167,8 +168,6 @@ def shape_paragraph(f: Facts) -> list[str]:
 
 
 def rank32_paragraph(f: Facts) -> list[str]:
-    from benchmarks.study.report import PAPER
-
     hi = max(f.grid.headline_ranks)
     db, bh = f.best(method="dense_muon"), f.best(method="lora_muon", rank=hi)
     if not db or not bh:
@@ -181,8 +180,6 @@ def rank32_paragraph(f: Facts) -> list[str]:
 
 
 def disagree_paragraphs(f: Facts) -> list[str]:
-    from benchmarks.study.report import PAPER
-
     b = f.grid.budget
     dense = f.curve(method="dense_muon")
     db = dense.best() if dense else None
@@ -244,8 +241,6 @@ def finetune_paragraph(f: Facts) -> list[str]:
                 f"{label}'s {b[(v, lo)].lr / b[(v, hi)].lr:.0f}× "
                 f"({fmt_lr(b[(v, lo)].lr)} to {fmt_lr(b[(v, hi)].lr)})"
             )
-    from benchmarks.study.report import METHOD_LABELS
-
     per_method: dict[str, float] = {}
     for v in g.ft_variants:
         if b.get((v, hi)):
@@ -293,9 +288,6 @@ def peers_paragraph(f: Facts) -> list[str]:
 
 
 def long_paragraph(res: Results, grid: Grid) -> list[str]:
-    from benchmarks.study.report_long import long_curve, proxy_answer
-    from benchmarks.study.report_rule import advice, pairs, verdict
-
     dense = long_curve(res, grid, "dense_muon", None)
     if dense is None or dense.best() is None:
         return ["**Long budget** (section vii): not run yet."]
@@ -315,6 +307,21 @@ def long_paragraph(res: Results, grid: Grid) -> list[str]:
         + f"; its slope in log₂ r, each budget centred, is {slope:.2f} ± {se:.2f}: "
         f"{verdict(slope, se)}. " + advice(ps),
     ]
+
+
+def powered_paragraph(res: Results, grid: Grid) -> list[str]:
+    """The verdict of the powered proxy test (section viii), or that it has not run."""
+    found = proxy_tests(res, grid)
+    if not found:
+        return ["The powered proxy test (section viii) has not run yet."]
+    parts = [
+        f"{curve_label(m, r)}: optimum ratio to dense Muon's {t.ratio.value:.2f} "
+        f"[{t.ratio.lo:.2f}, {t.ratio.hi:.2f}] over {t.n} paired seeds, TOST p = "
+        f"{t.tost_p:.3f}, dense Muon at the proxy's rate costs {t.cost.value:+.4f} nats: "
+        f"equivalence within ×√2 {t.verdict}"
+        for (m, r), t in found.items()
+    ]
+    return ["**Powered proxy test** (section viii). " + "; ".join(parts) + "."]
 
 
 def discussion(res: Results, grid: Grid) -> list[str]:
@@ -343,6 +350,7 @@ def discussion(res: Results, grid: Grid) -> list[str]:
         *disagree_paragraphs(f),
         "",
         *long_paragraph(res, grid),
+        *powered_paragraph(res, grid),
         "",
         *finetune_paragraph(f),
         "",

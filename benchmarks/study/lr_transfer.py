@@ -2,6 +2,7 @@
 
     python -m benchmarks.study.lr_transfer                 # the short-budget sweep (resumable)
     python -m benchmarks.study.lr_transfer --only long     # the long-budget section (hours)
+    python -m benchmarks.study.lr_transfer --only proxy,width128,shape_long,peers_long,wd_long
     python -m benchmarks.study.lr_transfer --quick         # a tiny slice, < 3 min
     python -m benchmarks.study.lr_transfer --only lr --max-runs 20
     python -m benchmarks.study.lr_transfer --list          # what is planned, what is done
@@ -15,7 +16,17 @@ soon as it finishes (:mod:`benchmarks.study.store`), so an interrupted or killed
 sweep resumes where it stopped and a changed configuration never reuses a stale
 result. A run whose loss becomes NaN/inf or exceeds ``Budget.diverge_above`` is
 stopped and recorded as diverged, with the step. Each record names the machine
-that produced it.
+that produced it and the code version it ran (``record["code"]``: a hash of the
+source that shapes a result and the git commit, :mod:`benchmarks.study.version`);
+the report flags runs whose code differs from ``HEAD``'s, and "unversioned" ones
+(recorded before code versions were).
+
+The long-budget sections after (vii), in priority order (``--only`` runs the
+sections named, in the order named, each resumable): ``proxy`` (the powered proxy
+test: dense Muon and LoRA-Muon ranks 2 and 32 on a √2 grid, 10 paired seeds),
+``width128``, ``shape_long``, ``peers_long`` (with Spectron's gauge study at its own
+best rate once its curve is complete) and ``wd_long`` (split weight decay at each
+method's best ``proxy`` rate, once that curve is complete).
 
 Modules: :mod:`~benchmarks.study.configs` (what a run is, the grids),
 :mod:`~benchmarks.study.planning` (which runs a section needs),
@@ -53,6 +64,7 @@ from typing import Any
 from benchmarks.study.configs import (
     ALL_SECTIONS,
     FULL,
+    LONG_STUDY_SECTIONS,
     QUICK,
     SECTIONS,
     Grid,
@@ -61,6 +73,7 @@ from benchmarks.study.configs import (
 )
 from benchmarks.study.planning import plan
 from benchmarks.study.store import load_results, machine, machine_meta, record_run
+from benchmarks.study.version import classify, code_version, head_version
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "benchmarks" / "study" / "results" / "lr_transfer.json"
@@ -128,7 +141,8 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
 def _sections(args: argparse.Namespace) -> tuple[str, ...]:
     sections = tuple(s.strip() for s in args.only.split(",")) if args.only else SECTIONS
     if args.quick and not args.only:
-        sections = SECTIONS + ("long_pilot", "long")  # the quick slice of every result section
+        # The quick slice of every result section.
+        sections = SECTIONS + ("long_pilot", "long", *LONG_STUDY_SECTIONS)
     for s in sections:
         if s not in ALL_SECTIONS:
             raise SystemExit(f"--only: unknown section {s!r}; choose from {ALL_SECTIONS}")
@@ -156,6 +170,7 @@ def _run_one(cfg: RunConfig, failed: set[str]) -> dict[str, Any]:
         }
         failed.add(cfg.key())
     rec["machine"] = machine()
+    rec["code"] = code_version()
     return rec
 
 
@@ -199,17 +214,38 @@ def sweep(
     return done
 
 
+def list_plan(path: Path, sections: Sequence[str], grid: Grid) -> None:
+    """Prints every planned run (section, status, code version, key) and a count per section.
+
+    The code column says whether a done run's code is ``HEAD``'s ("current"),
+    another ("differs") or unrecorded ("unversioned"). A run several sections need
+    is listed under the first; ``wd_long`` and the peers' gauge runs are planned
+    only once the curves they wait for are complete.
+    """
+    runs = load_results(path)["runs"]
+    head = head_version()
+    counts: dict[str, list[int]] = {s: [0, 0] for s in sections}
+    for section, cfg in plan(sections, grid, runs):
+        rec = runs.get(cfg.key())
+        status = rec.get("status", "-") if rec else "-"
+        code = classify(rec, head) if rec else "-"
+        print(f"{section:10s} {status:9s} {code:11s} {cfg.key()} {describe(cfg)}")
+        counts[section][0] += 1
+        counts[section][1] += rec is not None
+    for section, (n, done) in counts.items():
+        # A run several sections need counts under the first; some runs wait for others.
+        print(f"# {section}: {done} of {n} planned runs done")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     grid = grid_from_args(args)
     sections = _sections(args)
     path = args.results
     if args.list:
-        runs = load_results(path)["runs"]
-        for section, cfg in plan(sections, grid, runs):
-            status = runs.get(cfg.key(), {}).get("status", "-")
-            print(f"{section:10s} {status:9s} {cfg.key()} {describe(cfg)}")
+        list_plan(path, sections, grid)
         return 0
+    code_version()  # the code this sweep starts with, recorded in each of its runs
     # The grid of the latest writer (the long section's is its `long` field); the
     # report reads it back.
     meta = {**machine_meta(), "grid": dataclasses.asdict(grid)}

@@ -2,7 +2,9 @@
 
 Planning is a pure function of the grid and the results: every resumed sweep
 recomputes the same plan, so extending a grid past a winning edge, or running the
-gauge comparison at a curve's best rate, is stable across interruptions.
+gauge comparison (or the weight-decay section) at a curve's best rate, is stable
+across interruptions. A run that several sections need is planned once, under the
+first section that lists it (its key is its configuration).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.study.configs import ALL_SECTIONS, Grid, RunConfig
+from benchmarks.study.configs import ALL_SECTIONS, CurveSpec, Grid, RunConfig
 
 # {curve: {lr: [final val loss of each run]}}
 Index = dict[tuple, dict[float, list[float]]]
@@ -45,13 +47,20 @@ def best_lr(by_lr: dict[float, list[float]], runs: int) -> float | None:
 
 
 def curve_lrs(
-    grid_lrs: Sequence[float], curve: tuple, index: Index, extend: int, union: bool = True
+    grid_lrs: Sequence[float],
+    curve: tuple,
+    index: Index,
+    extend: int,
+    union: bool = True,
+    step: float = 2.0,
 ) -> list[float]:
     """The grid, every LR this curve already ran at, and one LR past a winning edge.
 
     The winner is the LR with the lowest seed-mean final val loss among those run
-    (a diverged seed makes the mean infinite). Planning from the results keeps
-    extensions stable across resumes: once any seed ran an LR, every seed gets it.
+    (a diverged seed makes the mean infinite); the next LR is ``step`` times (or one
+    ``step``-th of) the edge, at most ``extend`` steps past the grid. Planning from
+    the results keeps extensions stable across resumes: once any seed ran an LR,
+    every seed gets it.
     """
     by_lr = index.get(curve, {})
     if not union:
@@ -63,12 +72,32 @@ def curve_lrs(
     best = min(means, key=lambda lr: (means[lr], lr))
     if not math.isfinite(means[best]):
         return lrs
-    lo_limit, hi_limit = min(grid_lrs) / 2.0**extend, max(grid_lrs) * 2.0**extend
-    if best == max(lrs) and best * 2 <= hi_limit * (1 + 1e-9):
-        lrs.append(best * 2)
-    elif best == min(lrs) and best / 2 >= lo_limit * (1 - 1e-9):
-        lrs.insert(0, best / 2)
+    lo_limit, hi_limit = min(grid_lrs) / step**extend, max(grid_lrs) * step**extend
+    if best == max(lrs) and best * step <= hi_limit * (1 + 1e-9):
+        lrs.append(best * step)
+    elif best == min(lrs) and best / step >= lo_limit * (1 - 1e-9):
+        lrs.insert(0, best / step)
     return lrs
+
+
+def complete_best_lr(
+    ref: RunConfig,
+    grid_lrs: Sequence[float],
+    index: Index,
+    seeds: Sequence[int],
+    extend: int,
+    step: float = 2.0,
+) -> float | None:
+    """The best rate of ``ref``'s curve once it is complete, else ``None``.
+
+    Complete: every seed ran at every rate the curve plans (its edge extensions
+    included), so the answer no longer changes as the sweep goes on.
+    """
+    by_lr = index.get(ref.curve(), {})
+    lrs = curve_lrs(grid_lrs, ref.curve(), index, extend, step=step)
+    if not lrs or any(len(by_lr.get(lr, ())) < len(seeds) for lr in lrs):
+        return None
+    return best_lr(by_lr, len(seeds))
 
 
 # ----------------------------------------------------------------------------- sections
@@ -173,11 +202,7 @@ def gauge_lr(grid: Grid, index: Index) -> float | None:
     g = grid.long
     ref = dataclasses.replace(long_base(grid), rank=g.gauge_rank)
     spec = next((lrs for m, r, lrs in g.curves if m == "lora_muon" and r == g.gauge_rank), ())
-    by_lr = index.get(ref.curve(), {})
-    lrs = curve_lrs(spec, ref.curve(), index, g.extend)
-    if not lrs or any(len(by_lr.get(lr, ())) < len(g.seeds) for lr in lrs):
-        return None
-    return best_lr(by_lr, len(g.seeds))
+    return complete_best_lr(ref, spec, index, g.seeds, g.extend)
 
 
 def _long(base: RunConfig, grid: Grid, index: Index) -> Curves:
@@ -211,6 +236,90 @@ def long_pilot_configs(grid: Grid) -> list[RunConfig]:
     return out
 
 
+# ----------------------------------------------------------------------------- after (vii)
+
+
+def _specs(base: RunConfig, specs: Sequence[CurveSpec]) -> Curves:
+    return [(dataclasses.replace(base, method=m, rank=r), lrs) for m, r, lrs in specs]
+
+
+def _proxy(grid: Grid, index: Index) -> list[RunConfig]:
+    """The powered proxy test: every proxy curve over the proxy seeds (×√2 extensions)."""
+    s = grid.long_study
+    curves = _specs(long_base(grid), s.proxy_curves)
+    return _expand(curves, s.proxy_seeds, index, s.extend, step=s.proxy_step)
+
+
+def _width128(grid: Grid, index: Index) -> list[RunConfig]:
+    s = grid.long_study
+    base = dataclasses.replace(long_base(grid), width=s.wide)
+    return _expand(_specs(base, s.wide_curves), grid.long.seeds, index, s.extend)
+
+
+def _shape_long(grid: Grid, index: Index) -> list[RunConfig]:
+    s = grid.long_study
+    curves: Curves = []
+    for w, d in s.shapes:
+        curves += _specs(dataclasses.replace(long_base(grid), width=w, depth=d), s.shape_curves)
+    return _expand(curves, grid.long.seeds, index, s.extend)
+
+
+def peer_gauge_lr(grid: Grid, index: Index) -> float | None:
+    """The rate of the peers' gauge study: ``gauge_method``'s best, once its curve is done."""
+    s = grid.long_study
+    spec = next((lrs for m, _, lrs in s.peer_curves if m == s.gauge_method), None)
+    if spec is None:
+        return None
+    ref = dataclasses.replace(long_base(grid), method=s.gauge_method, rank=s.gauge_rank)
+    return complete_best_lr(ref, spec, index, grid.long.seeds, s.extend)
+
+
+def _peers_long(grid: Grid, index: Index) -> list[RunConfig]:
+    """The peers' curves, then the gauge study at :func:`peer_gauge_lr` (none before)."""
+    s = grid.long_study
+    base = long_base(grid)
+    runs = _expand(_specs(base, s.peer_curves), grid.long.seeds, index, s.extend)
+    lr = peer_gauge_lr(grid, index)
+    if lr is None:
+        return runs
+    pairs = [(s.gauge_method, s.gauge)] + [(m, c) for m in s.gauge_controls for c in (1.0, s.gauge)]
+    gauge: Curves = [
+        (dataclasses.replace(base, method=m, rank=s.gauge_rank, gauge=c), (lr,)) for m, c in pairs
+    ]
+    return runs + _expand(gauge, grid.long.seeds, index, 0, union=False)
+
+
+def decay_lr(grid: Grid, index: Index, method: str, rank: int | None) -> float | None:
+    """The weight-decay section's rate of one method: its ``proxy`` curve's best, once done."""
+    s = grid.long_study
+    spec = next((lrs for m, r, lrs in s.proxy_curves if (m, r) == (method, rank)), None)
+    if spec is None:
+        return None
+    ref = dataclasses.replace(long_base(grid), method=method, rank=rank)
+    return complete_best_lr(ref, spec, index, s.proxy_seeds, s.extend, s.proxy_step)
+
+
+def _wd_long(grid: Grid, index: Index) -> list[RunConfig]:
+    """Each decay (and 0: a ``proxy`` run) at the method's best proxy rate (none before)."""
+    s = grid.long_study
+    curves: Curves = []
+    for method, rank in s.decay_curves:
+        lr = decay_lr(grid, index, method, rank)
+        if lr is None:
+            continue
+        ref = dataclasses.replace(long_base(grid), method=method, rank=rank)
+        curves += [(dataclasses.replace(ref, weight_decay=wd), (lr,)) for wd in (0.0, *s.decays)]
+    return _expand(curves, grid.long.seeds, index, 0, union=False)
+
+
+_LONG_STUDY: dict[str, Callable[[Grid, Index], list[RunConfig]]] = {
+    "proxy": _proxy,
+    "width128": _width128,
+    "shape_long": _shape_long,
+    "peers_long": _peers_long,
+    "wd_long": _wd_long,
+}
+
 _SECTIONS: dict[str, Callable[[RunConfig, Grid, Index], Curves]] = {
     "pilot": _pilot,
     "lr": _lr,
@@ -224,15 +333,21 @@ _SECTIONS: dict[str, Callable[[RunConfig, Grid, Index], Curves]] = {
 
 
 def _expand(
-    curves: Curves, seeds: Sequence[int], index: Index, extend: int, union: bool = True
+    curves: Curves,
+    seeds: Sequence[int],
+    index: Index,
+    extend: int,
+    union: bool = True,
+    step: float = 2.0,
 ) -> list[RunConfig]:
+    """Every curve's runs at every seed, seed-major (all curves' seed 0 first)."""
     out: list[RunConfig] = []
     for seed in seeds:
         for cfg, lrs in curves:
             cfg = dataclasses.replace(cfg, seed=seed)
             out += [
                 dataclasses.replace(cfg, lr=lr)
-                for lr in curve_lrs(lrs, cfg.curve(), index, extend, union)
+                for lr in curve_lrs(lrs, cfg.curve(), index, extend, union, step)
             ]
     return out
 
@@ -241,10 +356,12 @@ def plan_section(section: str, grid: Grid, index: Index) -> list[RunConfig]:
     """All runs of one section, seed-major (every curve's seed 0 first).
 
     ``index`` is :func:`index_results` of the results so far (for edge extensions
-    and the long section's gauge rate).
+    and the rates the long sections' gauge and weight-decay runs wait for).
     """
     if section == "long_pilot":
         return long_pilot_configs(grid)
+    if section in _LONG_STUDY:
+        return _LONG_STUDY[section](grid, index)
     if section not in _SECTIONS:
         raise ValueError(f"unknown section {section!r}; choose from {ALL_SECTIONS}")
     base = RunConfig(
@@ -281,3 +398,9 @@ def plan(
                 seen.add(k)
                 out.append((s, cfg))
     return out
+
+
+def progress(section: str, grid: Grid, runs: dict[str, Any]) -> tuple[int, int]:
+    """``(recorded, planned)`` runs of one section, given the results' ``runs``."""
+    keys = [c.key() for c in plan_section(section, grid, index_results(runs))]
+    return sum(k in runs for k in keys), len(keys)

@@ -16,24 +16,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.study import figures
-from benchmarks.study.aggregate import Curve, Results, fmt_lr, mean_std
+from benchmarks.study import discussion as disc
+from benchmarks.study import (
+    figures,
+    report_finetune,
+    report_intro,
+    report_long,
+    report_long_study,
+    report_proxy,
+    version,
+)
+from benchmarks.study.aggregate import Curve, Results, curve_table, fmt_lr, mean_std
+from benchmarks.study.aggregate import paired_deltas as paired_deltas
 from benchmarks.study.configs import (
     ALL_SECTIONS,
     FULL,
     PEER_RANK,
     SECTION_TITLES,
     Grid,
+    RunConfig,
     describe,
     grid_from_dict,
 )
+from benchmarks.study.labels import METHOD_LABELS
+from benchmarks.study.labels import PAPER as PAPER
 from benchmarks.study.lr_transfer import DEFAULT_RESULTS, REPO
 from benchmarks.study.planning import index_results, plan_section
 from benchmarks.study.store import load_results
@@ -41,45 +53,19 @@ from benchmarks.study.store import load_results
 DOCS = REPO / "docs"
 DEFAULT_OUT = DOCS / "lr_transfer.md"
 
-# What the paper reports (spec §6: from a secondary source, not checked against the PDF).
-PAPER = {
-    "dense_best_lr": 0.1,
-    "dense_val": 1.789,
-    "rank2_best_lr": 0.1,
-    "rank2_val": 2.156,
-    "rank32_val": 1.776,
-    "spectron_gauge9": 2.0e-2,
-    "lora_muon_gauge9": -5.1e-5,
-}
-
-METHOD_LABELS = {
-    "dense_muon": "dense Muon",
-    "dense_muon_optax": "dense Muon (stock optax)",
-    "psgd_kron": "dense PSGD-Kron",
-    "lora_muon": "LoRA-Muon",
-    "spectron": "Spectron",
-    "adamw_lora": "AdamW-LoRA",
-    "lora_rite": "LoRA-RITE",
-    "riemannion": "Riemannion",
-}
-
-
-def paired_deltas(base: Curve | None, moved: Curve | None, lr: float) -> list[float]:
-    """``moved − base`` val loss at ``lr``, seed by seed (both finite)."""
-    if base is None or moved is None:
-        return []
-    out = []
-    for (rate, s), rec in moved.runs.items():
-        if math.isclose(rate, lr, rel_tol=1e-9) and (rate, s) in base.runs:
-            a, b = rec.get("val_loss"), base.runs[(rate, s)].get("val_loss")
-            if a is not None and b is not None:
-                out.append(a - b)
-    return out
-
 
 class Report:
-    def __init__(self, res: Results, out: Path, plot_dir: Path, grid: Grid) -> None:
+    def __init__(
+        self,
+        res: Results,
+        out: Path,
+        plot_dir: Path,
+        grid: Grid,
+        head: dict[str, Any] | None = None,
+    ) -> None:
         self.res, self.out, self.plot_dir, self.grid = res, out, plot_dir, grid
+        # The code version runs are compared with (``version.head_version()``).
+        self.head = version.head_version() if head is None else head
         self.lines: list[str] = []
         self.b = grid.budget
         self.w, self.d = grid.width, grid.depth
@@ -98,9 +84,7 @@ class Report:
 
     def short_runs(self) -> list[dict[str, Any]]:
         """Records of sections i–vi: every run but those of the long section and its pilot."""
-        from benchmarks.study.report_long import long_runs
-
-        skip = {id(r) for r in long_runs(self.res, self.grid)}
+        skip = {id(r) for r in report_long.long_runs(self.res, self.grid)}
         return [r for r in self.res.runs.values() if id(r) not in skip and "wall_s" in r]
 
     # -------------------------------------------------------------- sections
@@ -322,30 +306,64 @@ class Report:
         self.table(curves)
 
     def status(self) -> None:
-        rows = ["| section | planned runs | done | diverged | errors |", "|---|---|---|---|---|"]
+        """Planned and recorded runs per section, with their code versions, and errors."""
+        rows = [
+            "| section | planned runs | done | diverged | errors | code: HEAD's / other / "
+            "unversioned |",
+            "|---|---|---|---|---|---|",
+        ]
         runs = self.res.runs
         index = index_results(runs)
         for s in ALL_SECTIONS:
             keys = [c.key() for c in plan_section(s, self.grid, index)]
             done = [runs[k] for k in keys if k in runs]
+            code = version.version_counts(done, self.head)
             rows.append(
                 f"| {SECTION_TITLES[s]} | {len(keys)} | {len(done)} | "
                 f"{sum(r.get('status') == 'diverged' for r in done)} | "
-                f"{sum(r.get('status') == 'error' for r in done)} |"
+                f"{sum(r.get('status') == 'error' for r in done)} | "
+                f"{code.get(version.CURRENT, 0)} / {code.get(version.DIFFERENT, 0)} / "
+                f"{code.get(version.UNVERSIONED, 0)} |"
             )
-        self.add("## Sweep status", "", *rows, "")
+        self.add("## Sweep status", "", *rows, "", *self.code_versions(), "")
         if self.res.errors:
             self.add("Errors (first 5):", "")
-            from benchmarks.study.configs import RunConfig
-
             for r in self.res.errors[:5]:
                 self.add(f"* `{describe(RunConfig.from_dict(r['config']))}`: {r.get('error', '')}")
             self.add("")
 
-    def write(self, discussion: bool = True) -> str:
-        from benchmarks.study import discussion as disc
-        from benchmarks.study import report_finetune, report_intro, report_long
+    def code_versions(self) -> list[str]:
+        """Which code trained the runs: ``HEAD``'s, other versions (flagged), unversioned."""
+        head = self.head
+        others: dict[tuple, int] = {}
+        unversioned = 0
+        for rec in self.res.runs.values():
+            kind = version.classify(rec, head)
+            if kind == version.DIFFERENT:
+                code = rec["code"]
+                k = (code["source"], code.get("commit") or "no commit", bool(code.get("dirty")))
+                others[k] = others.get(k, 0) + 1
+            unversioned += kind == version.UNVERSIONED
+        commit = (head.get("commit") or "no git")[:10]
+        out = [
+            f"**Code versions.** `HEAD` ({commit}): source hash `{head['source']}` (the "
+            "optimizers, the example model and data, the registry and the study's training "
+            "code; `benchmarks/study/version.py`)."
+        ]
+        for (src, c, dirty), n in sorted(others.items(), key=lambda kv: -kv[1]):
+            state = ", uncommitted changes" if dirty else ""
+            out.append(
+                f"* ⚠ {n} runs by other code than `HEAD`'s: source `{src}` "
+                f"(commit {c[:10]}{state})."
+            )
+        if unversioned:
+            out.append(
+                f"* {unversioned} runs unversioned (recorded before runs stored their code "
+                "version)."
+            )
+        return out
 
+    def write(self, discussion: bool = True) -> str:
         report_intro.header(self)
         report_intro.headline(self)
         if discussion:
@@ -358,6 +376,8 @@ class Report:
         self.section_baselines()
         report_finetune.section_finetune(self)
         report_long.section_long(self)
+        report_proxy.section_proxy(self)
+        report_long_study.sections(self)
         self.status()
         text = "\n".join(self.lines).rstrip() + "\n"
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -365,42 +385,13 @@ class Report:
         return text
 
 
-def curve_table(
-    curves: Sequence[tuple[str, Curve | None]], ref: Curve | None = None, ref_name: str = ""
-) -> list[str]:
-    """Best rate, val and train loss there, and diverged runs of each curve."""
-    head = "| curve | best LR | val loss at best LR | train loss at best LR | diverged runs |"
-    sep = "|---|---|---|---|---|"
-    if ref is not None:
-        head += f" loss at {ref_name}'s best LR |"
-        sep += "---|"
-    rows = [head, sep]
-    rb = ref.best() if ref else None
-    for label, c in curves:
-        if c is None:
-            rows.append(f"| {label} | not run yet | | | |" + (" |" if ref else ""))
-            continue
-        best = c.best()
-        tr = {p.lr: p for p in c.points("train_loss")}.get(best.lr) if best else None
-        div = sum(p.diverged for p in c.points())
-        total = sum(len(p.losses) for p in c.points())
-        row = (
-            f"| {label} | {fmt_lr(best and best.lr)} | {mean_std(best)} | "
-            f"{mean_std(tr)} | {div}/{total} |"
-        )
-        if ref is not None:
-            row += f" {mean_std(c.at(rb.lr)) if rb else '–'} |"
-        rows.append(row)
-    return rows
-
-
 def grid_of(data: dict[str, Any]) -> Grid:
     """The grid the sweep ran with (budget overrides included); the full preset otherwise."""
     grid = grid_from_dict(data["meta"]["grid"]) if "grid" in data["meta"] else FULL
-    same = dataclasses.replace(grid, seeds=FULL.seeds, long=FULL.long)
+    same = dataclasses.replace(grid, seeds=FULL.seeds, long=FULL.long, long_study=FULL.long_study)
     if same == FULL:
         # The full study, whichever `--seeds` its last resumed slice ran with.
-        grid = dataclasses.replace(FULL, long=grid.long)
+        grid = dataclasses.replace(FULL, long=grid.long, long_study=grid.long_study)
     return grid
 
 

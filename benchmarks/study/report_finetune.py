@@ -8,14 +8,13 @@ import numpy as np
 
 from benchmarks.study import figures
 from benchmarks.study.aggregate import Curve, fmt, fmt_lr, mean_std
+from benchmarks.study.labels import METHOD_LABELS
 
 if TYPE_CHECKING:
     from benchmarks.study.report import Report
 
 
 def variant_name(method: str, init: str, reb: int) -> str:
-    from benchmarks.study.report import METHOD_LABELS
-
     return f"{METHOD_LABELS[method]} {init}" + (f" +rebalance/{reb}" if reb else "")
 
 

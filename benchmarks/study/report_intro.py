@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks.study.aggregate import Curve, fmt, fmt_lr, mean_std
-from benchmarks.study.report import PAPER
+from benchmarks.study.labels import PAPER
 from benchmarks.study.store import machine_label
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def setup_bullets(rep: Report) -> list[str]:
         f"* **Budget per run** (sections i–vi): {b.steps} steps, batch {b.batch} × "
         f"{b.seq_len} characters ({b.steps * b.batch * b.seq_len / 1e3:.0f}k training "
         f"characters); linear warmup over {b.warmup:.0%} of the steps, flat, linear decay "
-        f"to 0 over the last {b.cooldown:.0%}. No weight decay anywhere. float32.",
+        f"to 0 over the last {b.cooldown:.0%}. No weight decay (section xii aside). float32.",
         f"* **Non-matrix leaves** (embeddings, positions, head, norm scales) use AdamW "
         f"(β = 0.9, 0.999) at a fixed rate {b.adam_lr:g} with the same schedule shape, for "
         "every method except AdamW-LoRA (one rate for all leaves): only the matrix rule "

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.study import figures, transfer
-from benchmarks.study.aggregate import Curve, Results, fmt_lr, mean_std
+from benchmarks.study import figures, report_rule, transfer
+from benchmarks.study.aggregate import Curve, Results, fmt_lr, mean_std, paired_deltas
 from benchmarks.study.configs import Budget, Grid
+from benchmarks.study.labels import METHOD_LABELS, PAPER, label
 from benchmarks.study.planning import long_pilot_configs
+from benchmarks.study.report_intro import compute_line, legacy_machine
 
 if TYPE_CHECKING:
     from benchmarks.study.report import Report
@@ -29,9 +31,7 @@ def long_curve(
 
 
 def long_label(method: str, rank: int | None) -> str:
-    from benchmarks.study.report import METHOD_LABELS
-
-    return METHOD_LABELS[method] + ("" if rank is None else f" r={rank}")
+    return label(method, rank)
 
 
 def long_runs(res: Results, grid: Grid) -> list[dict[str, Any]]:
@@ -130,8 +130,6 @@ def proxy_answer(res: Results, grid: Grid) -> list[str]:
 
 
 def gauge_rows(res: Results, grid: Grid) -> list[str]:
-    from benchmarks.study.report import METHOD_LABELS, paired_deltas
-
     g = grid.long
     rows = [
         f"| method | rate | val loss, gauge 1 | val loss, gauge {g.gauge:g} | paired Δ, "
@@ -174,8 +172,6 @@ def _figure(rep: Report) -> None:
 
 
 def _target_line(res: Results, grid: Grid) -> str:
-    from benchmarks.study.report import PAPER
-
     dense = long_curve(res, grid, "dense_muon", None)
     best = dense.best() if dense else None
     if best is None:
@@ -189,8 +185,6 @@ def _target_line(res: Results, grid: Grid) -> str:
 
 def section_long(rep: Report) -> None:
     """The long budget: setup, pilot, headline table, the rank-2 answer, gauge, rules."""
-    from benchmarks.study.report_intro import compute_line, legacy_machine
-
     g = rep.grid.long
     b = g.budget
     legacy = legacy_machine(rep.res.data)
@@ -220,8 +214,6 @@ def section_long(rep: Report) -> None:
         *gauge_rows(rep.res, rep.grid),
         "",
     )
-    from benchmarks.study import report_rule
-
     lines = report_rule.rule_section(rep.res, rep.grid)
     rep.add(*lines[:2])
     ps = report_rule.pairs(rep.res, rep.grid)

@@ -10,7 +10,10 @@ that chunk, recorded as diverged with its step.
 
 :func:`lora_muon_jax_examples.proxy_lr_search` has a loop of the same kind, but the study
 needs what it leaves out (curves per chunk, the divergence step, a frozen base for
-fine-tuning, LiMuon's second gradient), so it keeps its own.
+fine-tuning, LiMuon's second gradient), so it keeps its own; the two share the
+schedule and the seed's keys (``key(seed)`` for the init, ``fold_in(key(seed), 7)``
+for the batches: :func:`lora_muon_jax_examples.proxy_lr.seed_keys`), so a seed is
+the same run in both.
 """
 
 from __future__ import annotations
@@ -91,11 +94,40 @@ def load_data(seq_len: int, eval_windows: int) -> Data:
 
 def lr_shape(count: jax.Array, b: Budget, steps: int) -> jax.Array:
     """Linear warmup over ``b.warmup`` of the steps, flat, linear decay over the last
-    ``b.cooldown``."""
-    t = jnp.asarray(count, jnp.float32)
-    warm = max(1.0, round(b.warmup * steps))
-    cool = max(1.0, round(b.cooldown * steps))
-    return jnp.minimum(1.0, (t + 1.0) / warm) * jnp.clip((steps - t) / cool, 0.0, 1.0)
+    ``b.cooldown`` (:func:`lora_muon_jax_examples.proxy_lr.warmup_cooldown`, the
+    schedule ``proxy_lr_search`` defaults to)."""
+    from lora_muon_jax_examples.proxy_lr import warmup_cooldown
+
+    return warmup_cooldown(steps, b.warmup, b.cooldown)(count)
+
+
+DECAY_METHODS = ("dense_muon", "lora_muon")  # the methods ``RunConfig.weight_decay`` supports
+
+
+def matrix_weight_decay(
+    weight_decay: float, learning_rate: Callable[[jax.Array], jax.Array]
+) -> optax.GradientTransformation:
+    """Decoupled decay of the block matrices: adds ``−λ η_t W`` to their update.
+
+    Chained after dense Muon's ``−η_t msign(M)`` it gives ``W ← (1 − λη_t) W −
+    η_t msign(M)``: Muon's decoupled weight decay, and what LoRA-Muon's split decay
+    does to each adapter product. Other leaves pass through (their AdamW has none).
+    """
+
+    def init(params: Any) -> optax.ScaleByScheduleState:
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        eta = learning_rate(state.count)
+        out = jax.tree_util.tree_map_with_path(
+            lambda p, u, w: u - weight_decay * eta * w if is_block_matrix(p) else u,
+            updates,
+            params,
+        )
+        return out, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(
@@ -105,9 +137,13 @@ def make_optimizer(
 
     ``peak`` may be traced: no recompiling per LR. Dense methods act on the block
     matrices only; every other leaf gets AdamW at the fixed ``Budget.adam_lr`` with
-    the same schedule shape (AdamW-LoRA: one rate for every leaf).
+    the same schedule shape (AdamW-LoRA: one rate for every leaf). A
+    ``weight_decay`` λ decays the matrices (not the AdamW leaves) by ``1 − λη_t`` per
+    step: LoRA-Muon's split decay of each product, :func:`matrix_weight_decay` for
+    dense Muon.
     """
     b = cfg.budget
+    rate = lambda c: peak * lr_shape(c, b, steps)  # noqa: E731
     options: dict[str, Any] = {}
     if cfg.method == "lora_muon" and cfg.rebalance:
         from lora_muon_jax import GaugeRebalance
@@ -115,14 +151,22 @@ def make_optimizer(
         options["rebalance"] = GaugeRebalance(every=cfg.rebalance)
     if cfg.method in ("lora_pre_muon", "limuon"):
         options["rank"] = PEER_RANK
-    return registry.make(
+    wd = cfg.weight_decay
+    if wd is not None and cfg.method not in DECAY_METHODS:
+        raise ValueError(f"weight_decay: only {DECAY_METHODS}; got {cfg.method!r}")
+    if wd is not None and cfg.method == "lora_muon":
+        options["weight_decay"] = wd
+    tx = registry.make(
         cfg.method,
-        lambda c: peak * lr_shape(c, b, steps),
+        rate,
         params,
         adam_learning_rate=lambda c: b.adam_lr * lr_shape(c, b, steps),
         is_matrix=is_block_matrix,
         **options,
     )
+    if wd is not None and cfg.method == "dense_muon":
+        tx = optax.chain(tx, matrix_weight_decay(wd, rate))
+    return tx
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -139,7 +183,10 @@ _COMPILED: dict[tuple, Trainer] = {}
 
 
 def _static_key(cfg: RunConfig, steps: int) -> tuple:
-    """What the compiled functions depend on: not the LR, the seed, the gauge, the init."""
+    """What the compiled functions depend on: not the LR, the seed, the gauge, the init.
+
+    (The weight decay is a compile-time constant of the optimizer, so it is in.)
+    """
     return (
         cfg.method,
         cfg.rank,
@@ -147,6 +194,7 @@ def _static_key(cfg: RunConfig, steps: int) -> tuple:
         cfg.depth,
         cfg.task,
         cfg.rebalance,
+        cfg.weight_decay,
         dataclasses.astuple(cfg.budget),
         steps,
     )
