@@ -1,12 +1,13 @@
-"""Before/after of the engine: the landed LoRA-Muon and today's, side by side in one process.
+"""Before/after of the engine: a landed LoRA-Muon and today's, side by side in one process.
 
     python -m benchmarks.landed_vs_now PATH   # PATH holds a package `lora_muon_jax_landed`
 
-The landed version (commit 9db2f4c) is imported under another package name, made by
-copying its ``lora_muon_jax/`` folder to ``PATH/lora_muon_jax_landed`` and renaming
-the package in its imports, so AdamW, the landed step and today's step take turns in
-one process on the same trees (interleaved, medians of per-round ratios to AdamW), each
-step donating its params and state as training loops do.
+A landed version is imported under another package name, made by copying its
+``lora_muon_jax/`` folder (``git archive COMMIT lora_muon_jax``) to
+``PATH/lora_muon_jax_landed`` and renaming the package in its imports, so AdamW, the
+landed step and today's step take turns in one process on the same trees
+(interleaved, medians of per-round ratios to AdamW). Every step is timed donated
+(params and state updated in place, as training loops run it) and not donated.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     cases = [("lora", c) for c in trees.CONFIGS] + [
         ("model", (m, r)) for m in trees.MODELS for r in (16, 64)
     ]
-    print("| tree | AdamW ms | landed ×AdamW | now ×AdamW | landed temps | now temps |")
+    print(
+        "| tree | AdamW ms (donated) | landed ×AdamW donated (plain) "
+        "| now ×AdamW donated (plain) | landed temps | now temps |"
+    )
     print("|---|---|---|---|---|---|")
     for kind, cfg in cases:
         if kind == "lora":
@@ -44,14 +48,21 @@ def main(argv: list[str] | None = None) -> None:
         }
         fns, temps = {}, {}
         for key, tx in txs.items():
-            state, step = tx.init(params), common.optimizer_step(tx, donate=True)
+            state = tx.init(params)
+            step, plain = common.optimizer_step(tx, donate=True), common.optimizer_step(tx)
             temps[key] = common.compiled_costs(step.lower(params, state, grads).compile())
             fns[key] = common.DonatedCall(step, params, state, grads)
+            fns[f"{key}/plain"] = lambda plain=plain, s=state, p=params, g=grads: plain(p, s, g)
         t = common.interleaved_times(fns, 21)
-        ratio = {k: float(np.median(t[k] / t["adamw"])) for k in t}
+
+        def ratio(key: str, t: dict[str, np.ndarray] = t) -> str:
+            donated = np.median(t[key] / t["adamw"])
+            plain = np.median(t[f"{key}/plain"] / t["adamw/plain"])
+            return f"{donated:.2f} ({plain:.2f})"
+
         tb = {k: temps[k]["peak_temp_bytes"] / (4 * elems) for k in ("landed", "now")}
-        cells = [name, f"{np.median(t['adamw']) * 1e3:.2f}", f"{ratio['landed']:.2f}"]
-        cells += [f"{ratio['now']:.2f}", f"{tb['landed']:.2f}", f"{tb['now']:.2f}"]
+        cells = [name, f"{np.median(t['adamw']) * 1e3:.2f}", ratio("landed"), ratio("now")]
+        cells += [f"{tb['landed']:.2f}", f"{tb['now']:.2f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
