@@ -25,6 +25,7 @@ from lora_muon_jax._lora_muon import lora_muon as lora_muon
 from lora_muon_jax._lora_muon import scale_by_lora_muon as scale_by_lora_muon
 from lora_muon_jax._lora_muon_state import LoRAMuonState as LoRAMuonState
 from lora_muon_jax._pair_discovery import PRESETS as PRESETS
+from lora_muon_jax._pair_discovery import AmbiguousLayoutError as AmbiguousLayoutError
 from lora_muon_jax._pair_discovery import FactorAxes as FactorAxes
 from lora_muon_jax._pair_discovery import LoRAFactor as LoRAFactor
 from lora_muon_jax._pair_discovery import LoRAPair as LoRAPair
@@ -35,6 +36,8 @@ from lora_muon_jax._pair_discovery import lora_param_labels as lora_param_labels
 from lora_muon_jax._pair_discovery import peft_adapter as peft_adapter
 from lora_muon_jax._split_weight_decay import SplitWeightDecayState as SplitWeightDecayState
 from lora_muon_jax._split_weight_decay import split_weight_decay as split_weight_decay
+from lora_muon_jax.lora_scale import peft_config_lora_scale as peft_config_lora_scale
+from lora_muon_jax.lora_scale import qwix_lora_scale as qwix_lora_scale
 from lora_muon_jax.peft_io import PeftAdapter as PeftAdapter
 from lora_muon_jax.peft_io import load_peft_adapter as load_peft_adapter
 from lora_muon_jax.peft_io import save_peft_adapter as save_peft_adapter
@@ -46,6 +49,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "PRESETS",
+    "AmbiguousLayoutError",
     "FactorAxes",
     "GaugeRebalance",
     "GaugeRebalanceState",
@@ -66,6 +70,8 @@ __all__ = [
     "lora_pair_diagnostics",
     "lora_param_labels",
     "peft_adapter",
+    "peft_config_lora_scale",
+    "qwix_lora_scale",
     "rebalance_pair",
     "save_peft_adapter",
     "scale_by_lora_muon",

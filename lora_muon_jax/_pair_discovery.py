@@ -9,9 +9,13 @@ reads only paths, shapes and dtypes, so it runs at trace time on params, updates
 
 Factor names are matched on the whole key path, so nested dicts and flat dicts with
 dotted keys (a PEFT state dict such as ``…q_proj.lora_A.default.weight``) are read
-the same way. A pair optimizer never falls back to AdamW silently: a tree in which
-no pair is found raises (:func:`require_pairs`) unless the caller opts into
-fallback-only with ``allow_no_pairs=True``.
+the same way. ``pairs="auto"`` tries every preset's layout on every pair and takes
+the reading that all the layouts that fit agree on; where two fit and disagree it
+raises :class:`AmbiguousLayoutError` rather than guess.
+
+A pair optimizer never falls back to AdamW silently: a tree in which no pair is
+found raises (:func:`require_pairs`) unless the caller opts into fallback-only
+with ``allow_no_pairs=True``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax
 
 __all__ = [
     "PRESETS",
+    "AmbiguousLayoutError",
     "FactorAxes",
     "FactorLayout",
     "LoRAFactor",
@@ -96,6 +101,15 @@ B_AXES = FactorAxes(rank_axis=-2)  # b: (*batch, r, n)
 AxesFn: TypeAlias = Callable[[tuple[int, ...], tuple[int, ...]], tuple[FactorAxes, FactorAxes]]
 
 
+class AmbiguousLayoutError(ValueError):
+    """Two layouts fit the same factor shapes and read them differently.
+
+    Raised by :func:`leading_batch_axes` for a layer axis in the middle, and by
+    ``pairs="auto"`` (or overlapping rules) when two presets that name the same
+    leaves read them differently. It is a ``ValueError``.
+    """
+
+
 def leading_batch_axes(
     a_shape: Sequence[int], b_shape: Sequence[int]
 ) -> tuple[FactorAxes, FactorAxes]:
@@ -124,7 +138,8 @@ def leading_batch_axes(
 
     Raises:
       ValueError: no axis of ``b`` after the shared leading axes has the rank of
-        ``a``, or the layer-axis-in-the-middle ambiguity above.
+        ``a``; :class:`AmbiguousLayoutError` (a ``ValueError``) for the
+        layer-axis-in-the-middle ambiguity above.
 
     Examples:
       >>> from lora_muon_jax import leading_batch_axes
@@ -146,7 +161,7 @@ def leading_batch_axes(
             f"(shape {b_shape}) right after the leading axes the factors share."
         )
     if k == 0 and len(a_shape) >= 3 and len(b_shape) >= 3 and a_shape[1] == b_shape[1]:
-        raise ValueError(
+        raise AmbiguousLayoutError(
             f"ambiguous layout: a {a_shape} and b {b_shape} share axis 1 (size "
             f"{a_shape[1]}), as MaxText's scanned layers store their layer axis. Use "
             "pairs='maxtext' for that layout, or a PairRule with explicit FactorAxes "
@@ -308,9 +323,16 @@ PRESETS: dict[str, tuple[PairRule, ...]] = {
         ),
     ),
 }
-# "auto" reads only layouts it cannot misread: qwix's einsum layouts and MaxText's
-# scanned layers fail loudly under it and need their own preset.
-PRESETS["auto"] = PRESETS["flax"] + PRESETS["peft"] + PRESETS["gemma"]
+# "auto" is every preset at once. PEFT's and gemma's names are their own; flax,
+# qwix and MaxText all name their factors `lora_a`/`lora_b`, so each such pair is
+# read by all three layouts and takes the reading that every layout that fits it
+# agrees on (flax's and qwix's agree wherever both fit). Where two of them fit and
+# read a pair differently (MaxText's layer axis at 1 vs a qwix einsum adapter) it
+# raises, naming the presets and the leaves. ("maxtext_unscanned" reads what
+# "qwix" reads with no batch axis, so it adds nothing here.)
+PRESETS["auto"] = (
+    PRESETS["flax"] + PRESETS["peft"] + PRESETS["gemma"] + PRESETS["qwix"] + PRESETS["maxtext"]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,12 +491,21 @@ def _resolve_rules(pairs: PairsLike) -> tuple[PairRule, ...] | PairFn:
     )
 
 
-class _Match(NamedTuple):
-    a: int
-    b: int
+class _Reading(NamedTuple):
+    """One layout a rule gives a pair: fixed axes, or a function of the shapes."""
+
     a_axes: FactorAxes
     b_axes: FactorAxes
     axes_from_shapes: AxesFn | None = None
+    rule: PairRule | None = None  # the rule that named the pair (None: a callable)
+
+
+class _Match(NamedTuple):
+    """Two leaves named as factors ``a`` and ``b``, with every layout that names them."""
+
+    a: int
+    b: int
+    readings: tuple[_Reading, ...]
 
 
 def joined_name(name: Sequence[str]) -> str:
@@ -508,8 +539,8 @@ def _match_by_rules(
     index = _Index({n: i for i, n in enumerate(names)}, {})
     for i, n in enumerate(names):
         index.joined.setdefault(joined_name(n), []).append(i)
-    matches: list[_Match] = []
-    orphans: list[str] = []
+    found_pairs: dict[tuple[int, int], list[_Reading]] = {}
+    orphans: dict[int, str] = {}
     for rule in rules:
         for role, own, other in (("a", rule.a, rule.b), ("b", rule.b, rule.a)):
             for i, name in enumerate(names):
@@ -521,23 +552,24 @@ def _match_by_rules(
                             f"name {key!r} fits several leaves: "
                             f"{', '.join(shown[j] for j in js)}."
                         )
-                if keys and not any(found):
-                    orphans.append(
+                if keys and not any(found) and i not in orphans:
+                    orphans[i] = (
                         f"{shown[i]} looks like LoRA factor `{role}` ({own!r} of "
                         f"{_rule_str(rule)}) but its partner {keys[0]} is missing"
                     )
                 if role == "a":
+                    reading = _Reading(rule.a_axes, rule.b_axes, rule.axes_from_shapes, rule)
                     for (j,) in filter(None, found):
-                        match = _Match(i, j, rule.a_axes, rule.b_axes, rule.axes_from_shapes)
-                        if match not in matches:  # the same pair from two rules
-                            matches.append(match)
+                        readings = found_pairs.setdefault((i, j), [])
+                        if reading not in readings:  # the same rule twice
+                            readings.append(reading)
     if orphans:
         raise ValueError(
-            "Unpaired LoRA factor(s): " + "; ".join(orphans) + ". Every adapter needs "
-            "both factors in the same tree; pass `pairs=` a PairRule or callable if "
-            "your names differ."
+            "Unpaired LoRA factor(s): " + "; ".join(orphans[i] for i in sorted(orphans)) + ". "
+            "Every adapter needs both factors in the same tree; pass `pairs=` a PairRule "
+            "or callable if your names differ."
         )
-    return matches
+    return [_Match(a, b, tuple(rs)) for (a, b), rs in found_pairs.items()]
 
 
 def _rule_str(rule: PairRule) -> str:
@@ -577,7 +609,7 @@ def _match_by_fn(
                 f"`{present}` of pair {pair!r}, but no leaf was given the other role."
             )
         (ia, axa), (ib, axb) = slot["a"], slot["b"]
-        matches.append(_Match(ia, ib, axa, axb))
+        matches.append(_Match(ia, ib, (_Reading(axa, axb),)))
     return matches
 
 
@@ -601,7 +633,12 @@ def _resolve_axes(axes: FactorAxes, ndim: int, where: str) -> FactorAxes:
     return FactorAxes(rank_axis=rank, batch_axes=batch)
 
 
-def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
+class _LayoutMismatch(ValueError):
+    """Internal: a layout does not fit the factors' shapes (rank, batch, axes)."""
+
+
+def _check_factors(m: _Match, leaves: list[Any], shown: list[str]) -> str:
+    """Checks what every layout needs (arrays, ndim >= 2, one dtype); names the pair."""
     xa, xb = leaves[m.a], leaves[m.b]
     for x, where in ((xa, shown[m.a]), (xb, shown[m.b])):
         if not hasattr(x, "shape") or len(x.shape) < 2:
@@ -613,54 +650,112 @@ def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
         f"a at {shown[m.a]} (shape {tuple(xa.shape)}) and "
         f"b at {shown[m.b]} (shape {tuple(xb.shape)})"
     )
-    a_ax, b_ax = m.a_axes, m.b_axes
-    if m.axes_from_shapes is not None:
+    if xa.dtype != xb.dtype:
+        raise ValueError(f"LoRA dtype mismatch: {what} have dtypes {xa.dtype} and {xb.dtype}.")
+    return what
+
+
+def _read_pair(
+    m: _Match, reading: _Reading, leaves: list[Any], shown: list[str], what: str
+) -> LoRAPair:
+    """The pair as ``reading`` lays it out; raises ``_LayoutMismatch`` where it does not fit."""
+    xa, xb = leaves[m.a], leaves[m.b]
+    a_ax, b_ax = reading.a_axes, reading.b_axes
+    if reading.axes_from_shapes is not None:
         try:
-            a_ax, b_ax = m.axes_from_shapes(tuple(xa.shape), tuple(xb.shape))
+            a_ax, b_ax = reading.axes_from_shapes(tuple(xa.shape), tuple(xb.shape))
+        except AmbiguousLayoutError as err:
+            raise AmbiguousLayoutError(f"LoRA layout of {what}: {err}") from None
         except ValueError as err:
-            raise ValueError(f"LoRA layout of {what}: {err}") from None
-    a_axes = _resolve_axes(a_ax, len(xa.shape), f"LoRA factor a at {shown[m.a]}")
-    b_axes = _resolve_axes(b_ax, len(xb.shape), f"LoRA factor b at {shown[m.b]}")
+            raise _LayoutMismatch(f"LoRA layout of {what}: {err}") from None
+    try:
+        a_axes = _resolve_axes(a_ax, len(xa.shape), f"LoRA factor a at {shown[m.a]}")
+        b_axes = _resolve_axes(b_ax, len(xb.shape), f"LoRA factor b at {shown[m.b]}")
+    except ValueError as err:
+        raise _LayoutMismatch(str(err)) from None
     ra, rb = xa.shape[a_axes.rank_axis], xb.shape[b_axes.rank_axis]
     if ra != rb:
-        raise ValueError(
+        raise _LayoutMismatch(
             f"LoRA rank mismatch: {what} have ranks {ra} (axis {a_axes.rank_axis} of a) "
-            f"and {rb} (axis {b_axes.rank_axis} of b). If the layout differs, use the "
-            "preset of the library that wrote it (pairs='qwix', 'gemma', 'maxtext', "
-            "'peft') or set the PairRule's FactorAxes."
+            f"and {rb} (axis {b_axes.rank_axis} of b)."
         )
     batch_a = tuple(xa.shape[i] for i in a_axes.batch_axes or ())
     batch_b = tuple(xb.shape[i] for i in b_axes.batch_axes or ())
     if batch_a != batch_b:
-        raise ValueError(
+        raise _LayoutMismatch(
             f"LoRA batch axes mismatch: {what} have batch shapes {batch_a} (axes "
-            f"{a_axes.batch_axes}) and {batch_b} (axes {b_axes.batch_axes}). Scanned or "
-            "stacked factors need the same leading axes; set FactorAxes.batch_axes if "
-            "the layer axis is elsewhere. Multi-axis adapters have their own presets: "
-            "pairs='qwix' or 'gemma' (einsum, DenseGeneral), 'maxtext' (scanned "
-            "layers, layer axis at 1)."
+            f"{a_axes.batch_axes}) and {batch_b} (axes {b_axes.batch_axes})."
         )
-    if xa.dtype != xb.dtype:
-        raise ValueError(f"LoRA dtype mismatch: {what} have dtypes {xa.dtype} and {xb.dtype}.")
-    pair = LoRAPair(
-        a_path=shown[m.a],
-        b_path=shown[m.b],
-        a_index=m.a,
-        b_index=m.b,
-        a_axes=a_axes,
-        b_axes=b_axes,
-        batch_shape=batch_a,
-        m=0,
-        n=0,
-        rank=ra,
-    )
+    pair = LoRAPair(shown[m.a], shown[m.b], m.a, m.b, a_axes, b_axes, batch_a, 0, 0, ra)
     m_size = math.prod(xa.shape[i] for i in pair._matrix_axes("a", len(xa.shape)))
     n_size = math.prod(xb.shape[i] for i in pair._matrix_axes("b", len(xb.shape)))
     return dataclasses.replace(pair, m=m_size, n=n_size)
 
 
-def plan_pairs(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> PairPlan:
-    """Finds and validates the pairs among already-flattened leaves."""
+def _layout_name(reading: _Reading) -> str:
+    """``pairs='<preset>'`` for a preset's rule, else the rule itself."""
+    if reading.rule is None:
+        return "the `pairs` callable"
+    for name, rules in PRESETS.items():
+        if name != "auto" and reading.rule in rules:
+            return f"pairs={name!r}"
+    return _rule_str(reading.rule)
+
+
+def _reading_str(pair: LoRAPair) -> str:
+    a, b = pair.a_axes, pair.b_axes
+    return (
+        f"batch {pair.batch_shape} (axes {a.batch_axes} of a, {b.batch_axes} of b), "
+        f"m={pair.m}, n={pair.n}, rank {pair.rank} (axis {a.rank_axis} of a, "
+        f"{b.rank_axis} of b)"
+    )
+
+
+def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
+    """The pair's layout: the one reading every layout that fits it agrees on."""
+    what = _check_factors(m, leaves, shown)
+    if len(m.readings) == 1:
+        return _read_pair(m, m.readings[0], leaves, shown, what)
+    fits: dict[LoRAPair, list[str]] = {}
+    ambiguous: list[tuple[str, AmbiguousLayoutError]] = []
+    misfits: list[tuple[_Reading, ValueError]] = []
+    for reading in m.readings:
+        try:
+            fits.setdefault(_read_pair(m, reading, leaves, shown, what), []).append(
+                _layout_name(reading)
+            )
+        except AmbiguousLayoutError as err:
+            ambiguous.append((_layout_name(reading), err))
+        except _LayoutMismatch as err:
+            misfits.append((reading, err))
+    if len(fits) == 1 and not ambiguous:
+        return next(iter(fits))
+    if len(fits) + len(ambiguous) > 1:
+        readings = [
+            f"{' and '.join(names)} read{'s' if len(names) == 1 else ''} {_reading_str(p)}"
+            for p, names in fits.items()
+        ]
+        readings += [
+            f"{name} fits them two ways "
+            f"({str(err).removeprefix(f'LoRA layout of {what}: ').split('. ')[0]})"
+            for name, err in ambiguous
+        ]
+        raise AmbiguousLayoutError(
+            f"Ambiguous LoRA layout: {what} fit several layouts that read them "
+            f"differently: {'; '.join(readings)}. Pass `pairs=` the preset of the "
+            "library that wrote them, or a PairRule with explicit FactorAxes."
+        )
+    if ambiguous:
+        raise ambiguous[0][1]
+    first, others = misfits[0][1], misfits[1:]
+    short = [f"{_layout_name(r)}: {str(e).replace(what, 'they')}" for r, e in others]
+    raise _LayoutMismatch(
+        f"{first} No layout that names these leaves fits them ({_layout_name(misfits[0][0])} "
+        f"above; {'; '.join(short)})."
+    )
+
+
+def _plan(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> PairPlan:
     names = [path_names(p) for p in paths]
     shown = [path_str(p) for p in paths]
     leaves = list(leaves)
@@ -686,6 +781,26 @@ def plan_pairs(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) ->
     return PairPlan(pairs=tuple(built), unpaired=unpaired, paths=tuple(shown))
 
 
+def plan_pairs(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> PairPlan:
+    """Finds and validates the pairs among already-flattened leaves.
+
+    A layout that does not fit (ranks, batch axes, an ambiguous layout) raises a
+    ``ValueError`` that names the leaves and the presets that read the whole tree.
+    """
+    try:
+        return _plan(paths, leaves, pairs)
+    except (_LayoutMismatch, AmbiguousLayoutError) as err:
+        fits = _fitting_presets(paths, leaves, pairs)
+        hint = (
+            " Presets that read the whole tree: " + "; ".join(fits) + "."
+            if fits
+            else " No preset reads the whole tree: describe its layout with a PairRule "
+            "(FactorAxes or axes_from_shapes) or a callable."
+        )
+        cls = AmbiguousLayoutError if isinstance(err, AmbiguousLayoutError) else ValueError
+        raise cls(str(err) + hint) from None
+
+
 def find_lora_pairs(tree: Any, pairs: PairsLike = "auto") -> list[LoRAPair]:
     """Lists the LoRA factor pairs of a pytree.
 
@@ -696,10 +811,13 @@ def find_lora_pairs(tree: Any, pairs: PairsLike = "auto") -> list[LoRAPair]:
 
     Args:
       tree: any pytree of arrays.
-      pairs: ``"auto"`` (the ``flax``, ``peft`` and ``gemma`` presets), a preset name
-        from :data:`PRESETS` (``"flax"``, ``"peft"``, ``"gemma"``, ``"qwix"``,
-        ``"maxtext"``, ``"maxtext_unscanned"``), :func:`peft_adapter` of one named
-        adapter, a :class:`PairRule`, a sequence of them, or a callable
+      pairs: ``"auto"`` (every preset: each pair gets the one reading that all the
+        layouts that name it and fit its shapes agree on, so it finds what the
+        library's own preset finds), a preset name from :data:`PRESETS`
+        (``"flax"``, ``"peft"``, ``"gemma"``, ``"qwix"``, ``"maxtext"``,
+        ``"maxtext_unscanned"``), :func:`peft_adapter` of one named adapter, a
+        :class:`PairRule`, a sequence of them (a pair that several rules name
+        gets their common reading, as under ``"auto"``), or a callable
         ``(path: tuple[str, ...], leaf) -> LoRAFactor | None``.
 
     Returns:
@@ -707,17 +825,25 @@ def find_lora_pairs(tree: Any, pairs: PairsLike = "auto") -> list[LoRAPair]:
 
     Raises:
       ValueError: a factor without its partner, a leaf in two pairs, or factors whose
-        rank, batch shape or dtype disagree. The message names the leaf paths.
-        Finding no pair is an answer here (an empty list); the optimizers and
-        :func:`lora_param_labels` raise on it instead.
+        rank, batch shape or dtype disagree. The message names the leaf paths and
+        the presets that read the whole tree. Finding no pair is an answer here
+        (an empty list); the optimizers and :func:`lora_param_labels` raise on it
+        instead.
+      AmbiguousLayoutError: (a ``ValueError``) two layouts fit a pair's shapes and
+        read them differently, e.g. MaxText's layer axis at 1 and a qwix einsum
+        adapter; the message names both presets and the pair's leaves.
 
     Examples:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> from lora_muon_jax import find_lora_pairs
       >>> params = {'q': {'lora_a': jnp.zeros((8, 2)), 'lora_b': jnp.zeros((2, 4))},
       ...           'bias': jnp.zeros(4)}
       >>> [(p.a_path, p.b_path, p.m, p.n, p.rank) for p in find_lora_pairs(params)]
       [("['q']['lora_a']", "['q']['lora_b']", 8, 4, 2)]
+      >>> S = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+      >>> tunix_o_proj = {'w_lora_a': S(4, 8, 2), 'w_lora_b': S(2, 32)}  # BTNH,NHD->BTD
+      >>> [(p.m, p.n, p.rank) for p in find_lora_pairs(tunix_o_proj)]  # read as qwix's
+      [(32, 32, 2)]
     """
     paths, leaves, _ = flatten_with_paths(tree)
     return list(plan_pairs(paths, leaves, pairs).pairs)
@@ -733,18 +859,30 @@ def _shown_list(names: Sequence[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _preset_hint(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> str:
-    """Which presets would find pairs in this tree, as a sentence (or "")."""
-    fits = []
+def _fitting_presets(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> list[str]:
+    """The presets that read the whole tree and find pairs, those that read it alike
+    grouped (``"pairs='qwix' finds 7 (pairs='maxtext_unscanned' reads it the same)"``)."""
+    readings: dict[tuple[LoRAPair, ...], list[str]] = {}
     for preset in PRESETS:
         if preset == "auto" or (isinstance(pairs, str) and preset == pairs):
             continue
         try:
-            found = plan_pairs(paths, leaves, preset).pairs
+            found = _plan(paths, leaves, preset).pairs
         except ValueError:
             continue
         if found:
-            fits.append(f"pairs={preset!r} finds {len(found)}")
+            readings.setdefault(found, []).append(f"pairs={preset!r}")
+    out = []
+    for found, names in readings.items():
+        verb = "reads" if len(names) == 2 else "read"
+        same = f" ({', '.join(names[1:])} {verb} it the same)" if len(names) > 1 else ""
+        out.append(f"{names[0]} finds {len(found)}{same}")
+    return out
+
+
+def _preset_hint(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> str:
+    """Which presets would find pairs in this tree, as a sentence (or "")."""
+    fits = _fitting_presets(paths, leaves, pairs)
     return (" Presets that find pairs here: " + "; ".join(fits) + ".") if fits else ""
 
 

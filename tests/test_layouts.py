@@ -183,6 +183,21 @@ def test_layout_details():
         lmj.find_lora_pairs(_params(LAYOUTS["maxtext scanned"][0]["native"]), "qwix")
 
 
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_auto_reads_each_layout_as_its_library_preset(name):
+    shapes, pairs, _, _ = LAYOUTS[name]
+    params = _params(shapes)
+    if name == "maxtext scanned":
+        # MaxText's layer axis at 1 has the shapes of a qwix einsum adapter too:
+        # "auto" names both readings instead of picking one.
+        with pytest.raises(
+            lmj.AmbiguousLayoutError, match=r"pairs='maxtext' reads batch \(3,\).*pairs='qwix'"
+        ):
+            lmj.find_lora_pairs(params, "auto")
+        return
+    assert lmj.find_lora_pairs(params, "auto") == lmj.find_lora_pairs(params, pairs)
+
+
 @pytest.mark.parametrize("name", MATH)
 def test_each_term_is_half_the_budget_and_matches_float64(name):
     shapes, pairs, c, _ = LAYOUTS[name]

@@ -53,8 +53,13 @@ def test_qwix_and_maxtext_token_names():
     mt = {"query": {"lora_a.kernel": _sds(32, 6, 4), "lora_b.kernel": _sds(4, 6, 2, 8)}}
     (pair,) = lmj.find_lora_pairs(mt, "maxtext")
     assert (pair.batch_shape, pair.m, pair.n, pair.rank) == ((6,), 32, 16, 4)
-    # ... and "auto" refuses the layout loudly rather than misreading it.
-    with pytest.raises(ValueError, match="rank mismatch"):
+    # ... and "auto" refuses the layout loudly rather than misreading it: a qwix
+    # einsum adapter could have the same shapes. The error names both readings.
+    with pytest.raises(
+        lmj.AmbiguousLayoutError,
+        match=r"Ambiguous LoRA layout: a at \['query'\]\['lora_a.kernel'\].*"
+        r"pairs='maxtext' reads batch \(6,\).*pairs='qwix' fits them two ways",
+    ):
         lmj.find_lora_pairs(mt)
 
 
@@ -216,9 +221,57 @@ def test_peft_state_dict_flat_and_nested_give_the_same_pairs():
 def test_gemma_and_qwix_layouts_from_shapes(a_shape, b_shape, expected):
     gemma = {"blk": {"lora": {"a": _sds(*a_shape), "b": _sds(*b_shape)}}}
     qwix = {"blk": {"kernel_lora_a": _sds(*a_shape), "kernel_lora_b": _sds(*b_shape)}}
-    for tree, pairs in ((gemma, "gemma"), (qwix, "qwix")):
+    for tree, pairs in ((gemma, "gemma"), (qwix, "qwix"), (gemma, "auto"), (qwix, "auto")):
         (pair,) = lmj.find_lora_pairs(tree, pairs)
         assert (pair.batch_shape, pair.m, pair.n) == expected
+    assert lmj.find_lora_pairs(qwix, "auto") == lmj.find_lora_pairs(qwix, "qwix")
+
+
+def test_auto_takes_the_one_layout_that_fits():
+    # Tunix's einsum adapters (qwix): ranks equal to a head count included. Only
+    # the qwix layout fits each; "auto" reads them as "qwix" does.
+    tree = {
+        "q_einsum": {"w_lora_a": _sds(32, 4), "w_lora_b": _sds(4, 4, 8)},  # BTD,NDH->BTNH
+        "kv_einsum": {"w_lora_a": _sds(32, 2), "w_lora_b": _sds(2, 2, 2, 8)},  # BSD,CKDH->CBSKH
+        "attn_vec_einsum": {"w_lora_a": _sds(4, 8, 4), "w_lora_b": _sds(4, 32)},  # BTNH,NHD->BTD
+        "up_proj": {"kernel_lora_a": _sds(32, 4), "kernel_lora_b": _sds(4, 64)},  # nnx.Linear
+    }
+    auto = lmj.find_lora_pairs(tree, "auto")
+    assert auto == lmj.find_lora_pairs(tree, "qwix")
+    assert sorted((p.a_path.split("]")[0], p.m, p.n, p.rank) for p in auto) == [
+        ("['attn_vec_einsum'", 32, 32, 4),
+        ("['kv_einsum'", 32, 32, 2),
+        ("['q_einsum'", 32, 32, 4),
+        ("['up_proj'", 32, 64, 4),
+    ]
+
+
+def test_auto_names_both_presets_and_the_leaves_where_two_fit():
+    # Stacked flax factors whose layer count and input size equal the rank: the
+    # MaxText layout (layer axis 1) fits these shapes too, and reads them otherwise.
+    tree = {"blk": {"lora_a": _sds(2, 2, 2), "lora_b": _sds(2, 2, 3)}}
+    with pytest.raises(
+        lmj.AmbiguousLayoutError,
+        match=r"Ambiguous LoRA layout: a at \['blk'\]\['lora_a'\] \(shape \(2, 2, 2\)\) and "
+        r"b at \['blk'\]\['lora_b'\].*pairs='flax' and pairs='qwix' read batch \(2,\) "
+        r"\(axes \(0,\) of a.*; pairs='maxtext' reads batch \(2,\) \(axes \(1,\) of a",
+    ):
+        lmj.find_lora_pairs(tree)
+    # The error is a ValueError too, and the explicit presets read the tree.
+    with pytest.raises(ValueError, match="Ambiguous"):
+        lmj.lora_param_labels()(tree)
+    assert lmj.find_lora_pairs(tree, "flax")[0].batch_shape == (2,)
+
+
+def test_auto_error_when_no_layout_fits_lists_each_reason():
+    tree = {"lora_a": _sds(4, 2), "lora_b": _sds(3, 5)}
+    with pytest.raises(
+        ValueError,
+        match=r"^LoRA rank mismatch: a at \['lora_a'\].*No layout that names these leaves "
+        r"fits them \(pairs='flax' above; pairs='qwix': .*; pairs='maxtext': .*\)\. "
+        r"No preset reads the whole tree",
+    ):
+        lmj.find_lora_pairs(tree)
 
 
 def test_layer_axis_in_the_middle_is_not_guessed():
