@@ -68,6 +68,19 @@ def dtype_rtol(dtype: jax.typing.DTypeLike, eps: jax.typing.ArrayLike) -> jax.Ar
     return jnp.maximum(jnp.asarray(eps, jnp.float32), max(GRAM_RTOL, rounding_rtol(dtype)))
 
 
+def polar_rtol(eps: jax.typing.ArrayLike) -> jax.Array:
+    """The polar factor's threshold: ``max(eps, 100 eps_f32)`` (about 1.2e-5).
+
+    The whitened momentum Gram is accumulated in float32 with errors of about
+    :data:`GRAM_RTOL` ``· λ_max``, like the partner's. An eigenvalue below that is
+    noise, and ``msign`` would still give its direction a full unit step: momentum
+    directions whose singular value is below ``√GRAM_RTOL ≈ 3.5e-3`` of the largest
+    get no step (measured: momenta of condition number up to 1e7 at extreme scales
+    took a term of 1.106 η/2 with the threshold at ``eps = 1e-6``, 1.005 η/2 with it).
+    """
+    return jnp.maximum(jnp.asarray(eps, jnp.float32), GRAM_RTOL)
+
+
 class Factor(NamedTuple):
     """One factor of one pair: its leaf, its partner's leaf, their layouts."""
 
@@ -78,7 +91,7 @@ class Factor(NamedTuple):
     partner_layout: FactorLayout
     tall: bool  # the left factor ``a`` (``m×r``)
     rtol: jax.Array  # partner-whitening threshold for the pair's dtype (dtype_rtol)
-    polar_rtol: jax.Array  # threshold of the polar factor's pseudo-inverse (eps)
+    polar_rtol: jax.Array  # threshold of the polar factor's pseudo-inverse (polar_rtol)
     dtype_max: float  # the largest finite value of the factor's dtype
 
 
@@ -90,7 +103,7 @@ def factors_of(
     for pair in pairs:
         dtype = leaves[pair.a_index].dtype
         rtol, big = dtype_rtol(dtype, eps), float(jnp.finfo(dtype).max)
-        polar = jnp.asarray(eps, jnp.float32)
+        polar = polar_rtol(eps)
         la = pair.layout("a", leaves[pair.a_index].ndim)
         lb = pair.layout("b", leaves[pair.b_index].ndim)
         out.append(Factor(pair.a_index, la, pair.b_index, lb, True, rtol, polar, big))
@@ -160,43 +173,28 @@ def solve_rxr(
     return out
 
 
-# A factor in the standard layout (batch axes first, then ``m×r`` or ``r×n``) with
-# rank at most this is multiplied by ``T`` as a sum of ``r`` broadcast products on
-# CPU: XLA fuses it with the elementwise update that follows, so the step reads the
-# momentum and the param once and no factor-sized temporary is materialized.
+# A factor whose rank axis is its last axis, with rank at most this, is multiplied
+# by T as a sum of r broadcast products on CPU: XLA fuses it with the elementwise
+# update that follows, so the step reads the momentum and the param once and writes
+# no factor-sized temporary. (For a wide ``r×n`` factor the matmul is faster, 4-5%
+# on the Llama tree at r = 16; its output buffer is reused across factors, see
+# :func:`gram_directions`.)
 _ELEMENTWISE_MAX_RANK = 32
 
 
-def _thin_product_elementwise(x: jax.Array, t: jax.Array, tall: bool) -> jax.Array:
-    """``x T`` (``x: (*batch, m, r)``) or ``T x`` (``x: (*batch, r, n)``), entry by entry.
-
-    ``Σ_i x[..., :, i] T[..., i, :]`` for a tall factor and
-    ``Σ_i T[..., :, i] x[..., i, :]`` for a wide one (``T`` is symmetric, so both are
-    the same contraction over the rank axis).
-    """
+def _thin_product_elementwise(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
+    """``x T`` for ``x: (*batch, *matrix, r)`` as ``Σ_i x[..., i] T[i, :]``."""
     x = x.astype(jnp.float32)
-    t = t[..., None, :, :]  # broadcast over the one matrix axis
-    r = x.shape[-1] if tall else x.shape[-2]
-
-    def term(i: int) -> jax.Array:
-        if tall:
-            return x[..., :, i : i + 1] * t[..., 0, i, :][..., None, :]
-        return t[..., 0, :, i][..., :, None] * x[..., i : i + 1, :]
-
-    out = term(0)
-    for i in range(1, r):
-        out = out + term(i)
+    t = t.reshape(t.shape[:-2] + (1,) * len(layout.matrix_axes) + t.shape[-2:])
+    out = x[..., 0:1] * t[..., 0, :]
+    for i in range(1, x.shape[-1]):
+        out = out + x[..., i : i + 1] * t[..., i, :]
     return out
 
 
-def _standard(layout: FactorLayout, ndim: int) -> bool | None:
-    """``True``/``False`` for a standard tall/wide layout, ``None`` otherwise."""
+def _standard_tall(layout: FactorLayout, ndim: int) -> bool:
     n = len(layout.batch_axes)
-    if layout.batch_axes != tuple(range(n)) or ndim != n + 2:
-        return None
-    if layout.rank_axis == ndim - 1:
-        return True
-    return False if layout.rank_axis == ndim - 2 else None
+    return layout.batch_axes == tuple(range(n)) and layout.rank_axis == ndim - 1
 
 
 def thin_product(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
@@ -205,16 +203,14 @@ def thin_product(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
     ``t`` is ``(*batch, r, r)`` (batch axes in ``layout.batch_axes`` order) and
     symmetric, so ``T m`` of a right factor is the same contraction. The operand
     order puts the rank axis where the leaf has it (after or before its matrix
-    axes), so standard layouts need no transpose. On CPU a standard-layout factor of
-    small rank is multiplied entry by entry (see :data:`_ELEMENTWISE_MAX_RANK`).
+    axes), so standard layouts need no transpose. On CPU a ``(*batch, m, r)`` factor
+    of small rank is multiplied elementwise (see :data:`_ELEMENTWISE_MAX_RANK`).
     """
-    tall = _standard(layout, x.ndim)
-    r = x.shape[layout.rank_axis]
-    if tall is not None and r <= _ELEMENTWISE_MAX_RANK:
+    if _standard_tall(layout, x.ndim) and x.shape[-1] <= _ELEMENTWISE_MAX_RANK:
         return jax.lax.platform_dependent(
             x,
             t,
-            cpu=lambda x, t: _thin_product_elementwise(x, t, tall),
+            cpu=lambda x, t: _thin_product_elementwise(x, t, layout),
             default=lambda x, t: _thin_product_dot(x, t, layout),
         )
     return _thin_product_dot(x, t, layout)

@@ -113,7 +113,9 @@ def scale_by_lora_muon(
         too weak to be whitened to 1% from float32 Grams, or to survive rounding
         of the update to the param dtype, gets no step. So do partner directions
         whose update would overflow the param dtype (float16). The momentum side
-        (the polar factor) uses ``eps`` itself.
+        (the polar factor) uses ``max(eps, 100 eps_f32)`` (about 1.2e-5): a
+        whitened momentum direction weaker than that (singular-value ratio
+        3.5e-3) cannot be resolved from a float32 Gram and gets no step.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires

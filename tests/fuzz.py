@@ -8,7 +8,8 @@ factors exactly as the model holds them (in the param dtype).
 
 Families: well-conditioned factors and gradients at independent scales from 1e-30
 to 1e30 (clipped to the dtype's range); factors of condition number up to 1e7;
-rank-deficient factors; zero factors or zero gradients.
+rank-deficient factors; zero factors or zero gradients; gradients (momenta) of
+condition number up to 1e7 with factors and gradients at independent extreme scales.
 
 ``python -m tests.fuzz`` prints the figures per dtype.
 """
@@ -26,7 +27,7 @@ import lora_muon_jax as lmj
 ETA = 0.1
 LORA_SCALE = 2.0
 SHAPES = ((12, 4, 10), (24, 8, 16), (9, 3, 30), (16, 16, 20))
-FAMILIES = ("scales", "ill_conditioned", "rank_deficient", "zeros")
+FAMILIES = ("scales", "ill_conditioned", "rank_deficient", "zeros", "ill_conditioned_momentum")
 # log10 scale ranges whose values are finite in each dtype (fp16 tops out at 65504
 # and is subnormal below 6e-5; its tiny draws become zero factors, which is fine).
 LOG_SCALES = {"float32": (-30, 30), "bfloat16": (-30, 30), "float16": (-6, 3)}
@@ -63,12 +64,16 @@ def _matrices(rng, count, rows, cols, family, log_lo, log_hi):
 def _family(rng, count, shape, family, dtype):
     m, r, n = shape
     lo, hi = LOG_SCALES[dtype]
-    if family != "scales":  # factors at moderate scale; the scales family covers range
-        lo, hi = max(lo, -3), min(hi, 3)
-    a, full_a = _matrices(rng, count, m, r, family, lo, hi)
-    b, full_b = _matrices(rng, count, r, n, family, lo, hi)
-    ga, _ = _matrices(rng, count, m, r, "scales", lo, hi)
-    gb, _ = _matrices(rng, count, r, n, "scales", lo, hi)
+    if family not in ("scales", "ill_conditioned_momentum"):
+        lo, hi = max(lo, -3), min(hi, 3)  # factors at moderate scale
+    # ill_conditioned_momentum: factors and gradients (the momentum, at β = 0) at
+    # independent extreme scales, gradients of condition number up to 1e7.
+    momentum = "ill_conditioned" if family == "ill_conditioned_momentum" else "scales"
+    factors = "scales" if family == "ill_conditioned_momentum" else family
+    a, full_a = _matrices(rng, count, m, r, factors, lo, hi)
+    b, full_b = _matrices(rng, count, r, n, factors, lo, hi)
+    ga, _ = _matrices(rng, count, m, r, momentum, lo, hi)
+    gb, _ = _matrices(rng, count, r, n, momentum, lo, hi)
     nonzero = np.ones(count, bool)
     if family == "zeros":
         which = rng.integers(0, 3, count)  # zero a, zero b, or zero gradients

@@ -66,11 +66,12 @@ def test_readme_speed_table_is_the_committed_results():
 
 
 def test_speed_case_measures_donated_and_plain_steps():
-    case = speed.Case("L=1, 16×12, r=2", lambda: trees.lora_tree(1, 16, 12, 2), 56, 2.0)
+    # Large enough that the step counters (a few int32 scalars) are under 1% of the state.
+    case = speed.Case("L=1, 64×48, r=4", lambda: trees.lora_tree(1, 64, 48, 4), 448, 2.0)
     row = speed.measure_case(case, repeats=2)
     for name in ("adamw", "lora_muon"):
         assert row[name]["donated_ms"] > 0 and row[name]["plain_ms"] > 0
     assert row["adamw"]["donated_ratio"] == 1.0
     # One momentum per factor against AdamW's two moments.
-    assert row["lora_muon"]["state_over_adapter"] == pytest.approx(1.0, abs=0.05)
-    assert row["adamw"]["state_over_adapter"] == pytest.approx(2.0, abs=0.05)
+    assert row["lora_muon"]["state_over_adapter"] == pytest.approx(1.0, abs=0.02)
+    assert row["adamw"]["state_over_adapter"] == pytest.approx(2.0, abs=0.02)
