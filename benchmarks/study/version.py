@@ -6,9 +6,9 @@ as committed at ``HEAD``; :func:`classify` tells the report which runs were trai
 other code than ``HEAD``'s, and which predate these records ("unversioned").
 
 The hash covers every ``*.py`` file of :data:`SOURCE_DIRS` and the
-:data:`SOURCE_FILES`: the optimizers (the engine and its peers: an optimizer change
-changes results), the example model, data and schedule, the optimizer registry and
-the study's training code. Reports, plots, planning, the grids
+:data:`SOURCE_FILES`, less :data:`SOURCE_EXCLUDED`: the optimizers (the engine and
+its peers: an optimizer change changes results), the example model, data and
+schedule, the optimizer registry and the study's training code. Reports, plots, planning, the grids
 (``configs.py``: a run's key already hashes its whole configuration) and the command
 line are left out: they do not change what a run computes. Every file on disk
 counts, untracked ones too (a sweep started in a tree with uncommitted changes is
@@ -34,6 +34,15 @@ SOURCE_FILES = (
     "benchmarks/study/params.py",
     "benchmarks/study/training.py",
 )
+# Files of those folders through which no training step computes: file formats and
+# interop helpers (PEFT files, checkpoints, a library's LoRA scale) and test
+# utilities. A change to them leaves every run's result as it was.
+SOURCE_EXCLUDED = (
+    "lora_muon_jax/peft_io.py",
+    "lora_muon_jax/checkpoint.py",
+    "lora_muon_jax/lora_scale.py",
+    "lora_muon_jax/testing.py",
+)
 UNVERSIONED = "unversioned"
 CURRENT = "current"
 DIFFERENT = "differs"
@@ -42,6 +51,8 @@ DIFFERENT = "differs"
 def _is_source(path: str) -> bool:
     if path in SOURCE_FILES:
         return True
+    if path in SOURCE_EXCLUDED:
+        return False
     top, _, rest = path.partition("/")
     return top in SOURCE_DIRS and rest != "" and path.endswith(".py")
 
