@@ -59,17 +59,24 @@ def rounding_rtol(dtype: jax.typing.DTypeLike) -> float:
     return (ROUNDING_MARGIN * float(jnp.finfo(dtype).eps)) ** 2
 
 
+def gram_rtol(dtype: jax.typing.DTypeLike) -> float:
+    """``100 eps`` of the Grams' dtype: :data:`GRAM_RTOL`, or float64's for float64 factors."""
+    return 100 * float(jnp.finfo(_grams.work_dtype(dtype)).eps)
+
+
 def dtype_rtol(dtype: jax.typing.DTypeLike, eps: jax.typing.ArrayLike) -> jax.Array:
     """The partner-whitening threshold for factors of ``dtype``: ``max(eps, ...)``.
 
-    ``max(eps, 100 eps_f32, (2 eps_dtype)²)``: about 1.2e-5 for float32 and float16
-    factors, 2.4e-4 for bfloat16 (singular-value ratios 3.5e-3 and 1.6e-2).
+    ``max(eps, 100 eps_gram, (2 eps_dtype)²)`` with the Grams in float32 (float64
+    for float64 factors): about 1.2e-5 for float32 and float16 factors, 2.4e-4 for
+    bfloat16 (singular-value ratios 3.5e-3 and 1.6e-2), ``eps`` for float64.
     """
-    return jnp.maximum(jnp.asarray(eps, jnp.float32), max(GRAM_RTOL, rounding_rtol(dtype)))
+    w = _grams.work_dtype(dtype)
+    return jnp.maximum(jnp.asarray(eps, w), max(gram_rtol(dtype), rounding_rtol(dtype)))
 
 
-def polar_rtol(eps: jax.typing.ArrayLike) -> jax.Array:
-    """The polar factor's threshold: ``max(eps, 100 eps_f32)`` (about 1.2e-5).
+def polar_rtol(eps: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike) -> jax.Array:
+    """The polar factor's threshold: ``max(eps, 100 eps_gram)`` (about 1.2e-5; ``eps`` for float64).
 
     The whitened momentum Gram is accumulated in float32 with errors of about
     :data:`GRAM_RTOL` ``· λ_max``, like the partner's. An eigenvalue below that is
@@ -78,7 +85,7 @@ def polar_rtol(eps: jax.typing.ArrayLike) -> jax.Array:
     get no step (measured: momenta of condition number up to 1e7 at extreme scales
     took a term of 1.106 η/2 with the threshold at ``eps = 1e-6``, 1.005 η/2 with it).
     """
-    return jnp.maximum(jnp.asarray(eps, jnp.float32), GRAM_RTOL)
+    return jnp.maximum(jnp.asarray(eps, _grams.work_dtype(dtype)), gram_rtol(dtype))
 
 
 class Factor(NamedTuple):
@@ -103,7 +110,7 @@ def factors_of(
     for pair in pairs:
         dtype = leaves[pair.a_index].dtype
         rtol, big = dtype_rtol(dtype, eps), float(jnp.finfo(dtype).max)
-        polar = polar_rtol(eps)
+        polar = polar_rtol(eps, dtype)
         la = pair.layout("a", leaves[pair.a_index].ndim)
         lb = pair.layout("b", leaves[pair.b_index].ndim)
         out.append(Factor(pair.a_index, la, pair.b_index, lb, True, rtol, polar, big))
@@ -146,9 +153,9 @@ def solve_rxr(
     pool when two run at once. ``leaves`` give each ``T`` the batch sharding of its
     factor.
     """
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, jnp.dtype], list[int]] = {}
     for i, g in enumerate(s_grams):
-        groups.setdefault(g.shape[-1], []).append(i)
+        groups.setdefault((g.shape[-1], g.dtype), []).append(i)
     out: list[jax.Array] = list(s_grams)
     previous: tuple[jax.Array, ...] = ()
     for idx in groups.values():
@@ -158,7 +165,7 @@ def solve_rxr(
         rtol = jnp.concatenate([_sharding.replicate(rtols[i]).reshape(-1) for i in idx])
         polar = jnp.concatenate(
             [
-                jnp.full((f.shape[0],), factors[i].polar_rtol, jnp.float32)
+                jnp.full((f.shape[0],), factors[i].polar_rtol, f.dtype)
                 for i, f in zip(idx, flats, strict=True)
             ]
         )
@@ -184,7 +191,7 @@ _ELEMENTWISE_MAX_RANK = 32
 
 def _thin_product_elementwise(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
     """``x T`` for ``x: (*batch, *matrix, r)`` as ``Σ_i x[..., i] T[i, :]``."""
-    x = x.astype(jnp.float32)
+    x = x.astype(t.dtype)
     t = t.reshape(t.shape[:-2] + (1,) * len(layout.matrix_axes) + t.shape[-2:])
     out = x[..., 0:1] * t[..., 0, :]
     for i in range(1, x.shape[-1]):
@@ -198,7 +205,7 @@ def _standard_tall(layout: FactorLayout, ndim: int) -> bool:
 
 
 def thin_product(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.Array:
-    """``x T`` over the rank axis of a stored factor, in float32, in ``x``'s layout.
+    """``x T`` over the rank axis of a stored factor, in ``t``'s dtype, in ``x``'s layout.
 
     ``t`` is ``(*batch, r, r)`` (batch axes in ``layout.batch_axes`` order) and
     symmetric, so ``T m`` of a right factor is the same contraction. The operand
@@ -221,7 +228,7 @@ def _thin_product_dot(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.A
     tb = tuple(range(nb))
     if layout.rank_axis > max(layout.matrix_axes):
         out = jax.lax.dot_general(
-            x.astype(jnp.float32),
+            x.astype(t.dtype),
             t,
             (((layout.rank_axis,), (nb,)), (batch, tb)),
             precision=_linalg.HIGHEST,
@@ -230,7 +237,7 @@ def _thin_product_dot(x: jax.Array, t: jax.Array, layout: FactorLayout) -> jax.A
     else:
         out = jax.lax.dot_general(
             t,
-            x.astype(jnp.float32),
+            x.astype(t.dtype),
             (((nb + 1,), (layout.rank_axis,)), (tb, batch)),
             precision=_linalg.HIGHEST,
         )
@@ -256,7 +263,9 @@ def gram_directions(
     scale: jax.Array,
     solver: _whitened_polar.Solver,
 ) -> list[jax.Array]:
-    """``scale · D`` of every factor, float32, in its stored layout (default route).
+    """``scale · D`` of every factor in its stored layout (default route).
+
+    In float32, or float64 for float64 factors (:func:`_grams.work_dtype`).
 
     Four Grams per pair (both momenta, both factors), one batched ``r×r`` solve per
     rank, one thin product per factor.

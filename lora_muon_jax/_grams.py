@@ -1,5 +1,7 @@
 """Gram matrices of LoRA factors, read in the factors' stored layout, in float32.
 
+(float64 for float64 factors under ``jax_enable_x64``: :func:`work_dtype`.)
+
 The LoRA-Muon step needs, per factor, the ``r×r`` Gram of its momentum and of its
 partner: ``aᵀa`` for a left factor ``a`` and ``b bᵀ`` for a right factor ``b``. Both
 are "contract every matrix axis, keep the batch axes and the rank axis", so one
@@ -40,6 +42,16 @@ _TRACE_MAX = 1e30
 # A matrix whose largest entry is below this is numerically zero: dividing by its
 # norm would overflow float32 in the step that follows.
 _ZERO_SCALE = 1e-30
+
+
+def work_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of the Grams and ``r×r`` work for factors of ``dtype``.
+
+    float64 for float64 factors (under ``jax_enable_x64``), float32 for every other
+    dtype (float32, bfloat16, float16).
+    """
+    f64 = jnp.dtype(dtype) == jnp.dtype("float64")
+    return jnp.dtype("float64") if f64 else jnp.dtype("float32")
 
 
 def canonical_layout(ndim: int, tall: bool) -> FactorLayout:
@@ -115,7 +127,7 @@ def _normalize_fast(grams: list[jax.Array]) -> NormalizedGrams:
 def _max_abs(x: jax.Array, layout: FactorLayout) -> jax.Array:
     """Largest ``|x|`` per batch index, kept broadcastable against ``x``."""
     reduce = tuple(i for i in range(x.ndim) if i not in layout.batch_axes)
-    return jnp.max(jnp.abs(x.astype(jnp.float32)), axis=reduce, keepdims=True)
+    return jnp.max(jnp.abs(x.astype(work_dtype(x.dtype))), axis=reduce, keepdims=True)
 
 
 def _batch_values(s: jax.Array, layout: FactorLayout) -> jax.Array:
@@ -135,7 +147,8 @@ def _normalize_slow(items: list[tuple[jax.Array, FactorLayout]]) -> NormalizedGr
         # largest factor, not the whole tree.
         s = _lapack_order.after(_max_abs(x, layout), grams[-1:])
         nonzero = s > _ZERO_SCALE
-        g = gram(x.astype(jnp.float32) / jnp.where(nonzero, s, 1.0), layout)
+        w = work_dtype(x.dtype)
+        g = gram(x.astype(w) / jnp.where(nonzero, s, 1.0), layout, dtype=w)
         s = _batch_values(s, layout)[..., None, None]
         t = _trace(g)[..., None, None]
         nonzero = _batch_values(nonzero, layout)[..., None, None] & (t > 0)
@@ -154,10 +167,10 @@ def normalized_grams(items: Sequence[tuple[jax.Array, FactorLayout]]) -> Normali
 
     Returns:
       ``G/tr(G)`` of every batch index (zero for a numerically zero ``x``) and
-      ``1/‖x‖_F`` (zero likewise), both float32, batch axes first.
+      ``1/‖x‖_F`` (zero likewise), both in :func:`work_dtype`, batch axes first.
     """
     items = list(items)
-    grams = [gram(x, layout) for x, layout in items]
+    grams = [gram(x, layout, dtype=work_dtype(x.dtype)) for x, layout in items]
     in_range = [jnp.all((_trace(g) > _TRACE_MIN) & (_trace(g) < _TRACE_MAX)) for g in grams]
     ok = jnp.all(jnp.stack(in_range)) if in_range else jnp.array(True)
     return jax.lax.cond(

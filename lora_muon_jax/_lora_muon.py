@@ -79,7 +79,8 @@ def scale_by_lora_muon(
 
     Inverses are pseudo-inverses: a zero factor (Flax's and PEFT's ``b = 0`` init)
     gives zero step to its partner and a finite step to itself, so the first step
-    moves only ``b``. All r×r work runs in float32; no ``m × n`` matrix is formed.
+    moves only ``b``. All r×r work runs in float32 (in float64 for float64 factors
+    under ``jax_enable_x64``, on the exact ``eigh`` route); no ``m × n`` matrix is formed.
     With Nesterov momentum the direction uses :math:`β m_{new} + (1-β) g`. No bias
     correction is needed: ``msign`` ignores the scale of the momentum.
 

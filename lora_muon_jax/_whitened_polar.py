@@ -55,7 +55,7 @@ def _t(x: jax.Array) -> jax.Array:
 
 def _per_matrix(rtol: jax.typing.ArrayLike, s: jax.Array) -> jax.Array:
     """``rtol`` (a scalar or one value per matrix) shaped ``(..., 1)`` against ``s``."""
-    rtol = jnp.asarray(rtol, jnp.float32)
+    rtol = jnp.asarray(rtol, s.dtype)
     if rtol.ndim == s.ndim - 1:  # already per matrix
         return rtol
     return jnp.broadcast_to(rtol, s.shape[:-2])[..., None]
@@ -238,20 +238,24 @@ def whitened_polar(
     """``T = R (R K R)^{+1/2} R`` with ``R = S^{+1/2}`` for stacks of ``r×r`` Grams.
 
     Args:
-      s: ``(N, r, r)`` partner Grams (PSD, float32; unit trace or zero).
-      k: ``(N, r, r)`` momentum Grams (PSD, float32; unit trace or zero).
+      s: ``(N, r, r)`` partner Grams (PSD, float32 or float64; unit trace or zero).
+      k: ``(N, r, r)`` momentum Grams (PSD, same dtype; unit trace or zero).
       rtol: relative eigenvalue threshold of the partner Grams' pseudo-inverse
         square root (whitening), a scalar or ``(N,)``.
       polar_rtol: relative threshold of the whitened momentum Gram's pseudo-inverse
         square root (the polar factor), a scalar or ``(N,)``.
       solver: ``"cholesky"``, ``"newton_schulz"``, ``"eigh"`` or ``"auto"`` (the
-        first on CPU, the second on GPU and TPU).
+        first on CPU, the second on GPU and TPU; ``"eigh"`` for float64 Grams).
 
     Returns:
-      ``(N, r, r)`` symmetric ``T``, float32, finite for finite inputs.
+      ``(N, r, r)`` symmetric ``T`` in the Grams' dtype, finite for finite inputs.
     """
+    if solver == "auto" and s.dtype == jnp.dtype("float64"):
+        # float64 Grams (float64 factors under jax_enable_x64): the exact route, so
+        # the result is as accurate as its inputs.
+        return whitened_polar_eigh(s, k, rtol, polar_rtol)
     if solver == "auto":
-        rtol, polar_rtol = (jnp.asarray(x, jnp.float32) for x in (rtol, polar_rtol))
+        rtol, polar_rtol = (jnp.asarray(x, s.dtype) for x in (rtol, polar_rtol))
         return jax.lax.platform_dependent(
             s,
             k,
