@@ -15,12 +15,19 @@ should learn a rank-``r`` change of its weight from input/output samples. Here
 the base weights are random; pass your model's weights (a dict ``module name ->
 (out, in) array``, e.g. from its safetensors file) to :func:`fine_tune` instead.
 Runs in a few seconds on a CPU.
+
+To go on training an adapter that PEFT saved, ``adapter = load_peft_adapter(DIR)``
+gives the tensors PEFT trains in ``adapter.params`` (train them with
+``pairs=adapter.pairs``) and the copies of frozen base weights the file may carry
+(a targeted ``embed_tokens``/``lm_head``) in ``adapter.frozen``; write both back with
+``save_peft_adapter(params, OUT, adapter.config, frozen=adapter.frozen)``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +77,60 @@ def merged(base: dict[str, np.ndarray], adapter: dict, lora_scale: float) -> dic
     }
 
 
+class Task(NamedTuple):
+    """The toy regression: inputs and target weights per module."""
+
+    xs: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+
+
+def make_task(base: dict[str, np.ndarray], rank: int = 4, seed: int = 0) -> Task:
+    """Each module's target: ``W`` plus a random rank-``rank`` change of spectral size ~0.5.
+
+    Args:
+      base: the frozen base weights ``module -> (out, in)``.
+      rank: the rank of each target change.
+      seed: the task draws from ``np.random.default_rng(seed + 1)`` (``seed`` itself
+        initializes the adapter in :func:`fine_tune`).
+
+    Returns:
+      A :class:`Task` with 256 input samples per module.
+    """
+    rng = np.random.default_rng(seed + 1)
+    targets = {
+        name: w
+        + 0.5
+        * (rng.standard_normal((w.shape[0], rank)) / np.sqrt(w.shape[0]))
+        @ (rng.standard_normal((rank, w.shape[1])) / np.sqrt(w.shape[1]))
+        for name, w in base.items()
+    }
+    xs = {
+        name: rng.standard_normal((256, w.shape[1])).astype(np.float32) for name, w in base.items()
+    }
+    return Task(xs, targets)
+
+
+def task_loss(
+    adapter: dict, base: dict[str, np.ndarray], task: Task, lora_scale: float
+) -> jax.Array:
+    """Sum over modules of the mean squared error of ``x @ merged.T`` against the target.
+
+    Args:
+      adapter: the adapter (flat dict with PEFT names).
+      base: the frozen base weights.
+      task: from :func:`make_task`.
+      lora_scale: PEFT's ``c = lora_alpha / r``.
+
+    Returns:
+      The loss, a scalar.
+    """
+    weights = merged(base, adapter, lora_scale)
+    errors = [
+        jnp.mean((task.xs[n] @ weights[n].T - task.xs[n] @ task.targets[n].T) ** 2) for n in base
+    ]
+    return sum(errors[1:], errors[0])
+
+
 def fine_tune(
     base: dict[str, np.ndarray],
     *,
@@ -81,25 +142,23 @@ def fine_tune(
 ) -> tuple[dict[str, jax.Array], list[float]]:
     """Trains a rank-``rank`` adapter so each module matches a rank-``rank`` target.
 
+    Args:
+      base: the frozen base weights ``module -> (out, in)``.
+      rank: PEFT's ``r``.
+      lora_alpha: PEFT's ``lora_alpha``.
+      steps: optimizer steps.
+      learning_rate: ``lora_muon``'s spectral step of ``c · lora_B @ lora_A``.
+      seed: seeds the adapter's initialization and the task.
+
     Returns:
-      The adapter (flat dict with PEFT names) and the loss after every step.
+      The adapter (flat dict with PEFT names) and the loss before every step and
+      after the last one (``steps + 1`` values).
     """
     lora_scale = lora_alpha / rank
-    rng = np.random.default_rng(seed + 1)
-    targets = {  # W + a random rank-`rank` change of spectral size ~0.5
-        name: w
-        + 0.5
-        * (rng.standard_normal((w.shape[0], rank)) / np.sqrt(w.shape[0]))
-        @ (rng.standard_normal((rank, w.shape[1])) / np.sqrt(w.shape[1]))
-        for name, w in base.items()
-    }
-    xs = {
-        name: rng.standard_normal((256, w.shape[1])).astype(np.float32) for name, w in base.items()
-    }
+    task = make_task(base, rank, seed)
 
     def loss_fn(adapter: dict) -> jax.Array:
-        weights = merged(base, adapter, lora_scale)
-        return sum(jnp.mean((xs[n] @ weights[n].T - xs[n] @ targets[n].T) ** 2) for n in base)
+        return task_loss(adapter, base, task, lora_scale)
 
     tx = lora_muon(learning_rate, beta=0.9, lora_scale=lora_scale, pairs="peft")
 

@@ -938,13 +938,19 @@ def require_pairs(
         )
 
 
+# The DoRA sets already reported: labels are computed at init, at every trace and
+# in eager updates, and one note per set of leaves is enough.
+_DORA_NOTED: set[tuple[str, ...]] = set()
+
+
 def _note_dora(plan: PairPlan, paths: Sequence[Any]) -> None:
     dora = [
         plan.paths[i]
         for i in plan.unpaired
         if _token_matches(joined_name(path_names(paths[i])), _DORA_MAGNITUDE)
     ]
-    if dora:
+    if dora and tuple(dora) not in _DORA_NOTED:
+        _DORA_NOTED.add(tuple(dora))
         _LOG.info(
             "DoRA magnitude vector(s) %s are not LoRA factors: they get the AdamW "
             "fallback (or `other_label`).",

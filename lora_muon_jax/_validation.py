@@ -93,10 +93,10 @@ def params_leaves(fn: str, updates_paths: list[Any], params: Any) -> list[Any]:
 def require_all_paired(fn: str, plan: _pair_discovery.PairPlan) -> None:
     """Raises if a leaf handed to a pair-only transformation is in no pair."""
     if plan.unpaired:
-        shown = _shown([plan.paths[i] for i in plan.unpaired])
+        names = shown([plan.paths[i] for i in plan.unpaired])
         raise ValueError(
             f"{fn} only updates LoRA factor pairs, but these leaves are in no pair: "
-            f"{shown}. Use the alias (e.g. `lora_muon`), which sends other leaves to "
+            f"{names}. Use the alias (e.g. `lora_muon`), which sends other leaves to "
             "AdamW, or wrap with `optax.partition(..., lora_param_labels())`."
         )
 
@@ -141,7 +141,7 @@ def check_float_leaves(
     if complex_:
         where = "" if tree is None else f" (in `{tree}`)"
         raise TypeError(
-            f"{fn}: complex adapters are not supported{where}: {_shown(complex_)}. "
+            f"{fn}: complex adapters are not supported{where}: {shown(complex_)}. "
             "The LoRA and matrix rules here are real-valued and would silently drop the "
             "imaginary part; keep real and imaginary parts as separate real leaves, or "
             "send these leaves to another transformation with `optax.partition`."
@@ -150,14 +150,14 @@ def check_float_leaves(
         where = "" if tree is None else f" in `{tree}`,"
         raise TypeError(
             f"{fn}: LoRA factors and optimized matrices must be floating point "
-            f"(float16, bfloat16, float32 or float64), but{where} {_shown(other)}. "
+            f"(float16, bfloat16, float32 or float64), but{where} {shown(other)}. "
             "Integer and boolean leaves cannot be optimized: cast them to a float "
             "dtype, or keep them out with `optax.partition` (e.g. to "
             "`optax.set_to_zero()`) or `optax.masked`."
         )
 
 
-def _shown(items: Sequence[str]) -> str:
+def shown(items: Sequence[str]) -> str:
     """The first 8 of ``items``, comma-separated, and how many more there are."""
     return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
 

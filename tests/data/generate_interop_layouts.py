@@ -68,7 +68,7 @@ def _products(tree, pairs, scale) -> dict[str, np.ndarray]:
 def _peft_section(work: Path) -> dict:
     import peft
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -154,50 +154,27 @@ def _peft_section(work: Path) -> dict:
             ours=lmj.peft_io.peft_lora_scale({"r": 4, "lora_alpha": 8, "use_rslora": True}, {}),
         ),
         saved_files=sorted(p.name for p in (work / "saved").iterdir()),
-        saved_tensors=_shapes(saved.params),
+        saved_tensors=_shapes(saved.params | saved.frozen),
         saved_config_keys=sorted(file_config),
         saved_lora_scale=dict(
             ours=saved.lora_scale,
             peft=model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"],
         ),
-        export=_peft_export_check(work, cfg, PeftModel, LlamaForCausalLM, torch),
+        export=_peft_export_check(),
         peft_version=peft.__version__,
     )
 
 
-def _peft_export_check(work, cfg, PeftModel, LlamaForCausalLM, torch) -> dict:
-    """examples/peft_export.py's adapter, trained on a real tiny Llama, loaded by PEFT."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import peft_export
-
-    torch.manual_seed(1)
-    base_model = LlamaForCausalLM(cfg).eval()
-    state = base_model.state_dict()
-    base = {name: state[name + ".weight"].numpy() for name in peft_export.MODULES}
-    adapter, losses = peft_export.fine_tune(base, rank=4, lora_alpha=8.0, steps=40)
-    out = work / "exported"
-    lmj.save_peft_adapter(adapter, out, peft_export.peft_config(4, 8.0))
-    merged = {k: np.asarray(v) for k, v in peft_export.merged(base, adapter, 2.0).items()}
-
-    ids = torch.arange(12).reshape(2, 6) % cfg.vocab_size
-    reference = LlamaForCausalLM(cfg).eval()
-    reference.load_state_dict(state)
-    with torch.no_grad():
-        for name, w in merged.items():
-            reference.get_submodule(name).weight.copy_(torch.from_numpy(w))
-        ref_logits = reference(ids).logits.numpy()
-        peft_model = PeftModel.from_pretrained(base_model, out).eval()
-        peft_logits = peft_model(ids).logits.numpy()
-        merged_back = peft_model.merge_and_unload()
-        weight_err = max(
-            float(np.abs(merged_back.get_submodule(n).weight.numpy() - w).max())
-            for n, w in merged.items()
-        )
+def _peft_export_check() -> dict:
+    """``peft.export``: copied from tests/data/peft_io.json, which
+    tests/data/generate_peft_io.py writes (and which tests/test_peft_io.py recomputes)."""
+    export = json.loads(OUT.with_name("peft_io.json").read_text())["export"]
     return dict(
-        losses=[losses[0], losses[-1]],
-        merged_weight_max_abs_err=weight_err,
-        logits_max_abs_err=float(np.abs(peft_logits - ref_logits).max()),
-        logits_max_abs=float(np.abs(ref_logits).max()),
+        losses=[export["losses"][0], export["losses"][-1]],
+        merged_weight_max_abs_err=export["merged_weight_max_abs_err"],
+        logits_max_abs_err=export["logits_max_abs_err"],
+        logits_max_abs=export["logits_max_abs"],
+        recorded_by="tests/data/generate_peft_io.py (see peft_io.json's export)",
     )
 
 
@@ -520,7 +497,8 @@ def main() -> None:
                 "peft_export_check": "peft.export: examples/peft_export.py's adapter, saved "
                 "with save_peft_adapter, loaded by peft.PeftModel.from_pretrained on a "
                 "randomly initialized tiny LlamaForCausalLM (built locally, no download); "
-                "logits compared with the base model holding the JAX-merged weights.",
+                "logits compared with the base model holding the JAX-merged weights. "
+                "Copied from tests/data/peft_io.json (tests/data/generate_peft_io.py).",
                 "note": "output_max_abs_err / delta_weight_max_abs_err: this library's "
                 "pairing (c * canonical(a) @ canonical(b), back in the weight layout) vs "
                 "the library's own LoRA output or delta weight.",
