@@ -1,11 +1,10 @@
 """Writes tests/data/tunix_qwix_layouts.json: qwix LoRA on Tunix's own model code.
 
-Not part of the test suite (it needs google-tunix and qwix). Run it in a separate
-virtual environment:
+Not part of the test suite (it takes minutes). It needs google-tunix and qwix, the
+`tunix` extra (Python 3.11):
 
-    python3.11 -m venv /work/venv-tunix
-    /work/venv-tunix/bin/pip install -e ".[dev]" google-tunix==0.1.7 qwix==0.1.8
-    /work/venv-tunix/bin/python tests/data/generate_tunix_layouts.py
+    pip install -e ".[dev,tunix]"
+    python tests/data/generate_tunix_layouts.py
 
 For every configuration in :data:`CONFIGS` (Tunix's Gemma, Gemma3, Llama3, Qwen2
 and Qwen3 model classes with tiny ModelConfigs: vocab 64, embed 32, head_dim 8,
