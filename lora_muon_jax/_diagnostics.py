@@ -1,9 +1,10 @@
 """Per-adapter health metrics computed inside the jitted update, on r×r matrices.
 
 Two numbers say most about a LoRA run under a spectral optimizer: how far the two
-factors of each adapter have drifted apart in scale (the gauge drift of spec §4,
-which zero-initialized ``b`` starts), and how far each update moves the adapter
-product ``c · a @ b`` in spectral norm (LoRA-Muon's budget is the learning rate).
+factors of each adapter have drifted apart in scale (the gauge drift of
+docs/algorithm.md §Zero factors and gauge drift, which zero-initialized ``b``
+starts), and how far each update moves the adapter product ``c · a @ b`` in spectral
+norm (LoRA-Muon's budget is the learning rate).
 Both are read here from Gram matrices of size ``r×r`` and ``2r×2r``; no ``m × n``
 matrix is formed, no host callback runs, and the metrics live in the optimizer
 state.

@@ -9,7 +9,8 @@ the LoRA-Muon directions are
   D_b = R_a \\operatorname{msign}(R_a m_b) = T_b m_b,
 
 with ``R_a = (aᵀa)^{-1/2}``, ``R_b = (b bᵀ)^{-1/2}`` and the symmetric ``r×r``
-matrices ``T`` of :mod:`lora_muon_jax._whitened_polar` (spec §3), so that
+matrices ``T`` of :mod:`lora_muon_jax._whitened_polar` (docs/algorithm.md §Gram
+shortcut), so that
 ``‖D_a b‖₂ = ‖a D_b‖₂ = 1``. :mod:`lora_muon_jax._algorithm1` writes the same
 maths for one pair, as the paper does; this module is how it runs on a whole tree:
 

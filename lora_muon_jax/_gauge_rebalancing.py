@@ -2,9 +2,10 @@
 
 A LoRA product ``a @ b`` is unchanged by ``(a, b) → (c a, b / c)``. LoRA-Muon's
 product trajectory is too, so the scale split between the factors is free to
-drift (zero-initialized ``b`` starts the drift; spec §4). Rebalancing picks
-``c = (σ_max(b) / σ_max(a))^{α/2}`` every few steps; it changes neither the product
-nor the next product step, only the numerics of the factors.
+drift (zero-initialized ``b`` starts the drift; docs/algorithm.md §Zero factors and
+gauge drift). Rebalancing picks ``c = (σ_max(b) / σ_max(a))^{α/2}`` every few steps;
+it changes neither the product nor the next product step, only the numerics of the
+factors.
 """
 
 from __future__ import annotations

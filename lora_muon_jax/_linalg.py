@@ -29,7 +29,8 @@ from lora_muon_jax import _lapack_order, _sharding
 # update, so they always run at full float32 precision (no TF32 / bf16 passes).
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# Damped Newton–Schulz inverse square root, 7 steps (LoRA-Muon paper; spec §3).
+# Damped Newton–Schulz inverse square root, 7 steps (LoRA-Muon paper; docs/algorithm.md
+# §Routes and fallbacks).
 DAMPED_NS_INV_SQRT_COEFFS: tuple[tuple[float, float, float], ...] = (
     (7.424865680309214, -18.39581635618996, 12.896720413604342),
     (3.4877256051546017, -2.3300436563986993, 0.4404692168431095),
@@ -90,8 +91,9 @@ def inv_sqrt_damped_newton_schulz(s: jax.Array, shift: float = DAMPED_NS_SHIFT) 
 
     ``P₀ = s/‖s‖_F + δ I`` (the paper's ``δ = 10⁻⁵`` by default), ``X₀ = I``; each step forms
     ``W = (a/γ) I + (b/γ³) P + (c/γ⁵) P²``, ``X ← X W``, ``P ← sym(P W²)``; the
-    result is ``‖s‖_F^{-1/2} X``. Accuracy degrades with ``cond(s)`` (spec §3: about
-    1e-2 at ``cond(s) = 1000``). A zero matrix maps to zero.
+    result is ``‖s‖_F^{-1/2} X``. Accuracy degrades with ``cond(s)`` (about 1e-2 at
+    ``cond(s) = 1000``; docs/algorithm.md §Routes and fallbacks). A zero matrix maps
+    to zero.
     """
     norm = jnp.sqrt(jnp.sum(jnp.square(s), axis=(-2, -1), keepdims=True))
     safe = jnp.where(norm > 0, norm, 1.0)
@@ -126,7 +128,7 @@ def polar_express(x: jax.Array, *, tall: bool, normalize: bool = True) -> jax.Ar
     at most 1: with ``normalize=True`` it is first divided by ``1.01 ‖x‖_F``
     (:func:`frobenius_normalize`); pass ``False`` if the caller already did so. A
     zero matrix maps to zero. Singular values come out in about ``[0.999, 1]`` up to
-    ``cond(x) = 1000`` (spec §3).
+    ``cond(x) = 1000`` (docs/algorithm.md §Routes and fallbacks).
     """
     if normalize:
         x = frobenius_normalize(x)

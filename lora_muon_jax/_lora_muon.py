@@ -94,10 +94,10 @@ def scale_by_lora_muon(
         steps are divided by it so the learning rate keeps its meaning.
       pairs: how to find factor pairs; see :func:`find_lora_pairs`. Static; a
         callable must be listed in ``inject_hyperparams(static_args=...)``.
-      method: ``"gram"`` (default): exact, the Gram shortcut of spec §3: four thin
-        Grams and one thin product per pair, and ``r×r`` work batched over the whole
-        tree. ``"paper"``: the paper's route, a 7-step damped Newton–Schulz inverse
-        square root and an 8-step Polar Express on the thin momentum, for
+      method: ``"gram"`` (default): exact, the Gram shortcut (docs/algorithm.md §Gram
+        shortcut): four thin Grams and one thin product per pair, and ``r×r`` work batched
+        over the whole tree. ``"paper"``: the paper's route, a 7-step damped Newton–Schulz
+        inverse square root and an 8-step Polar Express on the thin momentum, for
         reproduction. (``"eigh"`` is a deprecated name of ``"gram"``.) Static.
       solver: the ``r×r`` solver of ``method="gram"``: ``"cholesky"`` (Cholesky
         whitening, Newton–Schulz polar), ``"newton_schulz"`` (matrix products only),

@@ -1,10 +1,10 @@
 """The r×r heart of LoRA-Muon: ``T = R (R K R)^{-1/2} R`` with ``R = S^{-1/2}``.
 
 For a factor with momentum ``M`` (Gram ``K``) whose partner has Gram ``S``, the
-LoRA-Muon direction ``msign(M R) R`` equals ``M T`` (spec §3): everything that is
-not a thin product happens on these ``r×r`` matrices, batched over every adapter of
-the tree. ``T`` is symmetric, so a right factor's direction ``R msign(R M)`` is
-``T M``.
+LoRA-Muon direction ``msign(M R) R`` equals ``M T`` (docs/algorithm.md §Gram
+shortcut): everything that is not a thin product happens on these ``r×r`` matrices,
+batched over every adapter of the tree. ``T`` is symmetric, so a right factor's
+direction ``R msign(R M)`` is ``T M``.
 
 Inverses are pseudo-inverses: eigenvalues below ``rtol · λ_max`` count as zero, so
 directions with no mass get no step and a zero input gives a finite output (its

@@ -1,8 +1,9 @@
-"""A float64 NumPy reference of LoRA-Muon (spec §2), written from the equations.
+"""A float64 NumPy reference of LoRA-Muon, written from the equations.
 
-Independent of the library: SVD for msign, eigh for inverse square roots, the
-projector form, and a multi-step loop with momentum, Nesterov, split weight decay
-and a LoRA scale. Tests compare the library against it.
+The equations are lines L1-L7 of docs/algorithm.md §Algorithm 1. Independent of
+the library: SVD for msign, eigh for inverse square roots, the projector form, and a
+multi-step loop with momentum, Nesterov, split weight decay and a LoRA scale. Tests
+compare the library against it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""LoRA-Muon against the float64 reference and the seven properties of spec §5."""
+"""LoRA-Muon against the float64 reference and the seven properties it must show.
+
+The properties are listed in docs/algorithm.md §Tested properties.
+"""
 
 from __future__ import annotations
 
@@ -97,8 +100,9 @@ def test_peft_orientation_matches_reference():
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
 def test_single_step_directions_vs_svd(route):
-    # Spec §3: the paper route is accurate to ~1e-3 (Polar Express leaves singular
-    # values in [0.999, 1]); the default is exact to float32 precision.
+    # docs/algorithm.md §Routes and fallbacks: the paper route is accurate to ~1e-3
+    # (Polar Express leaves singular values in [0.999, 1]); the default is exact to
+    # float32 precision.
     rng = np.random.default_rng(3)
     a = well_conditioned(rng, (M, R), 3.0)
     b = well_conditioned(rng, (R, N), 3.0)

@@ -55,7 +55,7 @@ def _np_msign(x):
 def _reference(
     kind, grads, factors, *, b1=0.9, b2=0.999, eps=1e-8, delta=1e-6, nesterov=False, order
 ):
-    """LoRA-Pre from the equations (peers.md §4), float64, one 2-D matrix."""
+    """LoRA-Pre from the equations (docs/peers.md §LoRA-Pre), float64, one 2-D matrix."""
     f = [np.asarray(x, np.float64) for x in factors]
     out = []
     for t, g in enumerate(np.asarray(grads, np.float64), start=1):

@@ -333,7 +333,10 @@ def test_balance_errors_name_paths():
 
 
 def test_balanced_init_removes_drift_and_trains_like_zero_init():
-    """Spec §4 measured: zero-init b drifts to σ_a/σ_b ~ e^4; balanced stays ~1."""
+    """Zero-init b drifts to σ_a/σ_b ~ e^4; balanced stays ~1.
+
+    docs/algorithm.md §Zero factors and gauge drift, measured.
+    """
     rng = np.random.default_rng(0)
     m, n, r = 32, 24, 4
     w0 = rng.standard_normal((m, n)) / np.sqrt(m)

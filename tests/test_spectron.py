@@ -1,9 +1,9 @@
 """Spectron against a float64 NumPy reference, its budget, and its lack of gauge invariance.
 
-The reference below is written from the update rule (peers.md §1: EMA momentum,
-quintic Newton–Schulz with (3.4445, -4.7750, 2.0315), warm-started power iteration,
-``ρ = η/(σ_a + σ_b + 1)``, factor-wise decoupled weight decay). It starts its power
-iteration from the library's own initial vectors (each factor's top right singular
+The reference below is written from the update rule (docs/peers.md §Spectron: EMA
+momentum, quintic Newton–Schulz with (3.4445, -4.7750, 2.0315), warm-started power
+iteration, ``ρ = η/(σ_a + σ_b + 1)``, factor-wise decoupled weight decay). It starts its
+power iteration from the library's own initial vectors (each factor's top right singular
 vector, computed in ``init``), so the two runs follow the same iteration.
 """
 

@@ -8,7 +8,8 @@ subpackage adds what users ask for around them:
 * :func:`merge_lora`: fold ``W₀ + c · a @ b`` into the base weights (nnx models:
   ``nnx.LoRALinear`` becomes ``nnx.Linear``; pytrees: factor leaves removed);
 * :func:`balance_lora_init`: non-zero factors of equal spectral norm without
-  changing the model (the zero-init drift of LoRA-Muon, spec §4);
+  changing the model (the zero-init drift of LoRA-Muon, docs/algorithm.md §Zero
+  factors and gauge drift);
 * :func:`check_lora_model`: fail early when ``wrt`` selects no adapter.
 
 Import it as ``import lora_muon_jax.nnx as lmx`` so that it does not shadow

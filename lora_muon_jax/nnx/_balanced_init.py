@@ -3,10 +3,11 @@
 Flax and PEFT start adapters with one zero factor, so ``ΔW = 0``. Under
 LoRA-Muon that zero factor has no row (or column) space: the first step moves
 only it, it stays tiny for a while, and the factor norms drift apart step after
-step (spec §4). A balanced start keeps the model function but gives both factors
-the same, non-zero spectral scale; the product it introduces is absorbed into the
-frozen base weight (``W₀ ← W₀ - c · a @ b``, as PiSSA does with the top singular
-directions of ``W₀``; here the directions are random).
+step (docs/algorithm.md §Zero factors and gauge drift). A balanced start keeps the
+model function but gives both factors the same, non-zero spectral scale; the product
+it introduces is absorbed into the frozen base weight (``W₀ ← W₀ - c · a @ b``, as
+PiSSA does with the top singular directions of ``W₀``; here the directions are
+random).
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def balance_lora_init(
 
     Afterwards :math:`σ_{max}(a) = σ_{max}(b)` for every pair, so LoRA-Muon starts
     from non-degenerate column and row spaces instead of a zero factor, which
-    removes the factor-norm drift of zero-initialized ``b`` (spec §4).
+    removes the factor-norm drift of zero-initialized ``b`` (docs/algorithm.md
+    §Zero factors and gauge drift).
 
     The product scale matters. LoRA-Muon turns the factors' column and row spaces
     by about :math:`η / \|c\,ab\|_2` per step: a large absorbed product makes the

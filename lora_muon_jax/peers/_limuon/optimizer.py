@@ -8,13 +8,13 @@ SVD. It is a *dense-weight* optimizer: trees with LoRA factor pairs are rejected
 Sources. No public code ("TBD"). Primary: the abstract (arXiv 2509.14562 v1-v3:
 STORM-style variance reduction plus randomized SVD, lower memory, ``O(ε^{-3})``
 sample complexity, a Newton–Schulz variant). Secondary, and in agreement: the
-project's earlier notes (``peers.md`` §5, not in this repository), built from the
-papernotes page of the ICML 2026 version, the themoonlight review and the zij
-summary: Algorithm 1 (``M_0 = ∇f(W_0; ξ_0)``, ``O_t = U_t V_tᵀ``,
-``M_{t+1} = g + (1-β)(M_t - g̃)``, Option #2 with ``M̂_t = RSVD_r̂(M_t)``) and
-Algorithm 2 (Gaussian sketch with oversampling ``s ≥ 2``, QR, small SVD). Re-read
-for this implementation: the themoonlight review and the zij page state the same
-recursion and the same ``g̃ = ∇f(W_t; ξ_{t+1})``. Addresses: see :func:`limuon`.
+project's notes (``docs/peers.md`` §LiMuon), built from the papernotes page of the
+ICML 2026 version, the themoonlight review and the zij summary: Algorithm 1
+(``M_0 = ∇f(W_0; ξ_0)``, ``O_t = U_t V_tᵀ``, ``M_{t+1} = g + (1-β)(M_t - g̃)``,
+Option #2 with ``M̂_t = RSVD_r̂(M_t)``) and Algorithm 2 (Gaussian sketch with
+oversampling ``s ≥ 2``, QR, small SVD). Re-read for this implementation: the
+themoonlight review and the zij page state the same recursion and the same
+``g̃ = ∇f(W_t; ξ_{t+1})``. Addresses: see :func:`limuon`.
 
 The carried low-rank momentum (Option #2) lives in
 :mod:`lora_muon_jax.peers._limuon.low_rank`.
@@ -181,9 +181,9 @@ def scale_by_limuon(
     5. apply, and keep :math:`W_t` as the next previous point.
 
     The loop can avoid keeping :math:`W_{t-1}` by delaying the application of
-    each update instead (``peers.md`` §5): compute :math:`\tilde g` at the current
-    point on the next batch *before* applying the pending update, apply it, then
-    compute :math:`g` at the new point. Both orders give identical iterates and
+    each update instead (``docs/peers.md`` §LiMuon): compute :math:`\tilde g` at the
+    current point on the next batch *before* applying the pending update, apply it,
+    then compute :math:`g` at the new point. Both orders give identical iterates and
     both hold one extra params-sized array between steps (previous params or the
     pending update): Option #2 shrinks the optimizer state, not that buffer.
 

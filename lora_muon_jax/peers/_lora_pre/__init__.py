@@ -10,24 +10,24 @@ These are *dense-weight* optimizers (pretraining or full fine-tuning): they upda
 full matrices and reject trees that contain LoRA factor pairs, which belong to
 :func:`lora_muon_jax.lora_muon` and the LoRA-pair peers.
 
-Sources. The paper's full text and code were not readable when this was written
-(the official repository, ``github.com/mrflogs/LoRA-Pre``, still holds only a
-README at 29c53c6; re-checked). Primary: the abstract and introduction (arXiv
-2602.24283v1: EMA as online regression, low-rank factorization of the momentum,
-Adam and Muon, Llama 60M-1B). Secondary: the project's earlier notes
-(``peers.md`` §4, not in this repository; from a third-party implementation of
-Algorithm 1, Eq. 11-12, App. B.1, App. C.1), papernotes (ICLR 2026), the zij
-summary, a third-party PyTorch ``LowRankAdam`` that cites Algorithm 1 and a
-third-party ``LoRAPreMuon`` that cites Algorithm 2. They agree on the Newton step
-of each factor (Theorem 3.1), ``γ1 = 1-√β1``, ``γ2 = 1-β2^{1/4}``, the ``|g|``
-factors squared on reconstruction, ``m_B = 0``, ``m_A ~ N(0, 0.02²)`` at init and
-``δ = 1e-6``. They disagree on (i) whether the second factor's step sees the first
-one's (Gauss–Seidel: the PyTorch code; Jacobi: ``peers.md``, zij) and (ii) which
-product forms the moment used in the step. Our choices, with the reasons, are in
-:func:`newton_steps` and :func:`scale_by_lora_pre_adam`; both orders are
-available. The Muon variant's rule is our inference (``peers.md`` §4 [I]); its
-momentum has no Nesterov term by default, as in the one source for Algorithm 2.
-Addresses: see :func:`lora_pre_adam` and :func:`lora_pre_muon`.
+Sources. The paper's full text and code were not readable when this was written (the
+official repository, ``github.com/mrflogs/LoRA-Pre``, still holds only a README at
+29c53c6; re-checked). Primary: the abstract and introduction (arXiv 2602.24283v1:
+EMA as online regression, low-rank factorization of the momentum, Adam and Muon,
+Llama 60M-1B). Secondary: the project's notes (``docs/peers.md`` §LoRA-Pre; from a
+third-party implementation of Algorithm 1, Eq. 11-12, App. B.1, App. C.1),
+papernotes (ICLR 2026), the zij summary, a third-party PyTorch ``LowRankAdam`` that
+cites Algorithm 1 and a third-party ``LoRAPreMuon`` that cites Algorithm 2. They
+agree on the Newton step of each factor (Theorem 3.1), ``γ1 = 1-√β1``,
+``γ2 = 1-β2^{1/4}``, the ``|g|`` factors squared on reconstruction, ``m_B = 0``,
+``m_A ~ N(0, 0.02²)`` at init and ``δ = 1e-6``. They disagree on (i) whether the
+second factor's step sees the first one's (Gauss–Seidel: the PyTorch code; Jacobi:
+``docs/peers.md``, zij) and (ii) which product forms the moment used in the step.
+Our choices, with the reasons, are in :func:`newton_steps` and
+:func:`scale_by_lora_pre_adam`; both orders are available. The Muon variant's rule
+is our inference (``docs/peers.md`` §LoRA-Pre); its momentum has no Nesterov term by
+default, as in the one source for Algorithm 2. Addresses: see :func:`lora_pre_adam`
+and :func:`lora_pre_muon`.
 
 Modules: :mod:`.adam` (:func:`scale_by_lora_pre_adam`, :func:`lora_pre_adam`),
 :mod:`.muon` (:func:`scale_by_lora_pre_muon`, :func:`lora_pre_muon`),

@@ -134,13 +134,13 @@ def scale_by_lora_pre_adam(
       <https://arxiv.org/abs/1412.6980>`_, 2015
 
     .. note::
-      The secondary sources disagree on the moment used in the step: ``peers.md``
-      uses the old product plus the fresh gradient, as here; the zij summary mixes
-      the fresh gradient into the *new* product; the PyTorch code uses the new
-      product alone. With Gauss–Seidel and square full-rank factors the new product
-      equals the first choice exactly; only the first choice reduces to Adam's
-      first step and keeps ``v̂`` away from zero where ``g ≠ 0``. Check against the
-      paper's Algorithm 1 before quoting results.
+      The secondary sources disagree on the moment used in the step: the project's notes
+      (``docs/peers.md`` §LoRA-Pre) use the old product plus the fresh gradient, as
+      here; the zij summary mixes the fresh gradient into the *new* product; the PyTorch
+      code uses the new product alone. With Gauss–Seidel and square full-rank factors
+      the new product equals the first choice exactly; only the first choice reduces to
+      Adam's first step and keeps ``v̂`` away from zero where ``g ≠ 0``. Check against
+      the paper's Algorithm 1 before quoting results.
 
     .. warning::
       The ``|g|`` product fills at rate :math:`\sqrt{β_2}` per step but is bias

@@ -62,7 +62,7 @@ def scale_by_lora_pre_muon(
     the same direction as :func:`optax.contrib.scale_by_muon` (its bias
     corrections included, ``nesterov`` alike) when ``m_B m_A`` equals Muon's
     buffer. The paper reports "LoRA-Pre Muon" but its rule could not be read;
-    this one is our inference (the project's earlier notes, ``peers.md`` §4 [I]).
+    this one is our inference (``docs/peers.md`` §LoRA-Pre).
     Nesterov is off by default: the one source found for the paper's Algorithm 2
     (see :func:`lora_pre_muon`) orthogonalizes the plain heavy-ball momentum, and
     none has a Nesterov term; ``nesterov=True`` gives optax's default instead.
