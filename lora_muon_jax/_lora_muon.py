@@ -151,7 +151,7 @@ def scale_by_lora_muon(
       Application to the Muon Algorithm <https://arxiv.org/abs/2505.16932>`_, 2025
     """
     method = _check_common(_SCALE_FN, beta, lora_scale, eps, method, solver)
-    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    mu_dtype = _validation.float_dtype(_SCALE_FN, "mu_dtype", mu_dtype)
 
     def init_fn(params: Any) -> LoRAMuonState:
         # Validate early (shapes only) so a bad tree fails at init.

@@ -162,6 +162,33 @@ def shown(items: Sequence[str]) -> str:
     return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
 
 
+def float_dtype(fn: str, name: str, dtype: Any) -> np.dtype | None:
+    """A state-dtype argument as a real float dtype; ``None`` stays ``None`` (each param's).
+
+    Args:
+      fn: the transformation, named in the errors.
+      name: the argument (``"mu_dtype"``, ``"state_dtype"``).
+      dtype: a dtype, its name, or ``None``.
+
+    Returns:
+      The dtype, or ``None`` (``jnp.dtype(None)`` would be float64).
+
+    Raises:
+      TypeError: ``dtype`` names no dtype.
+      ValueError: ``dtype`` is not a real floating-point dtype (an integer state
+        would round the moments away; a complex one would be cast back to real).
+    """
+    if dtype is None:
+        return None
+    try:
+        out = jnp.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"{fn}: `{name}` must name a dtype; got {dtype!r}.") from err
+    if not jnp.issubdtype(out, jnp.floating):
+        raise ValueError(f"{fn}: `{name}` must be a real float dtype; got {dtype!r}.")
+    return out
+
+
 def check_static_int(fn: str, name: str, value: Any, low: int = 1) -> int:
     """``value`` as a Python int ``>= low``: it sets shapes or loop lengths, so it is static."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -8,7 +8,11 @@ state types under ``lax.cond``, schedules) plus what users of sharded and
 low-precision training rely on: bfloat16 params with bfloat16 moments, 8-device
 sharding equal to one device, ``apply_if_finite`` skipping a NaN step, and no
 recompilation across steps or hyperparameter changes (backend compilations counted
-through ``jax.monitoring``).
+through ``jax.monitoring``). From optax's ``_src/alias_test.py`` and
+``contrib/_muon_test.py``: complex targets (a complex leaf the AdamW fallback takes
+follows :func:`optax.adamw`; complex factors are refused), explicit state dtypes,
+and state types from float16 to complex128. A check that does not apply to an
+optimizer is skipped with the reason the table gives.
 """
 
 from __future__ import annotations
@@ -34,23 +38,55 @@ from tests.helpers import rel_err
 
 DENSE = {"pairs": ()}  # dense-weight methods see the factors as stacked matrices
 
+# Checks a row may mark not applicable, with the reason the test skips with.
+NOT_APPLICABLE_CHECKS = ("complex_target",)
+# optax's test_optimization / test_complex_mixed_target on complex params, for the
+# leaves the optimizer's own rule takes.
+COMPLEX_PAIRS = {
+    "complex_target": "complex: refused (TypeError naming the leaf; the LoRA pair rule "
+    "is real-valued; test_complex_leaves_refused_naming_the_leaf). Complex leaves in "
+    "no pair go to AdamW: test_complex_leaf_in_no_pair_follows_optax_adamw"
+}
+COMPLEX_MATRICES = {
+    "complex_target": "complex: refused (TypeError naming the leaf; the dense matrix "
+    "rule is real-valued; test_complex_leaves_refused_naming_the_leaf). Complex leaves "
+    "with ndim < 2 go to AdamW: test_complex_leaf_in_no_pair_follows_optax_adamw"
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """An optimizer factory, its hyperparameters, and what the contract must know."""
+    """An optimizer factory, its hyperparameters, and what the contract must know.
+
+    ``state_dtype_fields``: the state attributes an explicit ``mu_dtype`` (or
+    ``state_dtype``) sets, as documented; the rest of the state keeps its dtype.
+    ``not_applicable``: check name -> why it does not apply (the test skips so).
+    """
 
     factory: Callable[..., optax.GradientTransformation]
     hparams: dict[str, Any]
     static_args: tuple[str, ...] = ()
     train_hparams: dict[str, Any] = dataclasses.field(default_factory=dict)  # for descent
+    state_dtype_fields: tuple[str, ...] = ("mu",)  # mu_dtype: LoRA and AdamW moments
+    not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 CASES = {
-    "lora_muon": Case(lmj.lora_muon, dict(learning_rate=0.02)),
-    "lora_muon_newton_schulz": Case(
-        lmj.lora_muon, dict(learning_rate=0.02, solver="newton_schulz")
+    "lora_muon": Case(
+        lmj.lora_muon,
+        dict(learning_rate=0.02),
+        not_applicable=COMPLEX_PAIRS,
     ),
-    "lora_muon_paper": Case(lmj.lora_muon, dict(learning_rate=0.02, method="paper")),
+    "lora_muon_newton_schulz": Case(
+        lmj.lora_muon,
+        dict(learning_rate=0.02, solver="newton_schulz"),
+        not_applicable=COMPLEX_PAIRS,
+    ),
+    "lora_muon_paper": Case(
+        lmj.lora_muon,
+        dict(learning_rate=0.02, method="paper"),
+        not_applicable=COMPLEX_PAIRS,
+    ),
     "lora_muon_options": Case(
         lmj.lora_muon,
         dict(
@@ -60,27 +96,47 @@ CASES = {
             lora_scale=2.0,
             rebalance=lmj.GaugeRebalance(every=2),
         ),
+        not_applicable=COMPLEX_PAIRS,
     ),
     "spectron": Case(
-        peers.spectron, dict(learning_rate=0.02), static_args=("ns_steps", "power_iterations")
+        peers.spectron,
+        dict(learning_rate=0.02),
+        static_args=("ns_steps", "power_iterations"),
+        not_applicable=COMPLEX_PAIRS,
     ),
     # LoRA-RITE's update skipping stalls this tiny problem's first steps.
     "lora_rite": Case(
-        peers.lora_rite, dict(learning_rate=0.01), train_hparams=dict(update_skipping=0.0)
+        peers.lora_rite,
+        dict(learning_rate=0.01),
+        train_hparams=dict(update_skipping=0.0),
+        not_applicable=COMPLEX_PAIRS,
     ),
-    "riemannion": Case(peers.riemannion, dict(learning_rate=0.02)),
+    "riemannion": Case(
+        peers.riemannion,
+        dict(learning_rate=0.02),
+        not_applicable=COMPLEX_PAIRS,
+    ),
+    # LoRA-Pre's state_dtype is the dtype of its moment factors; its AdamW leaves
+    # keep the params' dtype (documented in peers.lora_pre_adam / lora_pre_muon).
     "lora_pre_adam": Case(
-        peers.lora_pre_adam, dict(learning_rate=0.02, rank=2, **DENSE), static_args=("rank",)
+        peers.lora_pre_adam,
+        dict(learning_rate=0.02, rank=2, **DENSE),
+        static_args=("rank",),
+        state_dtype_fields=("m_b", "m_a", "v_b", "v_a"),
+        not_applicable=COMPLEX_MATRICES,
     ),
     "lora_pre_muon": Case(
         peers.lora_pre_muon,
         dict(learning_rate=0.02, rank=2, **DENSE),
         static_args=("rank", "ns_steps"),
+        state_dtype_fields=("m_b", "m_a"),
+        not_applicable=COMPLEX_MATRICES,
     ),
     "limuon": Case(
         peers.limuon,
         dict(learning_rate=0.02, rank=2, **DENSE),
         static_args=("rank", "oversampling", "ns_steps"),
+        not_applicable=COMPLEX_MATRICES,
     ),
 }
 
@@ -88,6 +144,11 @@ CASES = {
 @pytest.fixture(params=sorted(CASES))
 def case(request) -> Case:
     return CASES[request.param]
+
+
+def _skip_if_not_applicable(case: Case, check: str) -> None:
+    if check in case.not_applicable:
+        pytest.skip(case.not_applicable[check])
 
 
 class CompileCounter:
@@ -189,8 +250,10 @@ def test_apply_if_finite_skips_a_nan_step(case):
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(u)) > 0
 
 
-def test_state_type_stable(case):
-    contract.check_state_type_stable(case.factory(**case.hparams))
+def test_state_type_stable_from_float16_to_complex128(case):
+    # Where complex factors are refused, complex dtypes go to the AdamW leaf only.
+    complex_factors = "complex_target" not in case.not_applicable
+    contract.check_state_type_stable(case.factory(**case.hparams), complex_factors=complex_factors)
 
 
 def test_schedule_equals_constant(case):
@@ -201,8 +264,38 @@ def test_wrappers(case):
     contract.check_wrappers(case.factory(**case.hparams))
 
 
-def test_complex_leaves_refused_naming_the_leaf(case):
-    contract.check_refuses_complex_leaves(case.factory(**case.hparams))
+def test_not_applicable_entries_name_checks_and_reasons(case):
+    for check, reason in case.not_applicable.items():
+        assert check in NOT_APPLICABLE_CHECKS and reason.strip(), (check, reason)
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "complex128"])
+def test_complex_leaves_refused_naming_the_leaf(case, dtype):
+    # What the table's "complex: refused" says (the reason of test_complex_target_like_optax).
+    assert "complex: refused" in case.not_applicable.get("complex_target", "")
+    with jax.enable_x64(contract.needs_x64(dtype)):
+        contract.check_refuses_complex_leaves(case.factory(**case.hparams), dtype)
+
+
+def test_complex_target_like_optax(case):
+    # optax's test_optimization (complex64) and _muon_test's test_complex_mixed_target
+    # on the leaves the optimizer's own rule takes.
+    _skip_if_not_applicable(case, "complex_target")
+    pytest.fail("takes complex factors: port optax's complex-target check for it here")
+
+
+def test_complex_leaf_in_no_pair_follows_optax_adamw(case):
+    # The aliases' AdamW defaults: b1=0.9, b2=0.999, eps=1e-8, eps_root=0, no decay.
+    adamw = optax.adamw(case.hparams["learning_rate"], weight_decay=0.0)
+    contract.check_complex_leaf_like_adamw(case.factory(**case.hparams), adamw)
+
+
+def test_explicit_state_dtype(case):
+    contract.check_explicit_state_dtype(case.factory, case.hparams, case.state_dtype_fields)
+
+
+def test_non_float_state_dtype_refused(case):
+    contract.check_refuses_non_float_state_dtype(case.factory, case.hparams)
 
 
 def test_integer_and_boolean_leaves_refused_naming_the_leaf(case):

@@ -180,28 +180,3 @@ def leaf_keys(seed: Any, leaves: Sequence[Any], parts: int) -> list[jax.Array]:
     """``parts`` independent PRNG keys per leaf, derived from ``seed``."""
     base = jax.random.key(seed)
     return [jax.random.split(jax.random.fold_in(base, i), parts) for i in range(len(leaves))]
-
-
-def state_dtype_of(fn: str, dtype: Any) -> jnp.dtype | None:
-    """``dtype`` as a float dtype (``None`` stays ``None``: each param's dtype).
-
-    Args:
-      fn: the transformation, named in the errors.
-      dtype: the ``state_dtype`` argument: a dtype, its name, or ``None``.
-
-    Returns:
-      The dtype, or ``None`` (``jnp.dtype(None)`` would be float64).
-
-    Raises:
-      TypeError: ``dtype`` names no dtype.
-      ValueError: ``dtype`` is not a float dtype.
-    """
-    if dtype is None:
-        return None
-    try:
-        out = jnp.dtype(dtype)
-    except TypeError as err:
-        raise TypeError(f"{fn}: `state_dtype` must name a dtype; got {dtype!r}.") from err
-    if not jnp.issubdtype(out, jnp.floating):
-        raise ValueError(f"{fn}: `state_dtype` must be a float dtype; got {dtype!r}.")
-    return out

@@ -248,7 +248,7 @@ def scale_by_limuon(
       <https://arxiv.org/abs/0909.4061>`_, 2011
     """
     _check(_SCALE_FN, beta, rank, oversampling, orthogonalizer, ns_coeffs, ns_steps, eps)
-    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    mu_dtype = _validation.float_dtype(_SCALE_FN, "mu_dtype", mu_dtype)
 
     def orthogonalize(x: jax.Array) -> jax.Array:
         return _dense_weights.orthogonalize(

@@ -32,7 +32,7 @@ def check_hyperparams(
     _validation.check_choice(fn, "factor_update", factor_update, FACTOR_UPDATES)
     _validation.check_scalar("damping", damping, low=0.0, low_inclusive=False, fn=fn)
     _validation.check_scalar("init_scale", init_scale, low=0.0, low_inclusive=False, fn=fn)
-    return _dense_weights.state_dtype_of(fn, state_dtype)
+    return _validation.float_dtype(fn, "state_dtype", state_dtype)
 
 
 def init_factor_trees(

@@ -258,7 +258,7 @@ def scale_by_lora_rite(
       Cost <https://arxiv.org/abs/1804.04235>`_, 2018 (bias-corrected decay, §7.1)
     """
     _check_hparams(_SCALE_FN, b1, b2, eps, clip_unmagnified_grad, update_skipping, update_capping)
-    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    mu_dtype = _validation.float_dtype(_SCALE_FN, "mu_dtype", mu_dtype)
 
     def init_fn(params: Any) -> LoRARiteState:
         plan = _pair_tree.check_init(_SCALE_FN, params, pairs)

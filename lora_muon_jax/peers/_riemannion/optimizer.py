@@ -287,7 +287,7 @@ def scale_by_riemannion(
     _check_common(
         _SCALE_FN, learning_rate, beta, weight_decay, lora_scale, eps, gauge, stored_momentum
     )
-    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    mu_dtype = _validation.float_dtype(_SCALE_FN, "mu_dtype", mu_dtype)
 
     def init_fn(params: Any) -> RiemannionState:
         plan = _pair_tree.check_init(_SCALE_FN, params, pairs)

@@ -164,7 +164,7 @@ def scale_by_spectron(
       <https://kellerjordan.github.io/posts/muon/>`_, 2024
     """
     steps, table, power = _check_common(_SCALE_FN, beta, ns_steps, ns_coeffs, power_iterations)
-    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    mu_dtype = _validation.float_dtype(_SCALE_FN, "mu_dtype", mu_dtype)
 
     def init_fn(params: Any) -> SpectronState:
         plan = _pair_tree.check_init(_SCALE_FN, params, pairs)
