@@ -301,3 +301,158 @@ def test_study_modules_import_no_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+# ----------------------------------------------------------------------------- claim table
+
+CLAIM_LRS = (0.0125, 0.025, 0.05, 0.1)
+SEED_SHIFT = (0.0, 0.01, -0.01)  # each seed's offset: a seed spread of 0.01
+
+
+def _claims_grid() -> configs.Grid:
+    curves = tuple(
+        (m, r, CLAIM_LRS) for m, r in (("dense_muon", None), ("lora_muon", 2), ("lora_muon", 4))
+    )
+    budget = dataclasses.replace(configs.QUICK_LONG.budget, steps=40)  # not QUICK's budget
+    long = dataclasses.replace(configs.QUICK_LONG, budget=budget, seeds=(0, 1, 2), curves=curves)
+    return dataclasses.replace(
+        configs.QUICK, seeds=(0, 1, 2), headline_ranks=(2, 4), ranks=(2, 4), long=long
+    )
+
+
+def _claim_runs(base: RC, curves: dict, seeds=(0, 1, 2)) -> dict:
+    """Parabolas in log₂ η: ``curves`` maps (method, rank) to (optimum, lowest loss)."""
+    runs = {}
+    for (method, rank), (opt, floor) in curves.items():
+        for lr in CLAIM_LRS:
+            for seed in seeds:
+                cfg = dataclasses.replace(base, method=method, rank=rank, lr=lr, seed=seed)
+                loss = floor + 0.1 * math.log2(lr / opt) ** 2 + SEED_SHIFT[seed]
+                runs[cfg.key()] = {"config": cfg.as_dict(), "val_loss": loss, "status": "ok"}
+    return runs
+
+
+def _short_base(grid: configs.Grid) -> RC:
+    return RC("dense_muon", 0.0, 0, None, width=grid.width, depth=grid.depth, budget=grid.budget)
+
+
+def _claims(runs: dict, grid: configs.Grid) -> dict:
+    from benchmarks.study import report_claims
+
+    rows = report_claims.claims(Results({"runs": runs}), grid)
+    return {r.claim.split(" (")[0]: r for r in rows}
+
+
+def test_claim_rows_follow_the_data_and_wait_for_missing_sections():
+    grid = _claims_grid()
+    short = {("dense_muon", None): (0.025, 2.0), ("lora_muon", 2): (0.025, 2.2)}
+    # Rank 4 (the grid's largest headline rank) ahead of dense Muon by 0.05 on every seed.
+    runs = _claim_runs(_short_base(grid), {**short, ("lora_muon", 4): (0.025, 1.95)})
+    rows = _claims(runs, grid)
+    top = rows["Rank 4 beats dense Muon"]
+    assert top.short.verdict == "reproduced", top
+    assert "-0.050 (1.950 vs 2.000; per seed -0.050, -0.050, -0.050" in top.short.ours
+    # No long-budget run yet: every long cell says how far its section got.
+    assert top.long == ("pending: section (vii), 0 of 36 runs", "pending")
+    shape = rows["LoRA-Muon's best rate transfers across width and depth"]
+    assert shape.long.verdict == "pending" and "pending: section (x), 0 of" in shape.long.ours
+    spectron = rows["Spectron is not gauge invariant"]
+    assert "(xi), at Spectron's own best rate: pending: section (xi), 0 of" in spectron.long.ours
+    assert rows["LoRA-Muon's best rate transfers across rank"].short.verdict == "reproduced"
+    assert rows["The rank-2 proxy's best rate is dense Muon's"].short.verdict == "reproduced"
+
+    # The same row flips when the data contradict the claim: rank 4 behind by 0.05 ...
+    runs = _claim_runs(_short_base(grid), {**short, ("lora_muon", 4): (0.025, 2.05)})
+    assert _claims(runs, grid)["Rank 4 beats dense Muon"].short.verdict == "not reproduced"
+    # ... and cannot tell within the seed spread (0.01).
+    runs = _claim_runs(_short_base(grid), {**short, ("lora_muon", 4): (0.025, 1.995)})
+    assert _claims(runs, grid)["Rank 4 beats dense Muon"].short.verdict == (
+        "inconclusive at this power"
+    )
+
+
+def test_long_budget_claims_are_judged_on_section_vii_own_seeds():
+    grid = _claims_grid()
+    short = {("dense_muon", None): (0.025, 2.0), ("lora_muon", 2): (0.025, 2.2)}
+    runs = _claim_runs(_short_base(grid), {**short, ("lora_muon", 4): (0.025, 1.95)})
+    # Long budget: rank 4 loses by 0.05 on every seed; rank 2's optimum is 8× below
+    # rank 4's and half dense Muon's.
+    long = {
+        ("dense_muon", None): (0.025, 1.7),
+        ("lora_muon", 2): (0.0125, 2.1),
+        ("lora_muon", 4): (0.1, 1.75),
+    }
+    base = planning.long_base(grid)
+    runs.update(_claim_runs(base, long))
+    # A later section's extra seed at an extra rate must not shrink section (vii) to it.
+    extra = dataclasses.replace(base, method="dense_muon", lr=0.0125 * 2**0.5, seed=3)
+    runs[extra.key()] = {"config": extra.as_dict(), "val_loss": 1.0, "status": "ok"}
+    rows = _claims(runs, grid)
+    top = rows["Rank 4 beats dense Muon"]
+    assert top.short.verdict == "reproduced" and top.long.verdict == "not reproduced"
+    assert "+0.050 (1.750 vs 1.700; per seed +0.050, +0.050, +0.050; spread 0.010; n=3)" in (
+        top.long.ours
+    )
+    assert rows["LoRA-Muon's best rate transfers across rank"].long.verdict == "not reproduced"
+    proxy = rows["The rank-2 proxy's best rate is dense Muon's"]
+    # Dense Muon at the rank-2 optimum costs 0.1 nats, ten seed spreads.
+    assert proxy.long.verdict == "(vii) not reproduced; (viii) pending"
+    assert "dense Muon at rank 2's rate +0.100 nats (spread 0.010); n=3" in proxy.long.ours
+
+
+def test_gauge_claims_compare_the_paired_change_with_the_seed_spread():
+    from benchmarks.study import report_claims
+
+    base = _curve({0.05: [2.0, 2.01, 1.99]})
+    same = _curve({0.05: [2.0 + 1e-5, 2.01, 1.99 - 1e-5]})
+    moved = _curve({0.05: [2.02, 2.03, 2.0]})
+    cell = report_claims.gauge_cell(base, same, 0.05, True, "at")
+    assert cell.verdict == "reproduced" and cell.ours.startswith("+0.0e+00 (max abs 1.0e-05")
+    assert report_claims.gauge_cell(base, moved, 0.05, True, "at").verdict == "not reproduced"
+    cell = report_claims.gauge_cell(base, moved, 0.05, False, "at", paper=-0.02)
+    assert cell.verdict == "reproduced" and "the opposite sign to the paper's" in cell.ours
+    assert report_claims.gauge_cell(base, same, 0.05, False, "at").verdict == "not reproduced"
+    one = _curve({0.05: [2.0]})
+    assert report_claims.gauge_cell(one, _curve({0.05: [2.1]}), 0.05, False, "at") is None
+
+
+def test_claim_section_states_its_rules_and_what_runs_are_matched_on(tmp_path):
+    from benchmarks.study import report_claims
+
+    grid = _claims_grid()
+    rep = report.Report(
+        Results({"runs": {}}), tmp_path / "c.md", tmp_path / "c", grid, head={"source": "x"}
+    )
+    report_claims.section_claims(rep)
+    text = "\n".join(rep.lines)
+    assert text.count("\n| ") == 1 + 6  # the header and one row per claim
+    assert "secondary source" in text and "step- and token-matched" in text
+    assert "not compute-matched" in text
+
+
+def test_on_seeds_keeps_a_section_s_seeds_while_another_section_adds_rates():
+    runs = {(lr, s): {"val_loss": 2.0 + s} for lr in (0.01, 0.02) for s in (0, 1, 2)}
+    runs[(0.014, 0)] = runs[(0.014, 1)] = runs[(0.014, 5)] = {"val_loss": 1.0}
+    c = Curve(RC("dense_muon", 0.0, 0, None), runs)
+    assert c.best().seeds == (0, 1)  # complete(): the seeds that ran everywhere
+    mine = c.on_seeds((0, 1, 2), (0.01, 0.02))
+    assert mine.best().seeds == (0, 1, 2) and {lr for lr, _ in mine.runs} == {0.01, 0.02}
+    # A section that has not run its own grid yet: the seeds that ran every rate.
+    partial = {k: v for k, v in runs.items() if k != (0.02, 2)}
+    assert Curve(c.cfg, partial).on_seeds((0, 1, 2), (0.01, 0.02)).seeds() == 2
+
+
+def test_discussion_puts_a_contradicted_rank_claim_under_disagrees():
+    grid = _claims_grid()
+    short = {("dense_muon", None): (0.025, 2.0), ("lora_muon", 2): (0.025, 2.2)}
+    # A tie at the short budget, and rank 4 behind by 0.05 at the long one.
+    runs = _claim_runs(_short_base(grid), {**short, ("lora_muon", 4): (0.025, 2.0)})
+    long = {**short, ("lora_muon", 4): (0.025, 2.05)}
+    runs.update(_claim_runs(planning.long_base(grid), long))
+    text = "\n".join(discussion.discussion(Results({"runs": runs}), grid))
+    agrees, disagrees = text.split("**Disagrees with the paper.**")
+    assert "*Rank 4 vs dense Muon*" not in agrees
+    bullet = next(line for line in disagrees.splitlines() if "*Rank 4 vs dense Muon*" in line)
+    assert "rank 4 ties dense Muon" in bullet and "inconclusive at this power" in bullet
+    assert "rank 4 trails dense Muon by 0.050" in bullet and "+0.050, +0.050, +0.050" in bullet
+    assert bullet.endswith("**not reproduced**.")

@@ -69,6 +69,35 @@ class Curve:
             return self
         return Curve(self.cfg, {k: v for k, v in self.runs.items() if k[1] in full})
 
+    def on_seeds(self, seeds: Sequence[int], rates: Sequence[float] = ()) -> Curve:
+        """The runs of ``seeds`` only: a section's own curve inside a shared one.
+
+        Another section may run the same configurations at more seeds and rates (the
+        powered proxy test extends section vii's curves with more seeds and the √2
+        rates between them). Over ``seeds``, and without the rates halfway (×√2)
+        between those of ``rates`` (the section's own factor-2 grid), the curve
+        keeps the rates every seed ran when those include all of ``rates``, so that
+        the section is judged as it was designed while the other section fills in;
+        otherwise, the seeds that ran every rate (:meth:`complete`).
+        """
+
+        def own(key: tuple[float, int]) -> bool:
+            if key[1] not in seeds:
+                return False
+            if not rates:
+                return True
+            steps = math.log2(key[0] / rates[0])
+            return abs(steps - math.floor(steps) - 0.5) > 1e-6  # not halfway: no √2 rate
+
+        mine = Curve(self.cfg, {k: v for k, v in self.runs.items() if own(k)})
+        by_seed: dict[int, set[float]] = defaultdict(set)
+        for lr, seed in mine.runs:
+            by_seed[seed].add(lr)
+        shared = set.intersection(*by_seed.values()) if by_seed else set()
+        if not shared or not set(rates) <= shared:
+            return mine.complete()
+        return Curve(self.cfg, {k: v for k, v in mine.runs.items() if k[0] in shared})
+
     def best(self) -> Point | None:
         """The LR with the lowest seed-mean loss, over the seeds that ran at every LR."""
         pts = self.complete().points()

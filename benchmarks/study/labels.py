@@ -6,7 +6,8 @@ needs :mod:`benchmarks.study.report` (which imports them all).
 
 from __future__ import annotations
 
-# What the paper reports (spec §6: from a secondary source, not checked against the PDF).
+# What the paper reports (docs/algorithm.md §Sources: from a secondary source, not checked
+# against the PDF).
 PAPER = {
     "dense_best_lr": 0.1,
     "dense_val": 1.789,

@@ -25,6 +25,7 @@ import numpy as np
 from benchmarks.study import discussion as disc
 from benchmarks.study import (
     figures,
+    report_claims,
     report_finetune,
     report_intro,
     report_long,
@@ -365,6 +366,7 @@ class Report:
 
     def write(self, discussion: bool = True) -> str:
         report_intro.header(self)
+        report_claims.section_claims(self)
         report_intro.headline(self)
         if discussion:
             self.add("## Discussion", "", *disc.discussion(self.res, self.grid), "")

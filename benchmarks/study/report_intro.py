@@ -130,10 +130,10 @@ def headline(rep: Report) -> None:
     rep.add(
         "## Headline at the short budget: our numbers beside the paper's",
         "",
-        "The paper's figures come from a secondary source (spec §6) and were not checked "
-        "against the PDF; its budget is unknown to us and larger (our dense Muon ends "
-        f"{gap} nats above its loss here; section vii repeats the headline at a budget "
-        "that reaches the paper's loss range).",
+        "The paper's figures come from a secondary source ([Sources](algorithm.md#sources)) "
+        "and were not checked against the PDF; its budget is unknown to us and larger "
+        f"(our dense Muon ends {gap} nats above its loss here; section vii repeats the "
+        "headline at a budget that reaches the paper's loss range).",
         "",
         "| quantity | paper | this study |",
         "|---|---|---|",

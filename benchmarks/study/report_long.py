@@ -24,10 +24,18 @@ TARGET = 1.90  # the long budget must bring dense Muon's best val loss to at mos
 def long_curve(
     res: Results, grid: Grid, method: str, rank: int | None, gauge: float = 1.0
 ) -> Curve | None:
+    """Section (vii)'s curve on its own seeds (:meth:`~.aggregate.Curve.on_seeds`).
+
+    The powered proxy test (section viii) runs the same configurations with more
+    seeds and rates; those wait for section viii's own table.
+    """
     g = grid.long
-    return res.find(
+    c = res.find(
         budget=g.budget, method=method, rank=rank, width=g.width, depth=g.depth, gauge=gauge
     )
+    own = next((lrs for m, r, lrs in g.curves if (m, r) == (method, rank)), ())
+    c = c.on_seeds(g.seeds, own if gauge == 1.0 else ()) if c else None
+    return c if c and c.runs else None
 
 
 def long_label(method: str, rank: int | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from benchmarks.study import transfer
 from benchmarks.study.aggregate import Results, fmt_lr
@@ -14,6 +15,14 @@ def _covers(c: transfer.Curve | None, lrs: tuple[float, ...]) -> bool:
     return c is not None and c.best() is not None and set(lrs) <= {lr for lr, _ in c.runs}
 
 
+def _find(
+    res: Results, seeds: tuple[int, ...] | None, lrs: tuple[float, ...], **fields: Any
+) -> transfer.Curve | None:
+    """A curve, on ``seeds`` and its grid ``lrs`` when given (section vii's own curves)."""
+    c = res.find(**fields)
+    return c.on_seeds(seeds, lrs) if c is not None and seeds is not None else c
+
+
 def pairs(res: Results, grid: Grid) -> list[transfer.Pair]:
     """Every (budget, rank) whose LoRA-Muon and dense Muon curves covered their grids."""
     out = []
@@ -22,18 +31,19 @@ def pairs(res: Results, grid: Grid) -> list[transfer.Pair]:
     short = dict(budget=grid.budget, width=grid.width, depth=grid.depth)
     long = dict(budget=g.budget, width=g.width, depth=g.depth)
     budgets = (
-        ("short", short, {r: grid.spectral_lrs for r in grid.ranks}, grid.spectral_lrs),
+        ("short", short, {r: grid.spectral_lrs for r in grid.ranks}, grid.spectral_lrs, None),
         (
             "long",
             long,
             {r: lrs for (m, r), lrs in spec.items() if m == "lora_muon"},
             spec.get(("dense_muon", None), ()),
+            g.seeds,
         ),
     )
-    for name, fields, ranks, dense_lrs in budgets:
-        dense = res.find(method="dense_muon", **fields)
+    for name, fields, ranks, dense_lrs, seeds in budgets:
+        dense = _find(res, seeds, dense_lrs, method="dense_muon", **fields)
         for r, lrs in sorted(ranks.items()):
-            lora = res.find(method="lora_muon", rank=r, **fields)
+            lora = _find(res, seeds, lrs, method="lora_muon", rank=r, **fields)
             if _covers(dense, dense_lrs) and _covers(lora, lrs):
                 out.append(transfer.Pair(name, r, fields["width"], lora, dense))
     return out
