@@ -130,11 +130,11 @@ def long_functions(root: pathlib.Path, limit: int = MAX_CODE_LINES) -> list[str]
     return out
 
 
-README = PACKAGE.parent / "README.md"
+CONTRIBUTING = PACKAGE.parent / "CONTRIBUTING.md"  # its Layout section names every module
 
 
-def layout_section(readme: pathlib.Path) -> str:
-    text = readme.read_text()
+def layout_section(doc: pathlib.Path) -> str:
+    text = doc.read_text()
     start = text.index("## Layout")
     end = text.index("\n## ", start + 1)
     return text[start:end]
@@ -155,11 +155,11 @@ def layout_mismatches(section: str, roots: list[pathlib.Path]) -> list[str]:
                 continue
             in_subpackage = path.parent != root and folder in section
             if rel not in section and path.name not in section and not in_subpackage:
-                out.append(f"not in README Layout: {rel}")
+                out.append(f"not in the Layout section: {rel}")
     names = "|".join(re.escape(root.name) for root in roots)
     for ref in re.findall(rf"`((?:{names})/[\w./]*)`", section):
         if not (roots[0].parent / ref).exists():
-            out.append(f"README Layout names a missing path: {ref}")
+            out.append(f"the Layout section names a missing path: {ref}")
     return out
 
 
@@ -175,9 +175,9 @@ def test_no_function_longer_than_80_code_lines():
     assert long_functions(PACKAGE) == []
 
 
-def test_readme_layout_names_every_module():
+def test_contributing_layout_names_every_module():
     roots = [PACKAGE, PACKAGE.parent / "lora_muon_jax_examples"]
-    assert layout_mismatches(layout_section(README), roots) == []
+    assert layout_mismatches(layout_section(CONTRIBUTING), roots) == []
 
 
 @pytest.fixture
@@ -197,9 +197,9 @@ def toy(tmp_path):
 def test_layout_check_sees_missing_and_stale_entries(toy):
     section = "## Layout\n* `toy/a.py`: a.\n* `toy/gone.py`: removed.\n"
     found = layout_mismatches(section, [toy])
-    assert "not in README Layout: toy/b.py" in found
-    assert "README Layout names a missing path: toy/gone.py" in found
-    assert "not in README Layout: toy/a.py" not in found
+    assert "not in the Layout section: toy/b.py" in found
+    assert "the Layout section names a missing path: toy/gone.py" in found
+    assert "not in the Layout section: toy/a.py" not in found
 
 
 def test_checkers_catch_what_they_look_for(toy):
