@@ -9,7 +9,6 @@ pair, the definition the rest implements. Pair discovery (:func:`find_lora_pairs
 """
 
 from importlib import metadata as _metadata
-from typing import Any
 
 from lora_muon_jax._algorithm1 import PairState as PairState
 from lora_muon_jax._algorithm1 import lora_muon_pair_step as lora_muon_pair_step
@@ -24,16 +23,16 @@ from lora_muon_jax._gauge_rebalancing import with_gauge_rebalancing as with_gaug
 from lora_muon_jax._lora_muon import lora_muon as lora_muon
 from lora_muon_jax._lora_muon import scale_by_lora_muon as scale_by_lora_muon
 from lora_muon_jax._lora_muon_state import LoRAMuonState as LoRAMuonState
-from lora_muon_jax._pair_discovery import PRESETS as PRESETS
-from lora_muon_jax._pair_discovery import AmbiguousLayoutError as AmbiguousLayoutError
-from lora_muon_jax._pair_discovery import FactorAxes as FactorAxes
-from lora_muon_jax._pair_discovery import LoRAFactor as LoRAFactor
-from lora_muon_jax._pair_discovery import LoRAPair as LoRAPair
-from lora_muon_jax._pair_discovery import PairRule as PairRule
-from lora_muon_jax._pair_discovery import find_lora_pairs as find_lora_pairs
-from lora_muon_jax._pair_discovery import leading_batch_axes as leading_batch_axes
-from lora_muon_jax._pair_discovery import lora_param_labels as lora_param_labels
-from lora_muon_jax._pair_discovery import peft_adapter as peft_adapter
+from lora_muon_jax._pair_labels import lora_param_labels as lora_param_labels
+from lora_muon_jax._pair_matching import find_lora_pairs as find_lora_pairs
+from lora_muon_jax._pair_presets import PRESETS as PRESETS
+from lora_muon_jax._pair_presets import leading_batch_axes as leading_batch_axes
+from lora_muon_jax._pair_presets import peft_adapter as peft_adapter
+from lora_muon_jax._pair_types import AmbiguousLayoutError as AmbiguousLayoutError
+from lora_muon_jax._pair_types import FactorAxes as FactorAxes
+from lora_muon_jax._pair_types import LoRAFactor as LoRAFactor
+from lora_muon_jax._pair_types import LoRAPair as LoRAPair
+from lora_muon_jax._pair_types import PairRule as PairRule
 from lora_muon_jax._split_weight_decay import SplitWeightDecayState as SplitWeightDecayState
 from lora_muon_jax._split_weight_decay import split_weight_decay as split_weight_decay
 from lora_muon_jax.lora_scale import peft_config_lora_scale as peft_config_lora_scale
@@ -79,24 +78,3 @@ __all__ = [
     "with_gauge_rebalancing",
     "with_lora_diagnostics",
 ]
-
-# Moved to the examples package (example code, not the optimizer library).
-_MOVED = {
-    "ProxyResult": "lora_muon_jax_examples.proxy_lr",
-    "ProxyRow": "lora_muon_jax_examples.proxy_lr",
-    "proxy_lr_search": "lora_muon_jax_examples.proxy_lr",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-        import warnings
-
-        warnings.warn(
-            f"lora_muon_jax.{name} moved to {_MOVED[name]}; import it from there.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'lora_muon_jax' has no attribute {name!r}")

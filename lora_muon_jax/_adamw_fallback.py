@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import optax
 
-from lora_muon_jax import _pair_discovery
+from lora_muon_jax import _pair_labels, _pair_types
 
 
 def with_adamw_fallback(
@@ -28,7 +28,7 @@ def with_adamw_fallback(
     adam_eps_root: jax.typing.ArrayLike,
     adam_weight_decay: jax.typing.ArrayLike,
     mu_dtype: Any = None,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     label: str = "lora",
     labels: Callable[[Any], Any] | None = None,
     mask_compatible_extra_args: bool = False,
@@ -41,7 +41,7 @@ def with_adamw_fallback(
     Flax Variables) and ``update`` (updates), and nothing falls back silently: a
     tree with no pair raises at ``init`` and at trace time (errors name ``label``
     as the optimizer), unless ``allow_no_pairs`` and no leaf looks like a LoRA
-    factor (see :func:`lora_muon_jax._pair_discovery.require_pairs`). Dense-weight
+    factor (see :func:`lora_muon_jax._pair_labels.require_pairs`). Dense-weight
     optimizers pass their own ``labels`` (``label`` for matrices, ``"adam"``
     otherwise). The AdamW updates are cast to the param dtype.
 
@@ -60,7 +60,7 @@ def with_adamw_fallback(
         mu_dtype=mu_dtype,
     )
     if labels is None:
-        labels = _pair_discovery.pair_labels(
+        labels = _pair_labels.pair_labels(
             pairs, label, "adam", owner=label, allow_no_pairs=allow_no_pairs
         )
     return optax.partition(

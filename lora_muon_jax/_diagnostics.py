@@ -21,7 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _grams, _linalg, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import (
+    _grams,
+    _key_paths,
+    _linalg,
+    _pair_matching,
+    _pair_tree,
+    _pair_types,
+    _validation,
+)
 
 _FN = "with_lora_diagnostics"
 _PAIR_FN = "lora_pair_diagnostics"
@@ -280,7 +288,7 @@ def lora_pair_diagnostics(
 # ------------------------------------------------------------------------ transform
 
 
-def _pair_names(plan: _pair_discovery.PairPlan, paths: Sequence[Any]) -> list[str]:
+def _pair_names(plan: _pair_types.PairPlan, paths: Sequence[Any]) -> list[str]:
     """A readable, unique, ``"/"``-joined key per pair: the factors' common parent.
 
     Flax (``layer/lora``) and linen (``Dense_0``) adapters are named by the module
@@ -289,8 +297,8 @@ def _pair_names(plan: _pair_discovery.PairPlan, paths: Sequence[Any]) -> list[st
     """
     names = []
     for pair in plan.pairs:
-        pa = _pair_discovery.path_names(paths[pair.a_index])
-        pb = _pair_discovery.path_names(paths[pair.b_index])
+        pa = _key_paths.path_names(paths[pair.a_index])
+        pb = _key_paths.path_names(paths[pair.b_index])
         parent = pa[:-1] if pa[:-1] == pb[:-1] else ()
         names.append((parent, pa))
     parents = [p for p, _ in names]
@@ -300,7 +308,7 @@ def _pair_names(plan: _pair_discovery.PairPlan, paths: Sequence[Any]) -> list[st
     ]
 
 
-def _zeros(pair: _pair_discovery.LoRAPair) -> LoRAPairDiagnostics:
+def _zeros(pair: _pair_types.LoRAPair) -> LoRAPairDiagnostics:
     return LoRAPairDiagnostics(
         *(jnp.zeros(pair.batch_shape, jnp.float32) for _ in LoRAPairDiagnostics._fields)
     )
@@ -309,7 +317,7 @@ def _zeros(pair: _pair_discovery.LoRAPair) -> LoRAPairDiagnostics:
 def with_lora_diagnostics(
     inner: optax.GradientTransformation,
     *,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     lora_scale: jax.typing.ArrayLike = 1.0,
     every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -370,8 +378,8 @@ def with_lora_diagnostics(
     _validation.check_scalar("lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=_FN)
 
     def init_fn(params: Any) -> LoRADiagnosticsState:
-        paths, leaves, _ = _pair_discovery.flatten_with_paths(params)
-        plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
+        paths, leaves, _ = _key_paths.flatten_with_paths(params)
+        plan = _pair_matching.plan_pairs(paths, leaves, pairs)
         _pair_tree.check_pair_dtypes(_FN, plan, leaves)
         names = _pair_names(plan, paths)
         return LoRADiagnosticsState(
@@ -388,7 +396,7 @@ def with_lora_diagnostics(
         new_updates, inner_state = optax.with_extra_args_support(inner).update(
             updates, state.inner_state, params, **extra_args
         )
-        paths, _, _ = _pair_discovery.flatten_with_paths(new_updates)
+        paths, _, _ = _key_paths.flatten_with_paths(new_updates)
         tree = _pair_tree.flatten(_FN, new_updates, params, pairs, require_all_paired=False)
         names = _pair_names(tree.plan, paths)
 

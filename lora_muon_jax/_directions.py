@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_muon_jax import _grams, _lapack_order, _linalg, _sharding, _whitened_polar
-from lora_muon_jax._pair_discovery import FactorLayout, LoRAPair
+from lora_muon_jax._pair_types import FactorLayout, LoRAPair
 
 Method = Literal["gram", "paper"]
 METHODS: tuple[str, ...] = ("gram", "paper")

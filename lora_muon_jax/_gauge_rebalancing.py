@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _directions, _grams, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import _directions, _grams, _pair_tree, _pair_types, _validation
 from lora_muon_jax._lora_muon_state import LoRAMuonState
 
 _FN = "with_gauge_rebalancing"
@@ -133,7 +133,7 @@ def with_gauge_rebalancing(
     inner: optax.GradientTransformation,
     rebalance: GaugeRebalance = GaugeRebalance(),
     *,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps a LoRA-Muon chain so every ``rebalance.every`` steps each pair is rebalanced.
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_muon_jax import _lapack_order, _linalg, _sharding
-from lora_muon_jax._pair_discovery import FactorLayout
+from lora_muon_jax._pair_types import FactorLayout
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lora_muon_jax import (
     _adamw_fallback,
     _directions,
     _gauge_rebalancing,
-    _pair_discovery,
     _pair_tree,
+    _pair_types,
     _validation,
 )
 from lora_muon_jax._lora_muon_state import LoRAMuonState
@@ -23,26 +23,45 @@ from lora_muon_jax._whitened_polar import SOLVERS, Solver
 
 _SCALE_FN = "scale_by_lora_muon"
 _ALIAS_FN = "lora_muon"
+# The defaults of `solver` and `eps`: the only values `method="paper"` accepts.
+_DEFAULT_SOLVER = "auto"
+_DEFAULT_EPS = 1e-6
 
 
 def _check_common(
     fn: str, beta: Any, lora_scale: Any, eps: Any, method: str, solver: str
 ) -> _directions.Method:
-    """Checks the shared hyperparameters; returns ``method`` with aliases resolved."""
+    """Checks the shared hyperparameters; returns ``method`` as a :data:`Method`."""
     _validation.check_scalar("beta", beta, low=0.0, high=1.0, high_inclusive=False, fn=fn)
     _validation.check_scalar("lora_scale", lora_scale, low=0.0, low_inclusive=False, fn=fn)
     _validation.check_scalar("eps", eps, low=0.0, high=1.0, fn=fn)
-    if method == "eigh":
-        warnings.warn(
-            f'{fn}: method="eigh" is now called method="gram" (the Gram shortcut; '
-            "its r×r solver is chosen by `solver`).",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        method = "gram"
     _validation.check_choice(fn, "method", method, _directions.METHODS)
     _validation.check_choice(fn, "solver", solver, SOLVERS)
+    if method == "paper":
+        _check_paper_args(fn, eps, solver)
     return "paper" if method == "paper" else "gram"
+
+
+def _check_paper_args(fn: str, eps: Any, solver: str) -> None:
+    """Raises if ``method="paper"`` gets a non-default ``solver`` or ``eps``, which it ignores.
+
+    A traced ``eps`` (under ``jit`` or ``inject_hyperparams``) cannot be read and is
+    not checked; a concrete one is compared in float32, the dtype
+    ``inject_hyperparams`` stores it in.
+    """
+    ignored = []
+    if solver != _DEFAULT_SOLVER:
+        ignored.append(f"solver={solver!r}")
+    eps_value = _validation.concrete_float(eps)
+    if eps_value is not None and np.float32(eps_value) != np.float32(_DEFAULT_EPS):
+        ignored.append(f"eps={eps_value:g}")
+    if ignored:
+        raise ValueError(
+            f'{fn}: method="paper" ignores `solver` and `eps` (the r×r solver and the '
+            'pseudo-inverse threshold of method="gram"), but got '
+            f"{', '.join(ignored)}. Leave them at their defaults "
+            f'(solver={_DEFAULT_SOLVER!r}, eps={_DEFAULT_EPS!r}) or use method="gram".'
+        )
 
 
 def scale_by_lora_muon(
@@ -50,7 +69,7 @@ def scale_by_lora_muon(
     *,
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     method: _directions.Method = "gram",
     solver: Solver = "auto",
     mu_dtype: Any = None,
@@ -98,8 +117,9 @@ def scale_by_lora_muon(
         shortcut): four thin Grams and one thin product per pair, and ``r×r`` work batched
         over the whole tree. ``"paper"``: the paper's route, a 7-step damped Newton–Schulz
         inverse square root and an 8-step Polar Express on the thin momentum, for
-        reproduction. (``"eigh"`` is a deprecated name of ``"gram"``.) Static.
-      solver: the ``r×r`` solver of ``method="gram"``: ``"cholesky"`` (Cholesky
+        reproduction; it takes no ``solver`` or ``eps`` (a non-default value of either
+        raises). Static.
+      solver: the ``r×r`` solver of ``method="gram"`` (only): ``"cholesky"`` (Cholesky
         whitening, Newton–Schulz polar), ``"newton_schulz"`` (matrix products only),
         ``"eigh"`` (two eigendecompositions) or ``"auto"`` (default: Cholesky on CPU,
         Newton–Schulz on GPU and TPU). The iterative solvers check their result and
@@ -107,7 +127,7 @@ def scale_by_lora_muon(
       mu_dtype: dtype of the momentum (e.g. ``"bfloat16"``); ``None`` keeps each
         param's dtype. Pass dtypes as strings under ``inject_hyperparams``.
       eps: eigenvalues of the r×r Grams below ``eps · λ_max`` count as zero
-        (``"gram"`` only): directions with no mass get no step. For the partner
+        (``method="gram"`` only): directions with no mass get no step. For the partner
         factor's Gram (whitening) the threshold is raised to
         ``max(eps, 100 eps_f32, (2 eps_dtype)²)`` for factors of ``dtype`` (about
         1.2e-5 for float32 and float16, 2.4e-4 for bfloat16): a partner direction
@@ -123,7 +143,8 @@ def scale_by_lora_muon(
       ``params``.
 
     Raises:
-      ValueError: out-of-range or non-finite hyperparameters (at construction);
+      ValueError: out-of-range or non-finite hyperparameters, or ``method="paper"``
+        with a non-default ``solver`` or ``eps`` (at construction);
         an unpaired factor, mismatched ranks, batch axes or dtypes, a leaf in no
         pair, or missing ``params`` (at trace time, naming the leaf paths).
 
@@ -187,7 +208,7 @@ def scale_by_lora_muon(
             dirs = _directions.gram_directions(factors, tree.params, sources, scale, solver)
             return {f.index: d for f, d in zip(factors, dirs, strict=True)}
         jobs: list[tuple[jax.Array, jax.Array, bool]] = []
-        restore: list[tuple[_pair_discovery.LoRAPair, Literal["a", "b"], int]] = []
+        restore: list[tuple[_pair_types.LoRAPair, Literal["a", "b"], int]] = []
         for pair in tree.plan.pairs:
             a, b = _pair_tree.canonical(pair, tree.params)
             m_a, m_b = _pair_tree.canonical(pair, sources)
@@ -209,7 +230,7 @@ def lora_muon(
     *,
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     method: _directions.Method = "gram",
     solver: Solver = "auto",
     mu_dtype: Any = None,
@@ -262,7 +283,8 @@ def lora_muon(
         ``"eigh"``); see :func:`scale_by_lora_muon`. Static.
       mu_dtype: momentum dtype for every leaf (LoRA and AdamW), e.g.
         ``"bfloat16"``; ``None`` keeps the param dtype.
-      eps: relative eigenvalue threshold of the pseudo-inverses.
+      eps: relative eigenvalue threshold of the pseudo-inverses (``method="gram"``
+        only).
       rebalance: optional :class:`GaugeRebalance`: every ``every`` steps rescale
         each pair to equal spectral norms (exponent ``alpha``); the product and
         the next update are unchanged.

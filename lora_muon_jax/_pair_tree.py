@@ -18,13 +18,20 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _pair_discovery, _sharding, _validation
+from lora_muon_jax import (
+    _key_paths,
+    _pair_labels,
+    _pair_matching,
+    _pair_types,
+    _sharding,
+    _validation,
+)
 
 
 class PairTree(NamedTuple):
     """A flattened ``updates`` tree with its params and pairs resolved."""
 
-    plan: _pair_discovery.PairPlan
+    plan: _pair_types.PairPlan
     treedef: Any
     grads: list[Any]
     params: list[Any]
@@ -34,34 +41,34 @@ def flatten(
     fn: str,
     updates: Any,
     params: Any,
-    pairs: _pair_discovery.PairsLike,
+    pairs: _pair_types.PairsLike,
     *,
     require_all_paired: bool = True,
 ) -> PairTree:
     """Flattens ``updates``/``params`` and finds the pairs (raises with leaf paths)."""
-    paths, grads, treedef = _pair_discovery.flatten_with_paths(updates)
+    paths, grads, treedef = _key_paths.flatten_with_paths(updates)
     p_leaves = _validation.params_leaves(fn, paths, params)
-    plan = _pair_discovery.plan_pairs(paths, p_leaves, pairs)
+    plan = _pair_matching.plan_pairs(paths, p_leaves, pairs)
     if require_all_paired:
-        _pair_discovery.require_pairs(fn, paths, p_leaves, plan, pairs)
+        _pair_labels.require_pairs(fn, paths, p_leaves, plan, pairs)
         _validation.require_all_paired(fn, plan)
     check_pair_dtypes(fn, plan, p_leaves, "params")
     check_pair_dtypes(fn, plan, grads, "updates")
     return PairTree(plan, treedef, list(grads), list(p_leaves))
 
 
-def check_init(fn: str, params: Any, pairs: _pair_discovery.PairsLike) -> _pair_discovery.PairPlan:
+def check_init(fn: str, params: Any, pairs: _pair_types.PairsLike) -> _pair_types.PairPlan:
     """Validates pairs at ``init`` (also on a leafless ``optax.tree.map_params`` placeholder)."""
-    paths, leaves, _ = _pair_discovery.flatten_with_paths(params)
-    plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
-    _pair_discovery.require_pairs(fn, paths, leaves, plan, pairs)
+    paths, leaves, _ = _key_paths.flatten_with_paths(params)
+    plan = _pair_matching.plan_pairs(paths, leaves, pairs)
+    _pair_labels.require_pairs(fn, paths, leaves, plan, pairs)
     _validation.require_all_paired(fn, plan)
     check_pair_dtypes(fn, plan, leaves, "params")
     return plan
 
 
 def check_pair_dtypes(
-    fn: str, plan: _pair_discovery.PairPlan, leaves: Sequence[Any], tree: str = "params"
+    fn: str, plan: _pair_types.PairPlan, leaves: Sequence[Any], tree: str = "params"
 ) -> None:
     """Raises ``TypeError`` if a factor of a pair is complex, integer or boolean.
 
@@ -80,7 +87,7 @@ def check_pair_dtypes(
     _validation.check_float_leaves(fn, names, [leaves[i] for i in index], tree)
 
 
-def canonical(pair: _pair_discovery.LoRAPair, leaves: Sequence[Any]) -> tuple[jax.Array, jax.Array]:
+def canonical(pair: _pair_types.LoRAPair, leaves: Sequence[Any]) -> tuple[jax.Array, jax.Array]:
     """``(a, b)`` of one pair from a leaf list, in canonical layout."""
     return pair.canonical(leaves[pair.a_index], "a"), pair.canonical(leaves[pair.b_index], "b")
 
@@ -110,14 +117,14 @@ def scatter(
     return jax.tree_util.tree_unflatten(tree.treedef, out)
 
 
-def same_shape_groups(tree: PairTree) -> list[list[_pair_discovery.LoRAPair]]:
+def same_shape_groups(tree: PairTree) -> list[list[_pair_types.LoRAPair]]:
     """The pairs grouped by layout (shapes, dtype, sharding), in first-seen order.
 
     Pairs of one group can be stacked along a new leading axis so that each step
     is one batched computation per group instead of one per adapter (the q, k, v, o
     adapters of every layer of an unscanned model, say).
     """
-    groups: dict[tuple, list[_pair_discovery.LoRAPair]] = {}
+    groups: dict[tuple, list[_pair_types.LoRAPair]] = {}
     for pair in tree.plan.pairs:
         a, b = tree.params[pair.a_index], tree.params[pair.b_index]
         key = (

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pair_discovery, _validation
+from lora_muon_jax import _key_paths, _validation
 
 _FN = "split_weight_decay"
 
@@ -27,8 +27,8 @@ def _value_at(x: optax.ScalarOrSchedule, count: jax.Array) -> Any:
 
 def _check_dtypes(tree: Any, what: str) -> None:
     """Every leaf is a factor here: complex, integer and boolean leaves are refused."""
-    paths, leaves, _ = _pair_discovery.flatten_with_paths(tree)
-    names = [_pair_discovery.path_str(p) for p in paths]
+    paths, leaves, _ = _key_paths.flatten_with_paths(tree)
+    names = [_key_paths.path_str(p) for p in paths]
     _validation.check_float_leaves(_FN, names, leaves, what)
 
 
@@ -125,7 +125,7 @@ def split_weight_decay(
         _check_dtypes(updates, "updates")
         if skip:
             return updates, new_state
-        paths, leaves, treedef = _pair_discovery.flatten_with_paths(updates)
+        paths, leaves, treedef = _key_paths.flatten_with_paths(updates)
         p_leaves = _validation.params_leaves(_FN, paths, params)
         _check_dtypes(params, "params")
         lam = _value_at(weight_decay, state.count)

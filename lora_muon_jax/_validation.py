@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_muon_jax import _pair_discovery
+from lora_muon_jax import _key_paths, _pair_types
 
 NEEDS_PARAMS = (
     "{name} needs the current parameters: call `update(updates, state, params)`. "
@@ -72,16 +72,12 @@ def params_leaves(fn: str, updates_paths: list[Any], params: Any) -> list[Any]:
     """
     if params is None:
         raise ValueError(NEEDS_PARAMS.format(name=fn))
-    p_paths, p_leaves, _ = _pair_discovery.flatten_with_paths(params)
-    want = [_pair_discovery.normalized_path(p) for p in updates_paths]
-    have = [_pair_discovery.normalized_path(p) for p in p_paths]
+    p_paths, p_leaves, _ = _key_paths.flatten_with_paths(params)
+    want = [_key_paths.normalized_path(p) for p in updates_paths]
+    have = [_key_paths.normalized_path(p) for p in p_paths]
     if want != have:
-        missing = sorted(
-            set(map(_pair_discovery.path_str, want)) - set(map(_pair_discovery.path_str, have))
-        )
-        extra = sorted(
-            set(map(_pair_discovery.path_str, have)) - set(map(_pair_discovery.path_str, want))
-        )
+        missing = sorted(set(map(_key_paths.path_str, want)) - set(map(_key_paths.path_str, have)))
+        extra = sorted(set(map(_key_paths.path_str, have)) - set(map(_key_paths.path_str, want)))
         raise ValueError(
             f"{fn}: `params` and `updates` have different trees. Missing in params: "
             f"{missing or 'none'}; only in params: {extra or 'none'}."
@@ -90,7 +86,7 @@ def params_leaves(fn: str, updates_paths: list[Any], params: Any) -> list[Any]:
     return p_leaves
 
 
-def require_all_paired(fn: str, plan: _pair_discovery.PairPlan) -> None:
+def require_all_paired(fn: str, plan: _pair_types.PairPlan) -> None:
     """Raises if a leaf handed to a pair-only transformation is in no pair."""
     if plan.unpaired:
         names = shown([plan.paths[i] for i in plan.unpaired])

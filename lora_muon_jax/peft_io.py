@@ -52,7 +52,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from lora_muon_jax import _pair_discovery, _validation
+from lora_muon_jax import _key_paths, _pair_matching, _pair_presets, _pair_types, _validation
 
 __all__ = [
     "PEFT_FILE_PAIRS",
@@ -88,9 +88,9 @@ _IN_MEMORY_NAME = re.compile(
 
 # PEFT's rules (`pairs="peft"`) on file names only: `lora_B.weight` with
 # `lora_A.weight`, so that a `lora_B.bias` (lora_bias=True) is no factor.
-PEFT_FILE_PAIRS: tuple[_pair_discovery.PairRule, ...] = tuple(
+PEFT_FILE_PAIRS: tuple[_pair_types.PairRule, ...] = tuple(
     rule._replace(a=rule.a + ".weight", b=rule.b + ".weight") if rule.a == "lora_B" else rule
-    for rule in _pair_discovery.peft_adapter()
+    for rule in _pair_presets.peft_adapter()
 )
 
 
@@ -115,7 +115,7 @@ class PeftAdapter(NamedTuple):
     frozen: dict[str, np.ndarray]
 
     @property
-    def pairs(self) -> tuple[_pair_discovery.PairRule, ...]:
+    def pairs(self) -> tuple[_pair_types.PairRule, ...]:
         """:data:`PEFT_FILE_PAIRS`, the ``pairs=`` that reads ``params``.
 
         ``pairs="peft"`` (and ``"auto"``) pair the factors too, but take a lora bias
@@ -309,10 +309,10 @@ def _check_config(fn: str, config: Any) -> None:
 
 def _flat_tensors(fn: str, params: Any) -> dict[str, np.ndarray]:
     """A flat ``{file name: contiguous NumPy array}`` from a flat or nested tree."""
-    paths, leaves, _ = _pair_discovery.flatten_with_paths(params)
+    paths, leaves, _ = _key_paths.flatten_with_paths(params)
     out = {}
     for path, leaf in zip(paths, leaves, strict=True):
-        key = ".".join(_pair_discovery.path_names(path))
+        key = ".".join(_key_paths.path_names(path))
         if _IN_MEMORY_NAME.search(key):
             raise ValueError(
                 f"{fn}: {key!r} is a model state-dict name with an adapter name after "
@@ -509,7 +509,7 @@ def _check_tensors(
     factor_modules = _factor_modules(params)
     for key in params:
         _check_param_tensor(fn, key, config, params, factor_modules)
-    _pair_discovery.find_lora_pairs(dict(params), PEFT_FILE_PAIRS)  # raises on unpaired factors
+    _pair_matching.find_lora_pairs(dict(params), PEFT_FILE_PAIRS)  # raises on unpaired factors
     for key in frozen:
         _check_frozen_tensor(fn, key, config, factor_modules)
     uncovered = sorted(

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _pair_discovery
+from lora_muon_jax import _key_paths, _pair_matching, _pair_types
 
 __all__ = [
     "assert_finite_at_zero_init",
@@ -39,7 +39,7 @@ __all__ = [
 
 
 def _leaves(tree: Any) -> list[Any]:
-    return _pair_discovery.flatten_with_paths(tree)[1]
+    return _key_paths.flatten_with_paths(tree)[1]
 
 
 def _f64(x: Any) -> np.ndarray:
@@ -47,7 +47,7 @@ def _f64(x: Any) -> np.ndarray:
 
 
 def pair_products(
-    params: Any, pairs: _pair_discovery.PairsLike = "auto", lora_scale: float = 1.0
+    params: Any, pairs: _pair_types.PairsLike = "auto", lora_scale: float = 1.0
 ) -> dict[str, np.ndarray]:
     """``c · a @ b`` of every pair, float64, keyed by the path of ``a``.
 
@@ -55,7 +55,7 @@ def pair_products(
     """
     leaves = _leaves(params)
     out = {}
-    for pair in _pair_discovery.find_lora_pairs(params, pairs):
+    for pair in _pair_matching.find_lora_pairs(params, pairs):
         a = _f64(pair.canonical(jnp.asarray(leaves[pair.a_index]), "a"))
         b = _f64(pair.canonical(jnp.asarray(leaves[pair.b_index]), "b"))
         out[pair.a_path] = lora_scale * a @ b
@@ -63,12 +63,12 @@ def pair_products(
 
 
 def pair_steps(
-    params: Any, updates: Any, pairs: _pair_discovery.PairsLike = "auto", lora_scale: float = 1.0
+    params: Any, updates: Any, pairs: _pair_types.PairsLike = "auto", lora_scale: float = 1.0
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The two first-order terms ``(c Δa b, c a Δb)`` of every pair, float64."""
     p_leaves, u_leaves = _leaves(params), _leaves(updates)
     out = {}
-    for pair in _pair_discovery.find_lora_pairs(params, pairs):
+    for pair in _pair_matching.find_lora_pairs(params, pairs):
         a = _f64(pair.canonical(jnp.asarray(p_leaves[pair.a_index]), "a"))
         b = _f64(pair.canonical(jnp.asarray(p_leaves[pair.b_index]), "b"))
         da = _f64(pair.canonical(jnp.asarray(u_leaves[pair.a_index]), "a"))
@@ -84,9 +84,9 @@ def _spectral(x: np.ndarray) -> np.ndarray:
 
 def assert_finite_updates(updates: Any) -> None:
     """Raises ``AssertionError`` naming every leaf of ``updates`` with NaN or inf."""
-    paths, leaves, _ = _pair_discovery.flatten_with_paths(updates)
+    paths, leaves, _ = _key_paths.flatten_with_paths(updates)
     bad = [
-        _pair_discovery.path_str(p)
+        _key_paths.path_str(p)
         for p, x in zip(paths, leaves, strict=True)
         if not bool(jnp.all(jnp.isfinite(jnp.asarray(x).astype(jnp.float32))))
     ]
@@ -100,7 +100,7 @@ def assert_product_step_within_budget(
     learning_rate: float,
     *,
     state: Any = None,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     lora_scale: float = 1.0,
     rtol: float = 1e-4,
     each_term: bool = False,
@@ -153,10 +153,10 @@ def assert_product_step_within_budget(
     return updates
 
 
-def _rescale_pairs(params: Any, c: float, pairs: _pair_discovery.PairsLike) -> Any:
-    paths, leaves, treedef = _pair_discovery.flatten_with_paths(params)
+def _rescale_pairs(params: Any, c: float, pairs: _pair_types.PairsLike) -> Any:
+    paths, leaves, treedef = _key_paths.flatten_with_paths(params)
     leaves = list(leaves)
-    for pair in _pair_discovery.find_lora_pairs(params, pairs):
+    for pair in _pair_matching.find_lora_pairs(params, pairs):
         a, b = leaves[pair.a_index], leaves[pair.b_index]
         leaves[pair.a_index] = (a * c).astype(a.dtype)
         leaves[pair.b_index] = (b / c).astype(b.dtype)
@@ -185,7 +185,7 @@ def assert_gauge_invariant(
     *,
     scale: float = 9.0,
     steps: int = 3,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     lora_scale: float = 1.0,
     rtol: float = 1e-4,
 ) -> None:
@@ -222,7 +222,7 @@ def assert_finite_at_zero_init(
     params: Any,
     loss_fn: Callable[[Any], jax.Array],
     *,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
 ) -> Any:
     """Zeroes every ``b``, takes one step, and asserts it is finite and moves only ``b``.
 
@@ -236,9 +236,9 @@ def assert_finite_at_zero_init(
       >>> loss = lambda p: jnp.sum((p['lora_a'] @ p['lora_b'] - 1.) ** 2)
       >>> _ = testing.assert_finite_at_zero_init(lora_muon(0.1), p, loss)
     """
-    paths, leaves, treedef = _pair_discovery.flatten_with_paths(params)
+    paths, leaves, treedef = _key_paths.flatten_with_paths(params)
     leaves = list(leaves)
-    found = _pair_discovery.find_lora_pairs(params, pairs)
+    found = _pair_matching.find_lora_pairs(params, pairs)
     for pair in found:
         leaves[pair.b_index] = jnp.zeros_like(leaves[pair.b_index])
     params = jax.tree_util.tree_unflatten(treedef, leaves)

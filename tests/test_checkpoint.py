@@ -99,7 +99,7 @@ def resume(directory: str) -> None:
 
 
 def _assert_bitwise_equal(got, want):
-    paths, leaves, _ = lmj._pair_discovery.flatten_with_paths(want)
+    paths, leaves, _ = lmj._key_paths.flatten_with_paths(want)
     for path, a, b in zip(paths, jax.tree.leaves(got), leaves, strict=False):
         assert a.dtype == b.dtype, path
         np.testing.assert_array_equal(

@@ -40,21 +40,36 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = 500
 STALL_S = 90.0  # no marker for this long: the step is stuck (compiles take < 10 s)
 THREADS = 2
-# Optimizers whose CPU step has no LAPACK call at all (checked, not run).
-NO_LAPACK = {"spectron", "lora_muon_paper"}
-# The ones that must be found calling LAPACK (so the test cannot pass vacuously).
-WITH_LAPACK = {
-    "lora_muon",
-    "lora_muon_eigh_fallback",
-    "lora_muon_eigh",
-    "lora_rite",
-    "lora_rite_escape",
-    "riemannion",
-    "limuon",
-    "limuon_svd",
-    "lora_pre_adam",
-    "lora_pre_muon",
+# Every optimizer of the package comes from the catalogue (benchmarks/registry.py),
+# which says whether its CPU step calls LAPACK; beside them, variants that reach
+# other LAPACK calls: name -> (catalogue entry, its extra arguments).
+VARIANTS = {
+    "lora_muon_eigh_fallback": ("lora_muon", {"beta": 0.9}),  # on a rank-deficient factor
+    "lora_muon_eigh": ("lora_muon", {"solver": "eigh"}),
+    "lora_rite_escape": ("lora_rite", {"learning_rate": 0.01, "apply_escape": True}),
+    "limuon_svd": ("limuon", {"orthogonalizer": "svd"}),
 }
+# Per-entry arguments of this test (rate 0.05, dense momentum rank 4 otherwise).
+HPARAMS = {
+    "lora_muon": {"beta": 0.9},
+    "lora_rite": {"learning_rate": 0.01},
+    "lora_pre_adam": {"learning_rate": 0.01},
+}
+DENSE_RANK = 4
+
+
+def _catalogue() -> dict:
+    """name -> Method: the catalogue's entries that ship in ``lora_muon_jax``."""
+    from benchmarks import registry
+
+    return {name: m for name, m in registry.METHODS.items() if m.ships}
+
+
+def _expected() -> tuple[set[str], set[str]]:
+    """(the steps that must be found calling LAPACK, those that must have none)."""
+    shipped = _catalogue()
+    with_lapack = {name for name, m in shipped.items() if m.lapack_on_cpu} | set(VARIANTS)
+    return with_lapack, set(shipped) - with_lapack
 
 
 # ------------------------------------------------------------------- child side
@@ -65,8 +80,6 @@ def _configs() -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    import lora_muon_jax as lmj
-    from lora_muon_jax import peers
     from tests import contract
 
     lora, loss = contract.lora_problem(batch=(2,))
@@ -84,20 +97,22 @@ def _configs() -> dict:
     def dense_loss(p):
         return jnp.sum((p["w"] - target) ** 2) + jnp.sum((p["bias"] - 1.0) ** 2)
 
-    return {
-        "lora_muon": (lmj.lora_muon(0.05, beta=0.9), lora, loss),
-        "lora_muon_eigh_fallback": (lmj.lora_muon(0.05, beta=0.9), deficient, loss),
-        "lora_muon_eigh": (lmj.lora_muon(0.05, solver="eigh"), lora, loss),
-        "lora_muon_paper": (lmj.lora_muon(0.05, method="paper"), lora, loss),
-        "spectron": (peers.spectron(0.05), lora, loss),
-        "lora_rite": (peers.lora_rite(0.01), lora, loss),
-        "lora_rite_escape": (peers.lora_rite(0.01, apply_escape=True), lora, loss),
-        "riemannion": (peers.riemannion(0.05), lora, loss),
-        "limuon": (peers.limuon(0.05, rank=4), dense, dense_loss),
-        "limuon_svd": (peers.limuon(0.05, rank=4, orthogonalizer="svd"), dense, dense_loss),
-        "lora_pre_adam": (peers.lora_pre_adam(0.01, rank=4), dense, dense_loss),
-        "lora_pre_muon": (peers.lora_pre_muon(0.05, rank=4), dense, dense_loss),
-    }
+    from benchmarks import registry
+
+    def build(m, extra: dict) -> tuple:
+        kwargs = {"learning_rate": 0.05, **m.variant}
+        if m.tree == "dense" and m.rank is not None:
+            kwargs["rank"] = DENSE_RANK
+        tx = registry.load_factory(m)(**{**kwargs, **extra})
+        return (tx, lora, loss) if m.tree == "lora" else (tx, dense, dense_loss)
+
+    shipped = _catalogue()
+    configs = {name: build(m, HPARAMS.get(name, {})) for name, m in shipped.items()}
+    for name, (base, extra) in VARIANTS.items():
+        configs[name] = build(shipped[base], extra)
+    tx, _, _ = configs["lora_muon_eigh_fallback"]
+    configs["lora_muon_eigh_fallback"] = (tx, deficient, loss)
+    return configs
 
 
 def _train_step(tx, loss):
@@ -277,11 +292,12 @@ def test_every_lapack_step_survives_500_runs_on_two_threads():
     found = {
         m.group(1): m.group(2) for m in map(re.compile(r"lapack (\S+) (\S+)").match, lines) if m
     }
+    with_lapack, no_lapack = _expected()
     calling = {name for name, calls in found.items() if calls != "-"}
-    assert calling == WITH_LAPACK, found
-    assert {name for name, calls in found.items() if calls == "-"} == NO_LAPACK, found
+    assert calling == with_lapack, found
+    assert {name for name, calls in found.items() if calls == "-"} == no_lapack, found
     done = [line.split(" loss ")[0] for line in lines if line.startswith("done ")]
-    assert done == [f"done {name} finite=True" for name in found if name in WITH_LAPACK], lines
+    assert done == [f"done {name} finite=True" for name in found if name in with_lapack], lines
     assert lines[-1] == "all done"
     print(f"{len(done)} LAPACK steps x {RUNS} runs in {seconds:.1f} s")
 

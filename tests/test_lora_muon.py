@@ -399,3 +399,45 @@ def test_adamw_fallback_updates_in_param_dtype_with_f32_momentum():
     assert {k: v.dtype for k, v in u.items()} == {k: jnp.bfloat16 for k in params}
     mu = state.inner_states["lora_muon"].inner_state[0].mu
     assert mu["lora_a"].dtype == mu["lora_b"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("fn", ["lora_muon", "scale_by_lora_muon"])
+@pytest.mark.parametrize(
+    "kw,shown",
+    [
+        (dict(solver="eigh"), "solver='eigh'"),
+        (dict(solver="cholesky"), "solver='cholesky'"),
+        (dict(eps=1e-4), "eps=0.0001"),
+        (dict(solver="newton_schulz", eps=0.0), "solver='newton_schulz', eps=0"),
+    ],
+)
+def test_paper_method_rejects_the_gram_only_arguments(fn, kw, shown):
+    factory = getattr(lmj, fn)
+    args = (0.1,) if fn == "lora_muon" else ()
+    with pytest.raises(ValueError, match=r"method=\"paper\" ignores `solver` and `eps`") as err:
+        factory(*args, method="paper", **kw)
+    assert f"got {shown}. " in str(err.value)
+    assert err.value.args[0].startswith(f"{fn}:")
+
+
+def test_paper_method_takes_the_defaults_and_inject_hyperparams():
+    params = {"lora_a": jnp.ones((6, 2)).at[0, 1].set(2.0), "lora_b": jnp.ones((2, 5))}
+    for tx in (
+        lmj.lora_muon(0.1, method="paper"),
+        lmj.lora_muon(0.1, method="paper", solver="auto", eps=1e-6),
+        lmj.scale_by_lora_muon(method="paper", eps=np.float32(1e-6)),
+        # eps becomes a float32 array in the state: still the default.
+        optax.inject_hyperparams(lmj.lora_muon, static_args=("method",))(
+            learning_rate=0.1, method="paper", eps=1e-6
+        ),
+    ):
+        u, _ = jax.jit(tx.update)(params, tx.init(params), params)
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(u))
+    with pytest.raises(ValueError, match=r"got eps=0\.001\. "):
+        inject = optax.inject_hyperparams(lmj.lora_muon, static_args=("method",))
+        inject(learning_rate=0.1, method="paper", eps=1e-3).init(params)
+
+
+def test_removed_eigh_method_name_is_rejected():
+    with pytest.raises(ValueError, match=r"`method` must be one of \['gram', 'paper'\]"):
+        lmj.lora_muon(0.1, method="eigh")  # type: ignore[arg-type]

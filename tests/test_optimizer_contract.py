@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_muon_jax as lmj
-from lora_muon_jax import peers
+from benchmarks import registry
 from tests import contract
 from tests.helpers import rel_err
 
@@ -71,74 +71,59 @@ class Case:
     not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-CASES = {
-    "lora_muon": Case(
-        lmj.lora_muon,
-        dict(learning_rate=0.02),
-        not_applicable=COMPLEX_PAIRS,
-    ),
-    "lora_muon_newton_schulz": Case(
-        lmj.lora_muon,
-        dict(learning_rate=0.02, solver="newton_schulz"),
-        not_applicable=COMPLEX_PAIRS,
-    ),
-    "lora_muon_paper": Case(
-        lmj.lora_muon,
-        dict(learning_rate=0.02, method="paper"),
-        not_applicable=COMPLEX_PAIRS,
-    ),
-    "lora_muon_options": Case(
-        lmj.lora_muon,
-        dict(
-            learning_rate=0.02,
-            nesterov=True,
-            weight_decay=0.1,
-            lora_scale=2.0,
-            rebalance=lmj.GaugeRebalance(every=2),
-        ),
-        not_applicable=COMPLEX_PAIRS,
-    ),
-    "spectron": Case(
-        peers.spectron,
-        dict(learning_rate=0.02),
-        static_args=("ns_steps", "power_iterations"),
-        not_applicable=COMPLEX_PAIRS,
-    ),
-    # LoRA-RITE's update skipping stalls this tiny problem's first steps.
-    "lora_rite": Case(
-        peers.lora_rite,
-        dict(learning_rate=0.01),
-        train_hparams=dict(update_skipping=0.0),
-        not_applicable=COMPLEX_PAIRS,
-    ),
-    "riemannion": Case(
-        peers.riemannion,
-        dict(learning_rate=0.02),
-        not_applicable=COMPLEX_PAIRS,
-    ),
-    # LoRA-Pre's state_dtype is the dtype of its moment factors; its AdamW leaves
-    # keep the params' dtype (documented in peers.lora_pre_adam / lora_pre_muon).
-    "lora_pre_adam": Case(
-        peers.lora_pre_adam,
-        dict(learning_rate=0.02, rank=2, **DENSE),
-        static_args=("rank",),
-        state_dtype_fields=("m_b", "m_a", "v_b", "v_a"),
-        not_applicable=COMPLEX_MATRICES,
-    ),
-    "lora_pre_muon": Case(
-        peers.lora_pre_muon,
-        dict(learning_rate=0.02, rank=2, **DENSE),
-        static_args=("rank", "ns_steps"),
-        state_dtype_fields=("m_b", "m_a"),
-        not_applicable=COMPLEX_MATRICES,
-    ),
-    "limuon": Case(
-        peers.limuon,
-        dict(learning_rate=0.02, rank=2, **DENSE),
-        static_args=("rank", "oversampling", "ns_steps"),
-        not_applicable=COMPLEX_MATRICES,
-    ),
+# Per-case specifics of the contract, keyed by catalogue name: the set of optimizers,
+# their factories, variants, static args and state-dtype fields come from the
+# catalogue (benchmarks/registry.py).
+CONTRACT_HPARAMS: dict[str, dict[str, Any]] = {
+    "lora_rite": dict(learning_rate=0.01),
 }
+# LoRA-RITE's update skipping stalls this tiny problem's first steps.
+TRAIN_HPARAMS: dict[str, dict[str, Any]] = {"lora_rite": dict(update_skipping=0.0)}
+DENSE_RANK = 2  # momentum rank of the dense-weight peers on the contract's small problem
+
+
+def _case(m: registry.Method) -> Case:
+    hparams: dict[str, Any] = dict(learning_rate=0.02, **m.variant)
+    if m.tree == "dense":
+        hparams |= DENSE
+        if m.rank is not None:
+            hparams["rank"] = DENSE_RANK
+    return Case(
+        registry.load_factory(m),
+        {**hparams, **CONTRACT_HPARAMS.get(m.name, {})},
+        static_args=m.static_args,
+        train_hparams=TRAIN_HPARAMS.get(m.name, {}),
+        state_dtype_fields=m.state_dtype_fields,
+        not_applicable=COMPLEX_PAIRS if m.tree == "lora" else COMPLEX_MATRICES,
+    )
+
+
+SHIPPED = {name: m for name, m in registry.METHODS.items() if m.ships}
+CASES = {name: _case(m) for name, m in SHIPPED.items()}
+# Options of LoRA-Muon that change the program, beside the catalogue's entries.
+CASES["lora_muon_options"] = dataclasses.replace(
+    CASES["lora_muon"],
+    hparams=dict(
+        learning_rate=0.02,
+        nesterov=True,
+        weight_decay=0.1,
+        lora_scale=2.0,
+        rebalance=lmj.GaugeRebalance(every=2),
+    ),
+)
+
+
+def test_every_shipped_catalogue_entry_is_in_the_table():
+    assert set(SHIPPED) <= set(CASES)
+    # The catalogue's capabilities are the factories' own arguments.
+    for name, m in SHIPPED.items():
+        params = inspect.signature(registry.load_factory(m)).parameters
+        assert set(m.static_args) <= set(params), name
+        assert set(m.variant) <= set(params), name
+        assert m.state_dtype_fields, name
+        assert {"mu_dtype", "state_dtype"} & set(params), name
+        assert m.unpaired_to_adamw and "adam_learning_rate" in params, name
+        assert ("prev_grads" in m.extra_args) == (name == "limuon"), name
 
 
 @pytest.fixture(params=sorted(CASES))

@@ -3,7 +3,8 @@
 * no import cycle between modules of ``lora_muon_jax`` (module-level imports and
   imports inside functions alike);
 * ``flax`` is imported only under ``lora_muon_jax/nnx/``: the optimizer library runs
-  without it;
+  without it (checked with flax blocked, in a subprocess), and flax is an extra of
+  ``pyproject.toml``, not a dependency;
 * no function is longer than 80 lines of code (docstring, blank and comment-only lines
   not counted).
 
@@ -15,6 +16,10 @@ from __future__ import annotations
 import ast
 import pathlib
 import re
+import subprocess
+import sys
+import textwrap
+import tomllib
 
 import pytest
 
@@ -169,6 +174,59 @@ def test_no_import_cycles():
 
 def test_flax_only_under_nnx():
     assert flax_importers(PACKAGE) == []
+
+
+# Blocks flax (``import flax`` raises ModuleNotFoundError), then imports the library.
+_WITHOUT_FLAX = textwrap.dedent(
+    """
+    import sys
+
+    sys.modules["flax"] = None
+    import jax.numpy as jnp
+
+    import lora_muon_jax as lmj
+    import lora_muon_jax.lora_scale, lora_muon_jax.peft_io, lora_muon_jax.peers
+    import lora_muon_jax.testing
+
+    params = {"lora_a": jnp.ones((4, 2)).at[0, 1].set(2.0), "lora_b": jnp.ones((2, 3))}
+    tx = lmj.lora_muon(0.1)
+    tx.update(params, tx.init(params), params)
+    try:
+        import lora_muon_jax.nnx
+    except ModuleNotFoundError as err:
+        print("ERROR:", err)
+    assert sys.modules["flax"] is None
+    """
+)
+
+
+def test_library_imports_without_flax_and_nnx_names_the_extra():
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_FLAX],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PACKAGE.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR: lora_muon_jax.nnx needs flax" in proc.stdout, proc.stdout
+    assert 'pip install "lora_muon_jax[flax]"' in proc.stdout
+
+
+def test_flax_is_an_extra_not_a_dependency():
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+
+    def needs_flax(reqs: list[str]) -> bool:
+        return any(re.match(r"flax\b", r) for r in reqs)
+
+    assert not needs_flax(project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert [name for name in sorted(extras) if needs_flax(extras[name])] == [
+        "dev",
+        "examples",
+        "flax",
+        "study",
+    ]
 
 
 def test_no_function_longer_than_80_code_lines():

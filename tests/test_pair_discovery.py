@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import lora_muon_jax as lmj
-from lora_muon_jax import FactorAxes, LoRAFactor, PairRule, _pair_discovery
+from lora_muon_jax import FactorAxes, LoRAFactor, PairRule, _pair_labels
 
 
 def _sds(*shape, dtype=jnp.float32):
@@ -363,7 +363,7 @@ def test_dora_magnitude_goes_to_adamw_with_a_note(caplog):
         **_PEFT_TREE,
         "q.lora_magnitude_vector.default.weight": jnp.ones(5),
     }
-    _pair_discovery._DORA_NOTED.clear()  # another test may have noted this set
+    _pair_labels._DORA_NOTED.clear()  # another test may have noted this set
     with caplog.at_level(logging.INFO, logger="lora_muon_jax"):
         labels = lmj.lora_param_labels("peft")(tree)
     assert labels["q.lora_magnitude_vector.default.weight"] == "other"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,3 +95,28 @@ def test_options_reach_the_constructor():
     new = optax.apply_updates(lopsided, u)["blocks"]["q"]
     sa, sb = (np.linalg.norm(np.asarray(new[k]), 2) for k in ("lora_a", "lora_b"))
     assert abs(np.log(sa / sb)) < 1e-3  # rebalanced on step 0: the option was passed on
+
+
+def test_docs_peers_table_is_the_catalogue():
+    """docs/peer_optimizers.md's table is ``python -m benchmarks.registry --table``."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "peer_optimizers.md").read_text()
+    marker = "<!-- generated: python -m benchmarks.registry --table"
+    assert doc.count(marker) == 1
+    after = doc.split(marker, 1)[1].split("\n", 1)[1]
+    assert after.split("\n\n", 1)[0].strip() == registry.peers_table()
+
+
+def test_catalogue_names_are_unique_and_peer_rank_is_one_value():
+    # One name per optimizer: dense_muon (ours, no shape factor) vs dense_muon_optax.
+    assert registry.get("dense_muon").factory != registry.get("dense_muon_optax").factory
+    ranks = {m.rank for m in registry.METHODS.values() if m.rank is not None}
+    assert ranks == {registry.PEER_RANK}
+    assert {m.name for m in registry.METHODS.values() if m.ships} >= {
+        "lora_muon",
+        "spectron",
+        "lora_rite",
+        "riemannion",
+        "lora_pre_adam",
+        "lora_pre_muon",
+        "limuon",
+    }

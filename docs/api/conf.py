@@ -62,7 +62,7 @@ autodoc_type_aliases = {
         "optax.Updates",
         "optax.Params",
         "optax.OptState",
-        "_pair_discovery.PairsLike",
+        "_pair_types.PairsLike",
         "PairsLike",
         "_whitened_polar.Solver",
     )

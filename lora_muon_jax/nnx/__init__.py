@@ -13,8 +13,20 @@ subpackage adds what users ask for around them:
 * :func:`check_lora_model`: fail early when ``wrt`` selects no adapter.
 
 Import it as ``import lora_muon_jax.nnx as lmx`` so that it does not shadow
-``flax.nnx``.
+``flax.nnx``. It is the one part of the library that needs flax, an optional
+dependency: ``pip install "lora_muon_jax[flax]"``.
 """
+
+try:
+    import flax.nnx  # noqa: F401
+except ModuleNotFoundError as err:
+    if err.name is None or err.name.partition(".")[0] != "flax":
+        raise  # flax is there but something it imports is not: show that error
+    raise ModuleNotFoundError(
+        "lora_muon_jax.nnx needs flax, an optional dependency of lora_muon_jax "
+        '(the optimizers do not): pip install "lora_muon_jax[flax]"',
+        name=err.name,
+    ) from err
 
 from lora_muon_jax.nnx._balanced_init import balance_lora_init as balance_lora_init
 from lora_muon_jax.nnx._balanced_init import check_lora_model as check_lora_model

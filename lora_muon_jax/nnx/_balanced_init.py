@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_muon_jax import _grams, _pair_discovery, _validation
+from lora_muon_jax import _grams, _pair_matching, _pair_types, _validation
 from lora_muon_jax.nnx import _merge_lora
 
 _INIT_FN = "balance_lora_init"
@@ -96,7 +96,7 @@ def _balance_pair(
 def _balance_tree(
     tree: Any,
     key: jax.Array | None,
-    pairs: _pair_discovery.PairsLike,
+    pairs: _pair_types.PairsLike,
     lora_scale: Any,
     product_scale: Any,
     base_path: _merge_lora.BasePath | None,
@@ -163,7 +163,7 @@ def balance_lora_init(
     model_or_params: Any,
     key: jax.Array | None,
     *,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     lora_scale: jax.typing.ArrayLike = 1.0,
     product_scale: jax.typing.ArrayLike | None = 0.1,
     base_path: _merge_lora.BasePath | None = None,
@@ -261,8 +261,8 @@ def balance_lora_init(
 
 
 def check_lora_model(
-    model: nnx.Module, *, wrt: Any = nnx.LoRAParam, pairs: _pair_discovery.PairsLike = "auto"
-) -> tuple[_pair_discovery.LoRAPair, ...]:
+    model: nnx.Module, *, wrt: Any = nnx.LoRAParam, pairs: _pair_types.PairsLike = "auto"
+) -> tuple[_pair_types.LoRAPair, ...]:
     """Checks that ``nnx.Optimizer(model, lora_muon(...), wrt=wrt)`` will train adapters.
 
     ``lora_muon`` on a tree with no leaves is a no-op, as every optax
@@ -298,7 +298,7 @@ def check_lora_model(
         )
     paths = [tuple(jax.tree_util.DictKey(k) for k in path) for path, _ in flat]
     values = [var.get_value() if isinstance(var, nnx.Variable) else var for _, var in flat]
-    plan = _pair_discovery.plan_pairs(paths, values, pairs)
+    plan = _pair_matching.plan_pairs(paths, values, pairs)
     if not plan.pairs:
         raise ValueError(
             f"{_CHECK_FN}: none of the leaves selected by wrt={wrt!r} form a LoRA pair "

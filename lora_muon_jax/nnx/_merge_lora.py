@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_muon_jax import _linalg, _pair_discovery, _validation
+from lora_muon_jax import _key_paths, _linalg, _pair_matching, _pair_types, _validation
 
 # Maps the path of factor `a` (key names) to the path of its base weight, or None.
 BasePath = Callable[[tuple[str, ...]], "tuple[str, ...] | None"]
@@ -49,7 +49,7 @@ def base_candidates(a_path: tuple[str, ...]) -> list[tuple[str, ...]]:
 def find_bases(
     fn: str,
     names: Sequence[tuple[str, ...]],
-    plan: _pair_discovery.PairPlan,
+    plan: _pair_types.PairPlan,
     base_path: BasePath | None,
 ) -> list[int | None]:
     """Index of each pair's base weight among the leaves, or ``None`` if it has none."""
@@ -74,15 +74,13 @@ def find_bases(
     return out
 
 
-def _matrix_shape(
-    pair: _pair_discovery.LoRAPair, role: str, shape: tuple[int, ...]
-) -> tuple[int, ...]:
+def _matrix_shape(pair: _pair_types.LoRAPair, role: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[i] for i in pair._matrix_axes(role, len(shape)))
 
 
 def product_shape(
     fn: str,
-    pair: _pair_discovery.LoRAPair,
+    pair: _pair_types.LoRAPair,
     kernel_shape: tuple[int, ...],
     kernel_where: str,
     a_shape: tuple[int, ...],
@@ -123,7 +121,7 @@ def fold_canonical(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Arr
 
 def fold(
     fn: str,
-    pair: _pair_discovery.LoRAPair,
+    pair: _pair_types.LoRAPair,
     kernel: jax.Array,
     kernel_where: str,
     a: jax.Array,
@@ -159,7 +157,7 @@ def remove_leaves(fn: str, tree: Any, paths: Sequence[tuple[Any, ...]]) -> Any:
     Only mappings (dict, ``FrozenDict``, ``nnx.State``) can lose entries; the
     containers are rebuilt with their own type and key order.
     """
-    raw = [tuple(_raw_key(k) for k in _pair_discovery.normalized_path(p)) for p in paths]
+    raw = [tuple(_raw_key(k) for k in _key_paths.normalized_path(p)) for p in paths]
 
     def go(node: Any, todo: list[tuple[Any, ...]], where: tuple[Any, ...]) -> Any:
         if not isinstance(node, Mapping):
@@ -193,34 +191,34 @@ class PairsWithBases(NamedTuple):
     paths: list[Any]
     leaves: list[Any]
     treedef: Any
-    plan: _pair_discovery.PairPlan
+    plan: _pair_types.PairPlan
     names: list[tuple[str, ...]]
     bases: list[int | None]
 
-    def tried(self, pair: _pair_discovery.LoRAPair) -> str:
+    def tried(self, pair: _pair_types.LoRAPair) -> str:
         """The base paths looked for, for an error message."""
         return ", ".join("/".join(c) for c in base_candidates(self.names[pair.a_index]))
 
 
 def pairs_with_bases(
-    fn: str, tree: Any, pairs: _pair_discovery.PairsLike, base_path: BasePath | None
+    fn: str, tree: Any, pairs: _pair_types.PairsLike, base_path: BasePath | None
 ) -> PairsWithBases:
     """Flattens ``tree``, finds its pairs (at least one, or raises) and their bases."""
-    paths, leaves, treedef = _pair_discovery.flatten_with_paths(tree)
-    plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
+    paths, leaves, treedef = _key_paths.flatten_with_paths(tree)
+    plan = _pair_matching.plan_pairs(paths, leaves, pairs)
     if not plan.pairs:
         raise ValueError(
             f"{fn}: found no LoRA pair in the tree (leaves: "
             f"{', '.join(plan.paths[:6]) or 'none'}{' ...' if len(plan.paths) > 6 else ''}). "
             "Pass `pairs=` if the factors have other names."
         )
-    names = [_pair_discovery.path_names(p) for p in paths]
+    names = [_key_paths.path_names(p) for p in paths]
     bases = find_bases(fn, names, plan, base_path)
     return PairsWithBases(list(paths), list(leaves), treedef, plan, names, bases)
 
 
 def _merge_tree(
-    tree: Any, pairs: _pair_discovery.PairsLike, lora_scale: Any, base_path: BasePath | None
+    tree: Any, pairs: _pair_types.PairsLike, lora_scale: Any, base_path: BasePath | None
 ) -> Any:
     found = pairs_with_bases(_MERGE_FN, tree, pairs, base_path)
     paths, leaves, treedef, plan = found.paths, found.leaves, found.treedef, found.plan
@@ -284,7 +282,7 @@ def _fold_module(
     for x, name in ((a_val, "lora_a"), (b_val, "lora_b")):
         if x.ndim < 2:
             raise ValueError(f"{_MERGE_FN}: {name} of the adapter at {where} has shape {x.shape}.")
-    pair = _pair_discovery.find_lora_pairs({"lora_a": a_val, "lora_b": b_val}, "flax")[0]
+    pair = _pair_matching.find_lora_pairs({"lora_a": a_val, "lora_b": b_val}, "flax")[0]
     pair = dataclasses.replace(pair, a_path=f"{where}/lora_a", b_path=f"{where}/lora_b")
     kernel.set_value(fold(_MERGE_FN, pair, k_val, f"{where}/kernel", a_val, b_val, scale))
 
@@ -343,7 +341,7 @@ def _merge_model(model: nnx.Module, lora_scale: Any) -> nnx.Module:
             parent = _child(parent, key)
         _set_child(parent, path[-1], module)
     left = [
-        _pair_discovery.path_str(p)
+        _key_paths.path_str(p)
         for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(root, nnx.LoRAParam))[0]
     ]
     if left:
@@ -361,7 +359,7 @@ def _merge_model(model: nnx.Module, lora_scale: Any) -> nnx.Module:
 def merge_lora(
     model_or_params: Any,
     *,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     lora_scale: jax.typing.ArrayLike = 1.0,
     base_path: BasePath | None = None,
 ) -> Any:

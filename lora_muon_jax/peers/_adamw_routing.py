@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from lora_muon_jax import _adamw_fallback, _pair_discovery
+from lora_muon_jax import _adamw_fallback, _pair_types
 from lora_muon_jax.peers import _dense_weights
 
 
@@ -63,7 +63,7 @@ def for_lora_pairs(
     adamw: AdamWSettings,
     learning_rate: optax.ScalarOrSchedule,
     label: str,
-    pairs: _pair_discovery.PairsLike,
+    pairs: _pair_types.PairsLike,
     allow_no_pairs: bool,
     mu_dtype: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -90,7 +90,7 @@ def for_matrices(
     adamw: AdamWSettings,
     learning_rate: optax.ScalarOrSchedule,
     fn: str,
-    pairs: _pair_discovery.PairsLike,
+    pairs: _pair_types.PairsLike,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``matrix_tx`` on leaves with ``ndim >= 2``, AdamW on the rest.

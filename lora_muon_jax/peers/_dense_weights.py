@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _linalg, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import _key_paths, _linalg, _pair_matching, _pair_tree, _pair_types, _validation
 
 Orthogonalizer = Literal["newton_schulz", "polar_express", "svd"]
 ORTHOGONALIZERS: tuple[str, ...] = ("newton_schulz", "polar_express", "svd")
@@ -37,9 +37,9 @@ def shown_list(names: Sequence[str]) -> str:
     return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
-def reject_lora_pairs(fn: str, tree: Any, pairs: _pair_discovery.PairsLike) -> None:
+def reject_lora_pairs(fn: str, tree: Any, pairs: _pair_types.PairsLike) -> None:
     """Raises if ``tree`` holds LoRA factor pairs: dense peers update full matrices."""
-    found = _pair_discovery.find_lora_pairs(tree, pairs)
+    found = _pair_matching.find_lora_pairs(tree, pairs)
     if found:
         names = [f"({p.a_path}, {p.b_path})" for p in found]
         raise ValueError(
@@ -66,9 +66,9 @@ def check_matrices(fn: str, tree: Any, alias: str, what: str = "params") -> None
       TypeError: a complex, integer or boolean leaf (see
         :func:`lora_muon_jax._validation.check_float_leaves`).
     """
-    paths, leaves, _ = _pair_discovery.flatten_with_paths(tree)
+    paths, leaves, _ = _key_paths.flatten_with_paths(tree)
     bad = [
-        f"{_pair_discovery.path_str(p)} (shape {tuple(x.shape)})"
+        f"{_key_paths.path_str(p)} (shape {tuple(x.shape)})"
         for p, x in zip(paths, leaves, strict=True)
         if len(getattr(x, "shape", ())) < 2
     ]
@@ -78,11 +78,11 @@ def check_matrices(fn: str, tree: Any, alias: str, what: str = "params") -> None
             f"batch axes), but these leaves are not: {shown_list(bad)}. Use the alias "
             f"`{alias}`, which sends them to AdamW, or wrap with `optax.partition`."
         )
-    names = [_pair_discovery.path_str(p) for p in paths]
+    names = [_key_paths.path_str(p) for p in paths]
     _validation.check_float_leaves(fn, names, leaves, what)
 
 
-def matrix_labels(fn: str, pairs: _pair_discovery.PairsLike) -> Callable[[Any], Any]:
+def matrix_labels(fn: str, pairs: _pair_types.PairsLike) -> Callable[[Any], Any]:
     """Labels for :func:`optax.partition`: ``'matrix'`` for ndim >= 2, else ``'adam'``.
 
     Rejects trees with LoRA pairs first, so the error names the whole tree's pairs.

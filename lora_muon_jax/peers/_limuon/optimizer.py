@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _lapack_order, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import _key_paths, _lapack_order, _pair_tree, _pair_types, _validation
 from lora_muon_jax.peers import _adamw_routing, _dense_weights
 from lora_muon_jax.peers._limuon.low_rank import (
     LowRankMomentum,
@@ -60,20 +60,18 @@ def _prev_leaves(fn: str, updates: Any, prev: Any) -> list[Any]:
     that is masked like the updates (``optax.partition(...,
     mask_compatible_extra_args=True)``) as well as the full, unmasked tree.
     """
-    u_paths, u_leaves, _ = _pair_discovery.flatten_with_paths(updates)
-    p_paths, p_leaves, _ = _pair_discovery.flatten_with_paths(prev)
-    by_path = {
-        _pair_discovery.normalized_path(p): x for p, x in zip(p_paths, p_leaves, strict=True)
-    }
+    u_paths, u_leaves, _ = _key_paths.flatten_with_paths(updates)
+    p_paths, p_leaves, _ = _key_paths.flatten_with_paths(prev)
+    by_path = {_key_paths.normalized_path(p): x for p, x in zip(p_paths, p_leaves, strict=True)}
     out = []
     missing = []
     for path, g in zip(u_paths, u_leaves, strict=True):
-        x = by_path.get(_pair_discovery.normalized_path(path))
+        x = by_path.get(_key_paths.normalized_path(path))
         if x is None:
-            missing.append(_pair_discovery.path_str(path))
+            missing.append(_key_paths.path_str(path))
         elif tuple(x.shape) != tuple(g.shape):
             raise ValueError(
-                f"{fn}: `{PREV_GRADS}` at {_pair_discovery.path_str(path)} has shape "
+                f"{fn}: `{PREV_GRADS}` at {_key_paths.path_str(path)} has shape "
                 f"{tuple(x.shape)}, but the gradient has shape {tuple(g.shape)}."
             )
         out.append(x)
@@ -141,7 +139,7 @@ def scale_by_limuon(
     eps: jax.typing.ArrayLike = 1e-8,
     seed: int = 0,
     mu_dtype: Any = None,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Orthogonalizes a STORM variance-reduced momentum (LiMuon, Options #1 and #2).
 
@@ -341,7 +339,7 @@ def limuon(
     shape_scaling: _dense_weights.ShapeScaling = "none",
     consistent_rms: jax.typing.ArrayLike | None = None,
     weight_decay_mask: Any = None,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     adam_b1: jax.typing.ArrayLike = 0.9,
     adam_b2: jax.typing.ArrayLike = 0.999,
     adam_eps: jax.typing.ArrayLike = 1e-8,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import _pair_tree, _pair_types, _validation
 from lora_muon_jax.peers import _adamw_routing, _dense_weights
 from lora_muon_jax.peers._lora_pre import factors, newton
 
@@ -42,7 +42,7 @@ def scale_by_lora_pre_adam(
     init_scale: jax.typing.ArrayLike = 0.02,
     seed: int = 0,
     state_dtype: Any = "float32",
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales matrix gradients like Adam, with both moments kept as rank-r products.
 
@@ -223,7 +223,7 @@ def lora_pre_adam(
     seed: int = 0,
     state_dtype: Any = "float32",
     weight_decay_mask: Any = None,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     adam_eps_root: jax.typing.ArrayLike = 0.0,
     adam_weight_decay: jax.typing.ArrayLike = 0.0,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import _pair_tree, _pair_types, _validation
 from lora_muon_jax.peers import _adamw_routing, _dense_weights
 from lora_muon_jax.peers._lora_pre import factors, newton
 
@@ -43,7 +43,7 @@ def scale_by_lora_pre_muon(
     init_scale: jax.typing.ArrayLike = 0.02,
     seed: int = 0,
     state_dtype: Any = "float32",
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon's orthogonalized momentum, with the momentum kept as a rank-r product.
 
@@ -191,7 +191,7 @@ def lora_pre_muon(
     shape_scaling: _dense_weights.ShapeScaling = "muon",
     consistent_rms: jax.typing.ArrayLike | None = None,
     weight_decay_mask: Any = None,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     adam_b1: jax.typing.ArrayLike = 0.9,
     adam_b2: jax.typing.ArrayLike = 0.999,
     adam_eps: jax.typing.ArrayLike = 1e-8,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _lapack_order, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import _key_paths, _lapack_order, _pair_tree, _pair_types, _validation
 from lora_muon_jax.peers import _adamw_routing
 from lora_muon_jax.peers._lora_rite import preconditioner as pc
 
@@ -50,7 +50,7 @@ class _StateLeaves(NamedTuple):
 class _Group(NamedTuple):
     """Same-shaped pairs stacked on a new leading axis, after pass 1."""
 
-    members: list[_pair_discovery.LoRAPair]
+    members: list[_pair_types.LoRAPair]
     a: pc.Factor  # a, tall
     b: pc.Factor  # bᵀ, tall
     pass1: pc.Unmagnified
@@ -61,7 +61,7 @@ def _compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _check_shapes(fn: str, pair: _pair_discovery.LoRAPair) -> None:
+def _check_shapes(fn: str, pair: _pair_types.LoRAPair) -> None:
     # Thin QR gives an r×r R only when both matrix sizes are at least the rank; the
     # reference fails later with a shape error otherwise.
     if pair.m < pair.rank or pair.n < pair.rank:
@@ -77,7 +77,7 @@ def _tall(x: jax.Array, role: str) -> jax.Array:
 
 
 def _stacked_factor(
-    members: Sequence[_pair_discovery.LoRAPair],
+    members: Sequence[_pair_types.LoRAPair],
     role: Literal["a", "b"],
     dtype: Any,
     tree: _pair_tree.PairTree,
@@ -85,7 +85,7 @@ def _stacked_factor(
 ) -> pc.Factor:
     """One factor of every pair of a group, canonical and tall, stacked, in ``dtype``."""
 
-    def one(pair: _pair_discovery.LoRAPair) -> pc.Factor:
+    def one(pair: _pair_types.LoRAPair) -> pc.Factor:
         index = pair.a_index if role == "a" else pair.b_index
 
         def tall(leaves: Sequence[Any]) -> jax.Array:
@@ -130,7 +130,7 @@ def scale_by_lora_rite(
     update_skipping: jax.typing.ArrayLike = 1.0,
     update_capping: jax.typing.ArrayLike = 0.0,
     apply_escape: bool = False,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales LoRA factor gradients with LoRA-RITE's invariant r×r preconditioner.
@@ -264,7 +264,7 @@ def scale_by_lora_rite(
         plan = _pair_tree.check_init(_SCALE_FN, params, pairs)
         for pair in plan.pairs:
             _check_shapes(_SCALE_FN, pair)
-        _, leaves, treedef = _pair_discovery.flatten_with_paths(params)
+        _, leaves, treedef = _key_paths.flatten_with_paths(params)
         nu, escape = list(leaves), list(leaves)
         for pair in plan.pairs:
             dtype = _compute_dtype(leaves[pair.a_index].dtype)
@@ -347,7 +347,7 @@ def lora_rite(
     update_skipping: jax.typing.ArrayLike = 1.0,
     update_capping: jax.typing.ArrayLike = 0.0,
     apply_escape: bool = False,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     mu_dtype: Any = None,
     weight_decay_mask: Any = None,
     adam_b1: jax.typing.ArrayLike = 0.9,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _linalg, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import _key_paths, _linalg, _pair_matching, _pair_tree, _pair_types, _validation
 from lora_muon_jax.peers._riemannion.optimizer import GAUGES, Gauge, check_ranks
 
 if TYPE_CHECKING:
@@ -74,8 +74,8 @@ class _Config(NamedTuple):
 
     grad_fn: Callable[[Any], Any]
     treedef: Any
-    pairs: tuple[_pair_discovery.LoRAPair, ...]  # as found, rank r
-    probes: tuple[_pair_discovery.LoRAPair, ...]  # the same with rank = columns per call
+    pairs: tuple[_pair_types.LoRAPair, ...]  # as found, rank r
+    probes: tuple[_pair_types.LoRAPair, ...]  # the same with rank = columns per call
     widths: tuple[int, ...]  # sketch width k = min(2r + p, m, n) per pair
     calls: int  # gradient calls per product with G₀ (or G₀ᵀ)
     bases: tuple[int | None, ...]  # leaf index of each pair's base weight
@@ -111,12 +111,12 @@ def _check_args(
 def _find_bases(
     paths: Sequence[Any],
     leaves: Sequence[Any],
-    plan: _pair_discovery.PairPlan,
+    plan: _pair_types.PairPlan,
     base_path: BasePath | None,
 ) -> tuple[int, ...]:
     """Leaf index of each pair's base weight, checked to be laid out like ``a @ b``."""
     _merge = _base_weights()
-    names = [_pair_discovery.path_names(p) for p in paths]
+    names = [_key_paths.path_names(p) for p in paths]
     bases = _merge.find_bases(_LOI_FN, names, plan, base_path)
     for pair, base in zip(plan.pairs, bases, strict=True):
         if base is None:
@@ -141,7 +141,7 @@ def _find_bases(
 # ------------------------------------------------------------- leaves and probes
 
 
-def _with_rank(pair: _pair_discovery.LoRAPair, role: str, shape: Sequence[int]) -> tuple[int, ...]:
+def _with_rank(pair: _pair_types.LoRAPair, role: str, shape: Sequence[int]) -> tuple[int, ...]:
     """The stored shape of a factor of ``pair`` (of ``pair.rank``), like ``shape``."""
     axis = (pair.a_axes if role == "a" else pair.b_axes).rank_axis
     return tuple(pair.rank if i == axis else d for i, d in enumerate(shape))
@@ -150,7 +150,7 @@ def _with_rank(pair: _pair_discovery.LoRAPair, role: str, shape: Sequence[int]) 
 def _put_pairs(
     cfg: _Config,
     leaves: Sequence[Any],
-    pairs: Sequence[_pair_discovery.LoRAPair],
+    pairs: Sequence[_pair_types.LoRAPair],
     values: Sequence[tuple[jax.Array, jax.Array]],
 ) -> Any:
     """The tree with each pair's factors set to canonical ``(a, b)`` of ``pair.rank``.
@@ -163,7 +163,7 @@ def _put_pairs(
         for role, index in (("a", pair.a_index), ("b", pair.b_index)):
             ref = leaves[index]
             like[index] = jax.ShapeDtypeStruct(_with_rank(pair, role, ref.shape), ref.dtype)
-    plan = _pair_discovery.PairPlan(pairs=tuple(pairs), unpaired=(), paths=())
+    plan = _pair_types.PairPlan(pairs=tuple(pairs), unpaired=(), paths=())
     tree = _pair_tree.PairTree(plan, cfg.treedef, grads=list(leaves), params=like)
     return _pair_tree.scatter(tree, values)
 
@@ -172,7 +172,7 @@ def _accepts_wide(
     grad_fn: Callable[[Any], Any],
     treedef: Any,
     leaves: Sequence[Any],
-    wide: Sequence[_pair_discovery.LoRAPair],
+    wide: Sequence[_pair_types.LoRAPair],
 ) -> Exception | None:
     """``None`` if ``grad_fn`` traces with factors of the sketch width, else why not."""
     specs = list(leaves)
@@ -200,10 +200,10 @@ def _choose_probes(
     grad_fn: Callable[[Any], Any],
     treedef: Any,
     leaves: Sequence[Any],
-    plan: _pair_discovery.PairPlan,
+    plan: _pair_types.PairPlan,
     widths: Sequence[int],
     sketch: str,
-) -> tuple[tuple[_pair_discovery.LoRAPair, ...], int]:
+) -> tuple[tuple[_pair_types.LoRAPair, ...], int]:
     """Factors fed to ``grad_fn`` per call and the number of calls per product.
 
     ``"wide"``: the whole sketch of width ``k`` in one call (factors of rank ``k``);
@@ -394,7 +394,7 @@ def riemannion_loi_init(
     key: jax.Array,
     *,
     alpha: jax.typing.ArrayLike | None = None,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     lora_scale: jax.typing.ArrayLike = 1.0,
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iters: int = DEFAULT_POWER_ITERS,
@@ -525,8 +525,8 @@ def riemannion_loi_init(
       Theorem 5.1), §6 (Eq. 18, Alg. 3), App. B (Alg. 5 lines 1-3) and App. F.
     """
     _check_args(alpha, lora_scale, oversample, power_iters, gauge, sketch)
-    paths, leaves, treedef = _pair_discovery.flatten_with_paths(params)
-    plan = _pair_discovery.plan_pairs(paths, leaves, pairs)
+    paths, leaves, treedef = _key_paths.flatten_with_paths(params)
+    plan = _pair_matching.plan_pairs(paths, leaves, pairs)
     _pair_tree.check_pair_dtypes(_LOI_FN, plan, leaves)
     check_ranks(_LOI_FN, plan, factor=2)
     if not plan.pairs:

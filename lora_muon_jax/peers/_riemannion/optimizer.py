@@ -29,8 +29,8 @@ import optax
 
 from lora_muon_jax import (
     _lapack_order,
-    _pair_discovery,
     _pair_tree,
+    _pair_types,
     _sharding,
     _validation,
 )
@@ -67,7 +67,7 @@ class RiemannionState(NamedTuple):
 # Validation.
 
 
-def check_ranks(fn: str, plan: _pair_discovery.PairPlan, *, factor: int = 1) -> None:
+def check_ranks(fn: str, plan: _pair_types.PairPlan, *, factor: int = 1) -> None:
     for pair in plan.pairs:
         if factor * pair.rank > min(pair.m, pair.n):
             what, why = (
@@ -135,7 +135,7 @@ def scale_by_riemannion(
     *,
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     gauge: Gauge = "balanced",
     stored_momentum: StoredMomentum = "buffer",
     mu_dtype: Any = None,
@@ -363,7 +363,7 @@ def riemannion(
     *,
     nesterov: bool = False,
     lora_scale: jax.typing.ArrayLike = 1.0,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     gauge: Gauge = "balanced",
     stored_momentum: StoredMomentum = "buffer",
     mu_dtype: Any = None,

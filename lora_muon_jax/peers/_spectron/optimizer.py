@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _linalg, _pair_discovery, _pair_tree, _validation
+from lora_muon_jax import _key_paths, _linalg, _pair_tree, _pair_types, _validation
 from lora_muon_jax.peers import _adamw_routing
 from lora_muon_jax.peers._spectron.power_iteration import power_iteration, start_vectors
 
@@ -72,7 +72,7 @@ def scale_by_spectron(
     ns_steps: int = 5,
     ns_coeffs: Sequence[tuple[float, float, float]] = NS_COEFFS,
     power_iterations: int = 1,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales LoRA factor gradients to Spectron's direction (unit learning rate).
@@ -168,7 +168,7 @@ def scale_by_spectron(
 
     def init_fn(params: Any) -> SpectronState:
         plan = _pair_tree.check_init(_SCALE_FN, params, pairs)
-        _, leaves, treedef = _pair_discovery.flatten_with_paths(params)
+        _, leaves, treedef = _key_paths.flatten_with_paths(params)
         vectors = list(leaves)
         for k, pair in enumerate(plan.pairs):
             v_a, v_b = start_vectors(pair, k, leaves)
@@ -242,7 +242,7 @@ def spectron(
     ns_steps: int = 5,
     ns_coeffs: Sequence[tuple[float, float, float]] = NS_COEFFS,
     power_iterations: int = 1,
-    pairs: _pair_discovery.PairsLike = "auto",
+    pairs: _pair_types.PairsLike = "auto",
     mu_dtype: Any = None,
     weight_decay_mask: Any = None,
     adam_b1: jax.typing.ArrayLike = 0.9,

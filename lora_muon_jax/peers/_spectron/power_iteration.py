@@ -14,7 +14,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _grams, _linalg, _pair_discovery, _sharding
+from lora_muon_jax import _grams, _linalg, _pair_types, _sharding
 
 # Fixed seed of the start vectors of zero factors: the state is deterministic and
 # needs no user key.
@@ -72,7 +72,7 @@ def power_iteration(
     return jax.lax.fori_loop(0, iterations, body, (sigma0, v))
 
 
-def start_vectors(pair: _pair_discovery.LoRAPair, k: int, leaves: Sequence[Any]) -> list[jax.Array]:
+def start_vectors(pair: _pair_types.LoRAPair, k: int, leaves: Sequence[Any]) -> list[jax.Array]:
     """Unit start vectors for both factors of pair ``k``: the exact top right singular vector.
 
     It is the top eigenvector of the factor's r×r Gram (one small ``eigh``), so
