@@ -45,7 +45,9 @@ def targets_table(results: dict[str, Any]) -> str:
         for k in lora_names:
             cells.append(f"{_ms(lora[k]):.2f} ({_ratio(lora[k], lora['adamw']):.2f}×)")
         dense = row.get("dense", {})
-        dm, lm = _ms(dense.get("dense_muon")), _ms(lora["lora_muon"])
+        # Stock optax Muon; results written before the catalogue keyed it "dense_muon".
+        stock = dense.get("dense_muon_optax", dense.get("dense_muon"))
+        dm, lm = _ms(stock), _ms(lora["lora_muon"])
         cells.append(f"{dm:.0f} (÷{dm / lm:.0f})" if dm else "—")
         rf = row.get("roofline_ms", {})
         cells.append(f"{rf.get('adamw', 0):.3f} / {rf.get('lora_muon', 0):.3f}")

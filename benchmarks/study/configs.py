@@ -26,10 +26,6 @@ from typing import Any
 
 STUDY_VERSION = 1
 
-LORA_METHODS = ("lora_muon", "spectron", "adamw_lora", "lora_rite", "riemannion")
-DENSE_METHODS = ("dense_muon", "dense_muon_optax", "psgd_kron", "lora_pre_muon", "limuon")
-METHODS = LORA_METHODS + DENSE_METHODS
-PEER_RANK = 8  # rank of LoRA-Pre's momentum factors and of LiMuon's compressed momentum
 
 SECTIONS = ("lr", "rank", "gauge", "shape", "baselines", "finetune")
 # The long-budget sections after (vii), most important first (issue 20).
@@ -131,7 +127,10 @@ class RunConfig:
 
     @property
     def lora(self) -> bool:
-        return self.method in LORA_METHODS
+        """Whether the method trains a LoRA tree (the catalogue's ``tree``)."""
+        from benchmarks import registry
+
+        return registry.get(self.method).tree == "lora"
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> RunConfig:

@@ -6,6 +6,8 @@ needs :mod:`benchmarks.study.report` (which imports them all).
 
 from __future__ import annotations
 
+from benchmarks import registry
+
 # What the paper reports (docs/algorithm.md §Sources: from a secondary source, not checked
 # against the PDF).
 PAPER = {
@@ -18,18 +20,8 @@ PAPER = {
     "lora_muon_gauge9": -5.1e-5,
 }
 
-METHOD_LABELS = {
-    "dense_muon": "dense Muon",
-    "dense_muon_optax": "dense Muon (stock optax)",
-    "psgd_kron": "dense PSGD-Kron",
-    "lora_muon": "LoRA-Muon",
-    "spectron": "Spectron",
-    "adamw_lora": "AdamW-LoRA",
-    "lora_rite": "LoRA-RITE",
-    "riemannion": "Riemannion",
-    "lora_pre_muon": "dense LoRA-Pre Muon",
-    "limuon": "dense LiMuon",
-}
+# The catalogue's labels (benchmarks/registry.py).
+METHOD_LABELS = {name: m.label for name, m in registry.METHODS.items()}
 
 
 def label(method: str, rank: int | None = None) -> str:

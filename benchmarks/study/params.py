@@ -1,7 +1,7 @@
 """The parameters a run starts from: the char model, its gauge, fine-tuning adapters.
 
 Pairs, paths, gauge moves, merges and factor norms come from the library
-(:func:`lora_muon_jax.find_lora_pairs`, :func:`lora_muon_jax._pair_discovery.path_names`,
+(:func:`lora_muon_jax.find_lora_pairs`, :func:`lora_muon_jax._key_paths.path_names`,
 :func:`lora_muon_jax.testing` 's pair rescaling, :func:`lora_muon_jax.nnx.merge_lora`,
 :func:`lora_muon_jax.nnx.balance_lora_init`);
 the study only says which leaves are block matrices and how adapters start.
@@ -17,14 +17,14 @@ import numpy as np
 from flax import traverse_util
 
 from benchmarks.study.configs import RunConfig
-from lora_muon_jax import _pair_discovery
+from lora_muon_jax import _key_paths, _pair_matching
 
 FACTORS = ("lora_a", "lora_b")
 
 
 def is_block_matrix(path: tuple, leaf: Any = None) -> bool:
     """A kernel inside a transformer block (attention and MLP matrices)."""
-    names = _pair_discovery.path_names(path)
+    names = _key_paths.path_names(path)
     return names[0] == "blocks" and names[-1] == "kernel"
 
 
@@ -62,9 +62,9 @@ def factor_log_ratios(params: Any) -> np.ndarray:
     a 2-core CPU jaxlib's LAPACK fan-out then deadlocks (seen at rank 32). A zero
     factor counts as ``σ = 1e-30``.
     """
-    _, leaves, _ = _pair_discovery.flatten_with_paths(params)
+    _, leaves, _ = _key_paths.flatten_with_paths(params)
     out = []
-    for pair in _pair_discovery.find_lora_pairs(params):
+    for pair in _pair_matching.find_lora_pairs(params):
         a, b = (
             np.asarray(pair.canonical(leaves[i], role), np.float64)
             for i, role in ((pair.a_index, "a"), (pair.b_index, "b"))

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import registry
 from benchmarks.study import discussion as disc
 from benchmarks.study import (
     figures,
@@ -38,7 +39,6 @@ from benchmarks.study.aggregate import paired_deltas as paired_deltas
 from benchmarks.study.configs import (
     ALL_SECTIONS,
     FULL,
-    PEER_RANK,
     SECTION_TITLES,
     Grid,
     RunConfig,
@@ -267,10 +267,13 @@ class Report:
                 ("dense Muon (stock optax)", self.curve(method="dense_muon_optax")),
                 ("dense Muon", self.curve(method="dense_muon")),
                 (
-                    f"dense LoRA-Pre Muon (momentum rank {PEER_RANK})",
+                    f"dense LoRA-Pre Muon (momentum rank {registry.get('lora_pre_muon').rank})",
                     self.curve(method="lora_pre_muon"),
                 ),
-                (f"dense LiMuon (momentum rank {PEER_RANK}, STORM)", self.curve(method="limuon")),
+                (
+                    f"dense LiMuon (momentum rank {registry.get('limuon').rank}, STORM)",
+                    self.curve(method="limuon"),
+                ),
             ]
             + [(f"Riemannion r={r}", self.curve(method="riemannion", rank=r)) for r in ranks]
             + [(f"LoRA-Muon r={r}", self.curve(method="lora_muon", rank=r)) for r in ranks]

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from benchmarks import registry
-from benchmarks.study.configs import PEER_RANK, Budget, RunConfig
+from benchmarks.study.configs import Budget, RunConfig
 from benchmarks.study.params import (
     build_params,
     factor_log_ratios,
@@ -149,8 +149,6 @@ def make_optimizer(
         from lora_muon_jax import GaugeRebalance
 
         options["rebalance"] = GaugeRebalance(every=cfg.rebalance)
-    if cfg.method in ("lora_pre_muon", "limuon"):
-        options["rank"] = PEER_RANK
     wd = cfg.weight_decay
     if wd is not None and cfg.method not in DECAY_METHODS:
         raise ValueError(f"weight_decay: only {DECAY_METHODS}; got {cfg.method!r}")
