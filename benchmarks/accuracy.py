@@ -16,6 +16,7 @@ term (which should be exactly 1/2 per unit budget).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ ROUTES = ("cholesky", "newton_schulz", "eigh", "paper")
 def _tx(route: str):
     if route == "paper":
         return lmj.scale_by_lora_muon(beta=0.0, method="paper")
-    return lmj.scale_by_lora_muon(beta=0.0, method="gram", solver=route)
+    return lmj.scale_by_lora_muon(beta=0.0, method="gram", solver=route)  # type: ignore[arg-type]
 
 
 CASES = (
@@ -77,8 +78,8 @@ def run(trials: int, m: int, n: int, r: int) -> list[dict]:
     rows = []
     for label, cond_f, cond_m, rank in CASES:
         rank = r // 2 if rank == "half" else rank
-        errs = {k: [] for k in fns}
-        budget = {k: [] for k in fns}
+        errs: dict[str, list[Any]] = {k: [] for k in fns}
+        budget: dict[str, list[Any]] = {k: [] for k in fns}
         for _ in range(trials):
             a, b = _matrix(rng, m, r, cond_f), _matrix(rng, r, n, cond_f)
             ma, mb = _matrix(rng, m, r, cond_m, rank), _matrix(rng, r, n, cond_m, rank)

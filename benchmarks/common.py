@@ -74,7 +74,7 @@ def summarize(seconds: np.ndarray) -> dict[str, float]:
     return {"median_ms": float(med), "q1_ms": float(q1), "q3_ms": float(q3), "n": int(seconds.size)}
 
 
-def optimizer_step(tx: optax.GradientTransformation, donate: bool = False) -> Callable[..., Any]:
+def optimizer_step(tx: optax.GradientTransformation, donate: bool = False) -> Any:
     """A jitted ``(params, state, grads) -> (params, state)`` step: update and apply.
 
     With ``donate`` the params and state buffers are donated, as training loops do:
@@ -123,7 +123,7 @@ def measure_bandwidth(repeats: int = 20) -> float:
     for mib in (1, 4, 16, 64):
         x = jnp.ones((mib * 1024 * 1024 // 4,), jnp.float32)
         fn = jax.jit(lambda v: v * 2.0 + 1.0)
-        t = interleaved_times({"bw": lambda fn=fn, x=x: fn(x)}, repeats)["bw"]
+        t = interleaved_times({"bw": lambda fn=fn, x=x: fn(x)}, repeats)["bw"]  # type: ignore[misc]
         best = max(best, 2 * x.nbytes / float(np.median(t)) / 1e9)
     return best
 

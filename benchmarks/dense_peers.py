@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ap.error("--repeats must be at least 20 (medians of fewer repeats are too noisy)")
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.configs:
-        configs = tuple(tuple(int(v) for v in c.split(",")) for c in args.configs.split(";"))
+        configs = tuple(tuple(int(v) for v in c.split(",")) for c in args.configs.split(";"))  # type: ignore[assignment]
     machine = common.machine_info()
     rows = []
     for cfg in configs:

@@ -13,6 +13,8 @@ landed step and today's step take turns in one process on the same trees
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import optax
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, argv[0])
     import lora_muon_jax_landed as landed
 
-    cases = [("lora", c) for c in trees.CONFIGS] + [
+    cases: list[tuple[str, Any]] = [("lora", c) for c in trees.CONFIGS] + [
         ("model", (m, r)) for m in trees.MODELS for r in (16, 64)
     ]
     print(
@@ -46,13 +48,14 @@ def main(argv: list[str] | None = None) -> None:
             "landed": landed.lora_muon(0.02),
             "now": lmj.lora_muon(0.02),
         }
-        fns, temps = {}, {}
+        fns: dict[str, Callable[[], Any]] = {}
+        temps: dict[str, Any] = {}
         for key, tx in txs.items():
             state = tx.init(params)
             step, plain = common.optimizer_step(tx, donate=True), common.optimizer_step(tx)
             temps[key] = common.compiled_costs(step.lower(params, state, grads).compile())
             fns[key] = common.DonatedCall(step, params, state, grads)
-            fns[f"{key}/plain"] = lambda plain=plain, s=state, p=params, g=grads: plain(p, s, g)
+            fns[f"{key}/plain"] = lambda plain=plain, s=state, p=params, g=grads: plain(p, s, g)  # type: ignore[misc]
         t = common.interleaved_times(fns, 21)
 
         def ratio(key: str, t: dict[str, np.ndarray] = t) -> str:

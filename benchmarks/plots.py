@@ -20,7 +20,7 @@ def _ms(entry: dict[str, Any] | None) -> float | None:
     return None if entry is None else entry["median_ms"]
 
 
-def _fmt_bytes(b: int | None) -> str:
+def _fmt_bytes(b: float | None) -> str:
     if b is None:
         return "—"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -48,7 +48,7 @@ def targets_table(results: dict[str, Any]) -> str:
         # Stock optax Muon; results written before the catalogue keyed it "dense_muon".
         stock = dense.get("dense_muon_optax", dense.get("dense_muon"))
         dm, lm = _ms(stock), _ms(lora["lora_muon"])
-        cells.append(f"{dm:.0f} (÷{dm / lm:.0f})" if dm else "—")
+        cells.append(f"{dm:.0f} (÷{dm / lm:.0f})" if dm else "—")  # type: ignore[operator]
         rf = row.get("roofline_ms", {})
         cells.append(f"{rf.get('adamw', 0):.3f} / {rf.get('lora_muon', 0):.3f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -105,7 +105,10 @@ def dense_table(results: dict[str, Any]) -> str:
         c, dense = row["config"], row["dense"]
         ad = _ms(dense["dense_adamw"])
         cells = [f"{c['layers']}, {c['m']}, {c['n']}", f"{ad:.1f}"]
-        cells += [f"{_ms(dense[k]):.1f} ({_ms(dense[k]) / ad:.1f}×)" for k in names]
+        cells += [
+            f"{_ms(dense[k]):.1f} ({_ms(dense[k]) / ad:.1f}×)"  # type: ignore[operator]
+            for k in names
+        ]
         cells.append(f"{_ms(row['lora']['lora_muon']):.2f} (r={c['r']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -63,7 +63,7 @@ TABLE_PEER_RANK = 16
 
 def _factory(name: str) -> Factory:
     method = registry.get(name)
-    options = {} if method.rank is None else {"rank": TABLE_PEER_RANK}
+    options: dict[str, Any] = {} if method.rank is None else {"rank": TABLE_PEER_RANK}
     return lambda params: registry.make(name, method.default_lr, params, **options)
 
 
@@ -119,7 +119,9 @@ def _time_methods(methods: dict[str, Factory], params, grads, repeats: int) -> d
     and the bytes it accesses and the flops it does (XLA cost analysis of the
     compiled step; a loop body counts once).
     """
-    fns, states, compiled = {}, {}, {}
+    fns: dict[str, Callable[[], Any]] = {}
+    states: dict[str, Any] = {}
+    compiled: dict[str, Any] = {}
     for name, make in methods.items():
         tx = make(params)
         state = tx.init(params)
@@ -130,7 +132,7 @@ def _time_methods(methods: dict[str, Factory], params, grads, repeats: int) -> d
         compiled[name] = donated.lower(params, state, grads).compile()
         states[name] = state
         fns[name] = common.DonatedCall(donated, params, state, grads)
-        fns[f"{name}/plain"] = lambda step=step, state=state: step(params, state, grads)
+        fns[f"{name}/plain"] = lambda step=step, state=state: step(params, state, grads)  # type: ignore[misc]
     times = common.interleaved_times(fns, repeats)
     first = next(iter(methods))
     base, base_plain = times[first], times[f"{first}/plain"]
@@ -222,7 +224,7 @@ def end_to_end(
     return {"config": cfg, "batch": batch, **{k: common.summarize(v) for k, v in times.items()}}
 
 
-def main(argv=None) -> dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -236,7 +238,30 @@ def main(argv=None) -> dict[str, Any]:
         default="targets,models,sweep_m,sweep_r,sweep_layers,sweep_dtype,end_to_end",
     )
     ap.add_argument("--out", type=str, default="benchmarks/results/results.json")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _sweep_configs(
+    base: tuple[int, int, int, int], quick: bool
+) -> dict[str, list[tuple[int, int, int, int]]]:
+    """The configurations of the ``sweep_m``, ``sweep_r`` and ``sweep_layers`` sections."""
+    return {
+        "sweep_m": [
+            (base[0], s, s, base[3])
+            for s in ((128, 256, 512) if quick else (512, 1024, 2048, 4096, 8192))
+        ],
+        "sweep_r": [
+            (base[0], base[1], base[2], r)
+            for r in ((1, 4, 16) if quick else (1, 2, 4, 8, 16, 32, 64, 128))
+        ],
+        "sweep_layers": [
+            (L, base[1], base[2], base[3]) for L in ((1, 2, 4) if quick else (1, 2, 4, 8, 16, 32))
+        ],
+    }
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 20)
     sections = set(args.sections.split(","))
     machine = {
@@ -281,24 +306,11 @@ def main(argv=None) -> dict[str, Any]:
             results["models"].append(model_row(model, layers, r, repeats))
             save()
     core = {"adamw": _lora_methods()["adamw"], "lora_muon": _lora_methods()["lora_muon"]}
-    sweeps = {
-        "sweep_m": [
-            (base[0], s, s, base[3])
-            for s in ((128, 256, 512) if args.quick else (512, 1024, 2048, 4096, 8192))
-        ],
-        "sweep_r": [
-            (base[0], base[1], base[2], r)
-            for r in ((1, 4, 16) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128))
-        ],
-        "sweep_layers": [
-            (L, base[1], base[2], base[3])
-            for L in ((1, 2, 4) if args.quick else (1, 2, 4, 8, 16, 32))
-        ],
-    }
-    for name, cfgs in sweeps.items():
+    sweeps = _sweep_configs(base, args.quick)
+    for name, sweep_cfgs in sweeps.items():
         if name in sections:
             results[name] = []
-            for c in cfgs:
+            for c in sweep_cfgs:
                 log(f"{name} {c}")
                 results[name].append(lora_row(c, repeats, methods=core, with_dense=False))
             save()

@@ -119,7 +119,7 @@ def measure_case(case: Case, repeats: int) -> dict[str, Any]:
         common.assert_finite(plain(params, state, grads)[0], name)
         out[name] = _costs(donated, params, state, grads, case.elements)
         fns[f"{name}/donated"] = common.DonatedCall(donated, params, state, grads)
-        fns[f"{name}/plain"] = lambda plain=plain, state=state: plain(params, state, grads)
+        fns[f"{name}/plain"] = lambda plain=plain, state=state: plain(params, state, grads)  # type: ignore[misc]
     times = common.interleaved_times(fns, repeats)
     for name in METHODS:
         for kind in ("donated", "plain"):
@@ -165,7 +165,7 @@ def end_to_end(
     model = char_lm.CharTransformer(
         65, width=width, depth=depth, heads=8, rank=rank, seq_len=seq, rngs=nnx.Rngs(0)
     )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 65)
     data = (tokens[:, :-1], tokens[:, 1:])
 
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         common.write_json(args.one, measure(args.repeats, args.only))
         return
     if args.runs:
-        results = {"runs": []}
+        results: dict[str, Any] = {"runs": []}
         if args.results.exists():
             results = json.loads(args.results.read_text())
         for _ in range(args.runs):

@@ -48,7 +48,13 @@ def _shown_list(names: Sequence[str], limit: int = 8) -> str:
 def _preset_hint(paths: Sequence[Any], leaves: Sequence[Any], pairs: PairsLike) -> str:
     """Which presets would find pairs in this tree, as a sentence (or "")."""
     fits = fitting_presets(paths, leaves, pairs)
-    return (" Presets that find pairs here: " + "; ".join(fits) + ".") if fits else ""
+    if fits:
+        return " Presets that find pairs here: " + "; ".join(fits) + "."
+    return (
+        " For factors named, say, `my_a` (m×r) and `my_b` (r×n): "
+        "`pairs=PairRule(a='my_a', b='my_b')`; another axis order takes "
+        "`a_axes=FactorAxes(rank_axis=...)` and `b_axes=...` too."
+    )
 
 
 def require_pairs(

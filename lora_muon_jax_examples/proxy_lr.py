@@ -200,7 +200,7 @@ def _split_module(obj: Any) -> tuple[Any, Any, Callable[[Any, Any], Any]] | None
 
     if not isinstance(obj, nnx.Module):
         return None
-    graphdef, params, rest = nnx.split(obj, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(obj, nnx.Param, ...)  # type: ignore[misc]
     return params, rest, lambda p, r: nnx.merge(graphdef, p, r)
 
 

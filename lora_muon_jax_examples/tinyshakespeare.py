@@ -395,7 +395,7 @@ def sample_batch(
         starts = key.integers(0, high, size=batch_size)
         windows = np.asarray(ids)[starts[:, None] + np.arange(seq_len + 1)]
         return windows[:, :-1].astype(np.int32), windows[:, 1:].astype(np.int32)
-    starts = jax.random.randint(key, (batch_size,), 0, high)
-    ids = jnp.asarray(ids, jnp.int32)
-    windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(ids, s, seq_len + 1))(starts)
+    starts_j = jax.random.randint(key, (batch_size,), 0, high)
+    ids_j = jnp.asarray(ids, jnp.int32)
+    windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(ids_j, s, seq_len + 1))(starts_j)
     return windows[:, :-1], windows[:, 1:]

@@ -1,12 +1,14 @@
 """The package's structure rules, checked on its source (issue 14's gates).
 
-* no import cycle between modules of ``lora_muon_jax`` (module-level imports and
-  imports inside functions alike);
+* no import cycle between modules of ``lora_muon_jax``, ``lora_muon_jax_examples``,
+  ``benchmarks`` (``benchmarks/study/`` included) and ``examples/``, within each and
+  across them (module-level imports and imports inside functions alike; imports under
+  ``if TYPE_CHECKING:`` are for annotations only, never run, and are not counted);
 * ``flax`` is imported only under ``lora_muon_jax/nnx/``: the optimizer library runs
   without it (checked with flax blocked, in a subprocess), and flax is an extra of
   ``pyproject.toml``, not a dependency;
-* no function is longer than 80 lines of code (docstring, blank and comment-only lines
-  not counted).
+* no function in those four trees is longer than 80 lines of code (docstring, blank
+  and comment-only lines not counted).
 
 Each rule is also checked on a small synthetic package, so a broken checker fails.
 """
@@ -24,6 +26,11 @@ import tomllib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lora_muon_jax"
+# Every tree of source the layout rules cover: the library, the example package, the
+# benchmarks (with ``benchmarks/study/``) and the example scripts.
+SOURCE_ROOTS = [PACKAGE] + [
+    PACKAGE.parent / name for name in ("lora_muon_jax_examples", "benchmarks", "examples")
+]
 MAX_CODE_LINES = 80
 
 
@@ -32,15 +39,33 @@ def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: pathlib.Path, root: pathlib.Path) -> set[str]:
-    """Modules of the package that ``path`` imports (absolute or relative)."""
-    package = root.name
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """The nodes of ``tree`` outside the bodies of ``if TYPE_CHECKING:`` blocks."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            skipped |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return [n for n in ast.walk(tree) if id(n) not in skipped]
+
+
+def _imports(
+    path: pathlib.Path, root: pathlib.Path, packages: frozenset[str] = frozenset()
+) -> set[str]:
+    """Modules of the package (or of ``packages``) that ``path`` imports (absolute or
+    relative)."""
+    packages = packages | {root.name}
     here = _module_name(path, root)
     is_init = path.name == "__init__.py"
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.split(".")[0] == package}
+            out |= {a.name for a in node.names if a.name.split(".")[0] in packages}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -48,17 +73,24 @@ def _imports(path: pathlib.Path, root: pathlib.Path) -> set[str]:
                     : len(here.split(".")) - node.level + (1 if is_init else 0)
                 ]
                 base = ".".join(anchor + ([base] if base else []))
-            if base.split(".")[0] != package:
+            if base.split(".")[0] not in packages:
                 continue
             out.add(base)
             out |= {f"{base}.{a.name}" for a in node.names}
     return out
 
 
-def import_graph(root: pathlib.Path) -> dict[str, set[str]]:
-    """Module → package modules it imports (names that are not modules dropped)."""
-    files = {_module_name(p, root): p for p in root.rglob("*.py")}
-    return {m: {i for i in _imports(p, root) if i in files and i != m} for m, p in files.items()}
+def import_graph(*roots: pathlib.Path) -> dict[str, set[str]]:
+    """Module → package modules it imports (names that are not modules dropped).
+
+    Given several roots, one graph over all of them: edges between them count too.
+    """
+    packages = frozenset(root.name for root in roots)
+    files = {_module_name(p, root): (p, root) for root in roots for p in root.rglob("*.py")}
+    return {
+        m: {i for i in _imports(p, root, packages) if i in files and i != m}
+        for m, (p, root) in files.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -168,8 +200,18 @@ def layout_mismatches(section: str, roots: list[pathlib.Path]) -> list[str]:
     return out
 
 
-def test_no_import_cycles():
-    assert find_cycle(import_graph(PACKAGE)) is None, find_cycle(import_graph(PACKAGE))
+def _root_id(root: pathlib.Path) -> str:
+    return root.name
+
+
+@pytest.mark.parametrize("root", SOURCE_ROOTS, ids=_root_id)
+def test_no_import_cycles(root):
+    assert find_cycle(import_graph(root)) is None, find_cycle(import_graph(root))
+
+
+def test_no_import_cycles_across_trees():
+    graph = import_graph(*SOURCE_ROOTS)
+    assert find_cycle(graph) is None, find_cycle(graph)
 
 
 def test_flax_only_under_nnx():
@@ -229,8 +271,9 @@ def test_flax_is_an_extra_not_a_dependency():
     ]
 
 
-def test_no_function_longer_than_80_code_lines():
-    assert long_functions(PACKAGE) == []
+@pytest.mark.parametrize("root", SOURCE_ROOTS, ids=_root_id)
+def test_no_function_longer_than_80_code_lines(root):
+    assert long_functions(root) == []
 
 
 def test_contributing_layout_names_every_module():
@@ -246,6 +289,11 @@ def toy(tmp_path):
     (pkg / "a.py").write_text("from toy import b\n")
     (pkg / "b.py").write_text("def f():\n    from toy import a  # a cycle through a function\n")
     (pkg / "c.py").write_text("import flax.nnx\n")
+    # ``f`` imports ``e`` back for annotations only: no cycle, the import never runs.
+    (pkg / "e.py").write_text("from toy import f\n")
+    (pkg / "f.py").write_text(
+        "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from toy import e\n"
+    )
     (pkg / "nnx" / "__init__.py").write_text("from flax import nnx\n")
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_CODE_LINES + 1))
     (pkg / "d.py").write_text(f'def long():\n    """Doc.\n\n    More doc.\n    """\n{body}\n')
@@ -265,5 +313,7 @@ def test_checkers_catch_what_they_look_for(toy):
         ["toy.a", "toy.b", "toy.a"],
         ["toy.b", "toy.a", "toy.b"],
     )
+    graph = import_graph(toy)
+    assert "toy.f" in graph["toy.e"] and graph["toy.f"] == set()
     assert flax_importers(toy) == ["toy/c.py:1"]
     assert long_functions(toy) == [f"toy/d.py:1 long ({MAX_CODE_LINES + 2})"]
