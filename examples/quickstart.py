@@ -168,23 +168,36 @@ def train(
     }
 
 
+def _smooth(losses: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A moving average over 1/50 of the run, with the step each value ends at."""
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    return np.arange(window, len(losses) + 1), smooth
+
+
 def plot(results: dict[str, dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Loss curves (left) and the train-loss gap to the first optimizer (right).
+
+    The curves overlap once both have learned the easy statistics, so the right panel
+    shows the difference the table reports: ``other - first``, smoothed.
+    """
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = {}
     for (name, r), color in zip(results.items(), ("C0", "C1"), strict=True):
-        window = max(1, len(r["losses"]) // 50)
-        smooth = np.convolve(r["losses"], np.ones(window) / window, mode="valid")
-        ax.plot(
-            np.arange(window, len(r["losses"]) + 1),
-            smooth,
-            color=color,
-            alpha=0.8,
-            label=f"{name} train",
-        )
-        steps, vals = zip(*r["val_curve"], strict=True)
-        ax.plot(steps, vals, "o--", color=color, label=f"{name} val")
+        steps, smooth = _smooth(r["losses"])
+        curves[name] = smooth
+        ax.plot(steps, smooth, color=color, alpha=0.8, label=f"{name} train")
+        val_steps, vals = zip(*r["val_curve"], strict=True)
+        ax.plot(val_steps, vals, "o--", color=color, label=f"{name} val")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/char)", title="TinyShakespeare")
     ax.legend()
     ax.grid(alpha=0.3)
+    (first, base), (other, smooth) = list(curves.items())[:2]
+    n = min(len(base), len(smooth))
+    gap.plot(steps[:n], smooth[:n] - base[:n], color="C1")
+    gap.axhline(0.0, color="k", lw=0.8)
+    gap.set(xlabel="step", ylabel="nats/char", title=f"train loss: {other} − {first}")
+    gap.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
