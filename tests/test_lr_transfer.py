@@ -389,3 +389,11 @@ def test_a_seed_gives_the_twins_the_same_init_of_their_shared_leaves():
         np.testing.assert_array_equal(_at(dense, path), _at(lora, path))
     _, other = params.build_params(dataclasses.replace(cfg, seed=4), 11)
     assert not np.array_equal(other["embed"]["embedding"], dense["embed"]["embedding"])
+
+
+def test_only_all_plans_every_section():
+    from benchmarks.study import lr_transfer
+    from benchmarks.study.configs import ALL_SECTIONS
+
+    args = lr_transfer.parse_args(["--only", "all"])
+    assert lr_transfer._sections(args) == ALL_SECTIONS

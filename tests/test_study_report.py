@@ -456,3 +456,18 @@ def test_discussion_puts_a_contradicted_rank_claim_under_disagrees():
     assert "rank 4 ties dense Muon" in bullet and "inconclusive at this power" in bullet
     assert "rank 4 trails dense Muon by 0.050" in bullet and "+0.050, +0.050, +0.050" in bullet
     assert bullet.endswith("**not reproduced**.")
+
+
+def test_setup_names_the_rebuild_command_and_the_recorded_hours(tmp_path):
+    from benchmarks.study import report_intro
+
+    cfg = RC("dense_muon", 0.01, 0, None).as_dict()
+    runs = {
+        str(i): {"config": cfg, "status": "ok", "val_loss": 2.0, "wall_s": 1800.0, "compile_s": 0}
+        for i in range(3)
+    }
+    rep = report.Report(
+        Results({"runs": runs}), tmp_path / "c.md", tmp_path / "c", _claims_grid(), head={}
+    )
+    assert report_intro._recorded_hours(rep) == pytest.approx(1.5)
+    assert "--only all --results new.json" in report_intro.REBUILD

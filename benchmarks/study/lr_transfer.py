@@ -91,7 +91,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         type=str,
         default=None,
-        help=f"comma-separated sections of {ALL_SECTIONS} (default: {SECTIONS})",
+        help=f"comma-separated sections of {ALL_SECTIONS}, or all (default: {SECTIONS})",
     )
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     p.add_argument(
@@ -140,6 +140,8 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
 
 def _sections(args: argparse.Namespace) -> tuple[str, ...]:
     sections = tuple(s.strip() for s in args.only.split(",")) if args.only else SECTIONS
+    if sections == ("all",):
+        sections = ALL_SECTIONS
     if args.quick and not args.only:
         # The quick slice of every result section.
         sections = SECTIONS + ("long_pilot", "long", *LONG_STUDY_SECTIONS)

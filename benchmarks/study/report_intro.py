@@ -116,7 +116,24 @@ def setup_bullets(rep: Report) -> list[str]:
         f"* **Compute** (sections i–vi): {compute_line(rep.short_runs(), legacy)}. Runs "
         "recorded before per-run machine records existed are attributed to the file's "
         "`meta.legacy_machine`.",
+        f"* **Rebuild from scratch**: {REBUILD} reruns every section into a new results "
+        "file and writes this page from it. The runs recorded here took "
+        f"{_recorded_hours(rep):.1f} hours of wall time on 2 cores (training, evaluation "
+        "and compilation, every section; the sweep status at the end lists what is still "
+        "planned).",
     ]
+
+
+REBUILD = (
+    "`python -m benchmarks.study.lr_transfer --only all --results new.json && "
+    "python -m benchmarks.study.report --results new.json --out new.md`"
+)
+
+
+def _recorded_hours(rep: Report) -> float:
+    """Wall and compile seconds of every recorded run, in hours."""
+    runs = rep.res.runs.values()
+    return sum(r.get("wall_s", 0) + r.get("compile_s", 0) for r in runs) / 3600
 
 
 def headline(rep: Report) -> None:
