@@ -362,11 +362,11 @@ def proxy_lr_search(
        0.03  1.23  diverged=0
         0.1  0.13  diverged=0
         0.3  0.08  diverged=0
-          1  0.28  diverged=0
+          1  0.36  diverged=0
       >>> result.best_lr, result.at_edge
       (0.3, False)
       >>> print(f"{result.dense_lr:.3f}")  # fitted between 0.1 and 1
-      0.219
+      0.207
 
     References:
       Cesista, Crowson, Simal, Biderman, `LoRA-Muon: Spectral Steepest Descent on
