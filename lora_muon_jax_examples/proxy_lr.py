@@ -365,8 +365,8 @@ def proxy_lr_search(
           1  0.36  diverged=0
       >>> result.best_lr, result.at_edge
       (0.3, False)
-      >>> print(f"{result.dense_lr:.3f}")  # fitted between 0.1 and 1
-      0.207
+      >>> print(f"{result.dense_lr:.2f}")  # fitted between 0.1 and 1
+      0.21
 
     References:
       Cesista, Crowson, Simal, Biderman, `LoRA-Muon: Spectral Steepest Descent on
