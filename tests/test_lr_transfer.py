@@ -283,16 +283,20 @@ def test_finetune_inits_keep_the_base_function():
         assert not np.allclose(_at(frozen, path)["kernel"], w)
 
 
+# A rank-2 LoRA-Muon run on the smallest model the study builds.
+TINY_LORA_MUON = configs.RunConfig(
+    "lora_muon",
+    0.1,
+    0,
+    2,
+    width=8,
+    depth=1,
+    budget=configs.Budget(seq_len=4, mlp_ratio=1, heads=2),
+)
+
+
 def test_gauge_rescales_factors_not_the_product():
-    cfg = configs.RunConfig(
-        "lora_muon",
-        0.1,
-        0,
-        2,
-        width=8,
-        depth=1,
-        budget=configs.Budget(seq_len=4, mlp_ratio=1, heads=2),
-    )
+    cfg = TINY_LORA_MUON
     _, p1 = params.build_params(cfg, 11)
     _, p9 = params.build_params(dataclasses.replace(cfg, gauge=9.0), 11)
     # float64 SVD reference of log σmax(a) − log σmax(b) for one pair.
@@ -347,15 +351,7 @@ def test_weight_decay_shrinks_the_matrices_by_one_minus_lambda_eta():
 
 
 def test_lora_muon_weight_decay_is_the_split_decay_of_each_product():
-    cfg = configs.RunConfig(
-        "lora_muon",
-        0.1,
-        0,
-        2,
-        width=8,
-        depth=1,
-        budget=configs.Budget(seq_len=4, mlp_ratio=1, heads=2),
-    )
+    cfg = TINY_LORA_MUON
     _, p = params.build_params(cfg, 11)
     grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), p)
     new = {}

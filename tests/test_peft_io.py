@@ -21,11 +21,9 @@ import math
 import warnings
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import optax
 import pytest
 import safetensors
 import safetensors.numpy
@@ -33,6 +31,7 @@ import safetensors.numpy
 import lora_muon_jax as lmj
 from lora_muon_jax import peft_io
 from lora_muon_jax.peft_io import peft_lora_scale
+from tests.data.generate_peft_io import jax_train
 
 DATA = Path(__file__).parent / "data"
 FIXTURE = json.loads((DATA / "interop_layouts.json").read_text())
@@ -59,20 +58,9 @@ def _adapter(dtype=np.float32, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _train(params: dict, pairs, steps: int = 3, **kwargs) -> dict[str, np.ndarray]:
-    """``steps`` lora_muon steps on fixed random gradients (as the generator takes)."""
-    tx = lmj.lora_muon(0.02, lora_scale=2.0, pairs=pairs, **kwargs)
-    tree = {k: jnp.asarray(v) for k, v in params.items()}
-    keys = jax.random.split(jax.random.key(0), len(tree))
-    grads = {
-        k: jax.random.normal(key, v.shape, v.dtype)
-        for key, (k, v) in zip(keys, sorted(tree.items()), strict=True)
-    }
-    state = tx.init(tree)
-    for _ in range(steps):
-        updates, state = tx.update(grads, state, tree)
-        tree = optax.apply_updates(tree, updates)
-    return {k: np.asarray(v) for k, v in tree.items()}
+def _train(params: dict, pairs, **options) -> dict[str, np.ndarray]:
+    """The generator's 3 lora_muon steps on fixed random gradients, at scale 2."""
+    return jax_train(params, pairs, 2.0, **options)
 
 
 def _file(directory: Path) -> dict[str, np.ndarray]:

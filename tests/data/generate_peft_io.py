@@ -118,11 +118,11 @@ def _llama(seed: int, **overrides: Any):
     return LlamaForCausalLM(LlamaConfig(**(TINY_LLAMA | overrides))).eval()
 
 
-def jax_train(params: dict[str, np.ndarray], pairs: Any, lora_scale: float, steps: int = 3):
-    """``steps`` lora_muon steps (weight decay 0.1, AdamW's too) on fixed random gradients."""
-    tx = lmj.lora_muon(
-        0.02, lora_scale=lora_scale, pairs=pairs, weight_decay=0.1, adam_weight_decay=0.1
-    )
+def jax_train(
+    params: dict[str, np.ndarray], pairs: Any, lora_scale: float, steps: int = 3, **options: Any
+) -> dict[str, np.ndarray]:
+    """``steps`` lora_muon steps (rate 0.02, ``options`` for it) on fixed random gradients."""
+    tx = lmj.lora_muon(0.02, lora_scale=lora_scale, pairs=pairs, **options)
     tree = {k: jnp.asarray(v) for k, v in params.items()}
     keys = jax.random.split(jax.random.key(0), len(tree))
     grads = {
@@ -247,7 +247,9 @@ def round_trip_case(
     ``work``; PEFT loads that."""
     saved = _save_case(name, model_fn, lora_config, 1, out_dir)
     adapter = lmj.load_peft_adapter(saved)
-    trained = jax_train(adapter.params, adapter.pairs, adapter.lora_scale)
+    trained = jax_train(
+        adapter.params, adapter.pairs, adapter.lora_scale, weight_decay=0.1, adam_weight_decay=0.1
+    )
     ours = work / name
     lmj.save_peft_adapter(trained, ours, adapter.config, frozen=adapter.frozen)
     moved = {k: float(np.abs(trained[k] - adapter.params[k]).max()) for k in trained}
