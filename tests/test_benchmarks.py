@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import common, plots, run, speed, trees
@@ -75,3 +76,17 @@ def test_speed_case_measures_donated_and_plain_steps():
     # One momentum per factor against AdamW's two moments.
     assert row["lora_muon"]["state_over_adapter"] == pytest.approx(1.0, abs=0.02)
     assert row["adamw"]["state_over_adapter"] == pytest.approx(2.0, abs=0.02)
+    assert row["lora_muon"]["floor_ratio"] > 0
+
+
+def test_contractions_alone_are_the_steps_grams_and_thin_products():
+    # Golden values: numpy float64 Grams and thin products of the same leaves.
+    params, grads = trees.lora_tree(1, 64, 48, 4)
+    got = speed.contractions_alone(params, grads)()
+    a, b = (np.asarray(params[k], np.float64)[0] for k in ("lora_a", "lora_b"))
+    ga, gb = (np.asarray(grads[k], np.float64)[0] for k in ("lora_a", "lora_b"))
+    ka, kb = ga.T @ ga, gb @ gb.T
+    want = [ka, b @ b.T, ga @ ka, kb, a.T @ a, kb @ gb]
+    assert len(got) == 6
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g)[0], w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
