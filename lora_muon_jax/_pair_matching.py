@@ -285,7 +285,10 @@ def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
     """The pair's layout: the one reading every layout that fits it agrees on."""
     what = _check_factors(m, leaves, shown)
     if len(m.readings) == 1:
-        return _read_pair(m, m.readings[0], leaves, shown, what)
+        try:
+            return _read_pair(m, m.readings[0], leaves, shown, what)
+        except _LayoutMismatch as err:
+            raise _LayoutMismatch(f"{err}{_transposed_hint(m, leaves)}") from None
     fits: dict[LoRAPair, list[str]] = {}
     ambiguous: list[tuple[str, AmbiguousLayoutError]] = []
     misfits: list[tuple[_Reading, ValueError]] = []
@@ -318,10 +321,28 @@ def _build_pair(m: _Match, leaves: list[Any], shown: list[str]) -> LoRAPair:
     if ambiguous:
         raise ambiguous[0][1]
     first, others = misfits[0][1], misfits[1:]
-    short = [f"{_layout_name(r)}: {str(e).replace(what, 'they')}" for r, e in others]
+    short = [
+        f"{_layout_name(r)}: "
+        + str(e).removeprefix(f"LoRA layout of {what}: ").replace(what, "the factors").rstrip(".")
+        for r, e in others
+    ]
     raise _LayoutMismatch(
         f"{first} No layout that names these leaves fits them ({_layout_name(misfits[0][0])} "
-        f"above; {'; '.join(short)})."
+        f"above; {'; '.join(short)}).{_transposed_hint(m, leaves)}"
+    )
+
+
+def _transposed_hint(m: _Match, leaves: list[Any]) -> str:
+    """The PairRule for factors stored transposed (``a: r×m``, ``b: n×r``), if they are."""
+    xa, xb = leaves[m.a].shape, leaves[m.b].shape
+    rule = next((r.rule for r in m.readings if isinstance(r.rule, PairRule)), None)
+    fits = len(xa) >= 2 and len(xb) >= 2 and xa[:-2] == xb[:-2] and xa[-2] == xb[-1]
+    if rule is None or not fits:
+        return ""
+    return (
+        f" They fit the transposed layout (a: r×m, b: n×r, as torch stores LoRA "
+        f"weights), read by `pairs=PairRule(a={rule.a!r}, b={rule.b!r}, "
+        "a_axes=FactorAxes(rank_axis=-2), b_axes=FactorAxes(rank_axis=-1))`."
     )
 
 

@@ -373,3 +373,22 @@ def test_dora_magnitude_goes_to_adamw_with_a_note(caplog):
     with caplog.at_level(logging.INFO, logger="lora_muon_jax"):
         lmj.lora_param_labels("peft")(tree)
     assert "DoRA magnitude" not in caplog.text
+
+
+@pytest.mark.parametrize("pairs", ["auto", PairRule("lora_a", "lora_b")])
+def test_transposed_factors_get_the_rule_that_reads_them(pairs):
+    # torch's layout under flax's names: a (r, m), b (n, r). The error must print a
+    # rule, and that rule, evaluated, must read the pair with the right r, m and n.
+    params = {"lora_a": jnp.ones((4, 16)), "lora_b": jnp.ones((8, 4))}
+    with pytest.raises(ValueError, match="transposed layout") as err:
+        lmj.find_lora_pairs(params, pairs)
+    hint = str(err.value).split("`pairs=")[1].split("`")[0]
+    (pair,) = lmj.find_lora_pairs(
+        params, eval(hint, {"PairRule": PairRule, "FactorAxes": FactorAxes})
+    )
+    assert (pair.rank, pair.m, pair.n) == (4, 16, 8)
+    # A shape that no transposition fits gets no such hint.
+    params["lora_b"] = jnp.ones((8, 5))
+    with pytest.raises(ValueError) as err:
+        lmj.find_lora_pairs(params, pairs)
+    assert "transposed" not in str(err.value)
