@@ -338,3 +338,30 @@ def paper_directions(
         d = _paper_direction(m.astype(jnp.float32), r_hat, k_hat, inv_m, tall)
         out.append(d * (norm.inv_norms[2 * j + 1] * scale)[..., None, None])
     return out
+
+
+def paper_route(
+    pairs: Sequence[LoRAPair],
+    params: Sequence[jax.Array],
+    sources: Sequence[jax.Array],
+    scale: jax.Array,
+) -> dict[int, jax.Array]:
+    """``scale · D`` of every factor by the paper's route, by leaf index, as stored.
+
+    :func:`paper_directions` works on canonical ``(*batch, m, r)`` / ``(*batch, r, n)``
+    matrices: each pair's factors and momenta are read in that layout and every
+    direction is put back in its leaf's stored layout.
+    """
+    jobs: list[tuple[jax.Array, jax.Array, bool]] = []
+    restore: list[tuple[LoRAPair, Literal["a", "b"], int]] = []
+    for pair in pairs:
+        a, b = pair.canonical(params[pair.a_index], "a"), pair.canonical(params[pair.b_index], "b")
+        m_a = pair.canonical(sources[pair.a_index], "a")
+        m_b = pair.canonical(sources[pair.b_index], "b")
+        jobs += [(m_a, b, True), (m_b, a, False)]
+        restore += [(pair, "a", pair.a_index), (pair, "b", pair.b_index)]
+    dirs = paper_directions(jobs, scale)
+    return {
+        i: pair.restore(d, role, params[i].shape)
+        for (pair, role, i), d in zip(restore, dirs, strict=True)
+    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -203,22 +203,11 @@ def scale_by_lora_muon(
     def _factor_directions(
         tree: _pair_tree.PairTree, sources: list[Any], scale: jax.Array
     ) -> dict[int, jax.Array]:
+        if method == "paper":
+            return _directions.paper_route(tree.plan.pairs, tree.params, sources, scale)
         factors = _directions.factors_of(tree.plan.pairs, tree.params, eps)
-        if method == "gram":
-            dirs = _directions.gram_directions(factors, tree.params, sources, scale, solver)
-            return {f.index: d for f, d in zip(factors, dirs, strict=True)}
-        jobs: list[tuple[jax.Array, jax.Array, bool]] = []
-        restore: list[tuple[_pair_types.LoRAPair, Literal["a", "b"], int]] = []
-        for pair in tree.plan.pairs:
-            a, b = _pair_tree.canonical(pair, tree.params)
-            m_a, m_b = _pair_tree.canonical(pair, sources)
-            jobs += [(m_a, b, True), (m_b, a, False)]
-            restore += [(pair, "a", pair.a_index), (pair, "b", pair.b_index)]
-        dirs = _directions.paper_directions(jobs, scale)
-        return {
-            i: pair.restore(d, role, tree.params[i].shape)
-            for (pair, role, i), d in zip(restore, dirs, strict=True)
-        }
+        dirs = _directions.gram_directions(factors, tree.params, sources, scale, solver)
+        return {f.index: d for f, d in zip(factors, dirs, strict=True)}
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
