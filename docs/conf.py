@@ -1,11 +1,12 @@
-"""Sphinx configuration of the lora_muon_jax API reference.
+"""Sphinx configuration of the lora_muon_jax documentation.
 
 Build (warnings are errors; run from the repository root)::
 
-    sphinx-build -W --keep-going -b html docs/api /tmp/docs_html
+    sphinx-build -W --keep-going -b html docs build/docs
 
-The pages are generated from the package's docstrings by autodoc; napoleon reads
-their Google-style sections (``Args:``, ``Returns:``, ``Examples:``) and mathjax
+The guide pages (``docs/*.md``) are Markdown, read by MyST; the API reference
+(``docs/api/*.rst``) is generated from the package's docstrings by autodoc; napoleon
+reads their Google-style sections (``Args:``, ``Returns:``, ``Examples:``) and mathjax
 renders ``.. math::``. The ``>>>`` examples are not run here: ``pytest`` runs them
 (``--doctest-modules`` on the package, see ``pyproject.toml``) under the test
 suite's settings (``-W error``, host devices), so each example runs once, in one place.
@@ -22,7 +23,7 @@ from sphinx.application import Sphinx
 from sphinx.util import inspect as _sphinx_inspect
 
 # Document the checkout, not whatever copy is installed.
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 project = "lora_muon_jax"
 author = "lora_muon_jax developers"
@@ -38,10 +39,15 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "myst_parser",
 ]
 
 root_doc = "index"
-exclude_patterns = ["_build"]
+# tables.md is benchmarks.plots' raw output; docs/benchmarks.md carries its tables.
+exclude_patterns = ["_build", "benchmarks/tables.md"]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+# Headings get anchors, so the guide's ``page.md#section`` links resolve.
+myst_heading_anchors = 3
 
 # autodoc: document what each public module exports (its ``__all__``), in source
 # order, with signatures that keep the defaults as written.
