@@ -271,6 +271,17 @@ def test_flax_is_an_extra_not_a_dependency():
     ]
 
 
+def test_one_repository_url_in_pyproject_readme_and_notebook():
+    root = PACKAGE.parent
+    url = tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    readme = (root / "README.md").read_text()
+    assert f"git clone {url} " in readme and f'pip install "git+{url}"' in readme
+    assert f'\\"{url}\\"' in (root / "notebooks" / "quickstart.ipynb").read_text()
+    # No other repository URL anywhere in those three files.
+    others = set(re.findall(r"https://github\.com/[\w.-]+/lora_muon_jax\b", readme)) - {url}
+    assert not others
+
+
 @pytest.mark.parametrize("root", SOURCE_ROOTS, ids=_root_id)
 def test_no_function_longer_than_80_code_lines(root):
     assert long_functions(root) == []
