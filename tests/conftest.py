@@ -15,11 +15,19 @@ os.environ.setdefault(
     " --xla_cpu_use_fusion_emitters=false",
 )
 
-# The TinyShakespeare corpus is never copied into the repository; in this project's
-# layout (and in CI) it sits in ../shared/data beside the checkout.
+# The TinyShakespeare corpus is not in the repository; in this project's layout (and
+# in CI) it sits in ../shared/data beside the checkout. Elsewhere the tests that train
+# on text use it from the download cache, or else the committed 100 kB excerpt
+# (tests/data), so that no test needs the network or skips for want of text.
 _SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-if "LORA_MUON_JAX_DATA" not in os.environ and os.path.isdir(_SHARED_DATA):
-    os.environ["LORA_MUON_JAX_DATA"] = os.path.abspath(_SHARED_DATA)
+_EXCERPT = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare_excerpt.txt")
+if "LORA_MUON_JAX_DATA" not in os.environ:
+    from lora_muon_jax_examples.tinyshakespeare import default_cache_dir
+
+    if os.path.isdir(_SHARED_DATA):
+        os.environ["LORA_MUON_JAX_DATA"] = os.path.abspath(_SHARED_DATA)
+    elif not (default_cache_dir() / "tinyshakespeare.txt").is_file():
+        os.environ["LORA_MUON_JAX_DATA"] = _EXCERPT
 
 import hypothesis  # noqa: E402
 import jax  # noqa: E402
