@@ -353,7 +353,9 @@ def test_claim_rows_follow_the_data_and_wait_for_missing_sections():
     assert top.short.verdict == "reproduced", top
     assert "-0.050 (1.950 vs 2.000; per seed -0.050, -0.050, -0.050" in top.short.ours
     # No long-budget run yet: every long cell says how far its section got.
-    assert top.long == ("pending: section (vii), 0 of 36 runs", "pending")
+    assert "section (vii): pending: section (vii), 0 of 36 runs" in top.long.ours
+    assert "section (ix): pending: section (ix), 0 of" in top.long.ours
+    assert top.long.verdict == "(vii) pending; (ix) pending"
     shape = rows["LoRA-Muon's best rate transfers across width and depth"]
     assert shape.long.verdict == "pending" and "pending: section (x), 0 of" in shape.long.ours
     spectron = rows["Spectron is not gauge invariant"]
@@ -389,7 +391,8 @@ def test_long_budget_claims_are_judged_on_section_vii_own_seeds():
     runs[extra.key()] = {"config": extra.as_dict(), "val_loss": 1.0, "status": "ok"}
     rows = _claims(runs, grid)
     top = rows["Rank 4 beats dense Muon"]
-    assert top.short.verdict == "reproduced" and top.long.verdict == "not reproduced"
+    assert top.short.verdict == "reproduced"
+    assert top.long.verdict == "(vii) not reproduced; (ix) pending"
     assert "+0.050 (1.750 vs 1.700; per seed +0.050, +0.050, +0.050; spread 0.010; n=3)" in (
         top.long.ours
     )
@@ -398,6 +401,31 @@ def test_long_budget_claims_are_judged_on_section_vii_own_seeds():
     # Dense Muon at the rank-2 optimum costs 0.1 nats, ten seed spreads.
     assert proxy.long.verdict == "(vii) not reproduced; (viii) pending"
     assert "dense Muon at rank 2's rate +0.100 nats (spread 0.010); n=3" in proxy.long.ours
+
+
+def test_decay_claim_costs_dense_muon_rank_2s_best_decay():
+    from benchmarks.study import report_claims
+    from benchmarks.study.aggregate import Point
+
+    def pts(losses_by_wd):
+        return {
+            wd: Point(0.05, (v - 0.01, v, v + 0.01), (0, 1, 2)) for wd, v in losses_by_wd.items()
+        }
+
+    # Golden values by hand: the spread is the sample std of (v-0.01, v, v+0.01) = 0.01.
+    dense = pts({0.0: 2.00, 0.1: 1.95, 0.3: 1.99})
+    same = report_claims.decay_cell(dense, pts({0.0: 2.3, 0.1: 2.2, 0.3: 2.25}))
+    assert same == (
+        "best λ: dense Muon 0.1, rank 2 0.1; dense Muon at rank 2's λ +0.000 "
+        "nats (spread 0.010); n=3",
+        "reproduced",
+    )
+    far = report_claims.decay_cell(dense, pts({0.0: 2.3, 0.1: 2.25, 0.3: 2.2}))
+    assert far.verdict == "not reproduced" and "+0.040 nats" in far.ours
+    near = report_claims.decay_cell(
+        pts({0.0: 2.0, 0.1: 1.985, 0.3: 1.97}), pts({0.1: 2.2, 0.3: 2.3})
+    )
+    assert near.verdict == "inconclusive at this power" and "+0.015 nats" in near.ours
 
 
 def test_gauge_claims_compare_the_paired_change_with_the_seed_spread():
@@ -425,7 +453,7 @@ def test_claim_section_states_its_rules_and_what_runs_are_matched_on(tmp_path):
     )
     report_claims.section_claims(rep)
     text = "\n".join(rep.lines)
-    assert text.count("\n| ") == 1 + 6  # the header and one row per claim
+    assert text.count("\n| ") == 1 + 7  # the header and one row per claim
     assert "secondary source" in text and "step- and token-matched" in text
     assert "not compute-matched" in text
 
@@ -455,7 +483,9 @@ def test_discussion_puts_a_contradicted_rank_claim_under_disagrees():
     bullet = next(line for line in disagrees.splitlines() if "*Rank 4 vs dense Muon*" in line)
     assert "rank 4 ties dense Muon" in bullet and "inconclusive at this power" in bullet
     assert "rank 4 trails dense Muon by 0.050" in bullet and "+0.050, +0.050, +0.050" in bullet
-    assert bullet.endswith("**not reproduced**.")
+    assert "seed by seed: +0.050, +0.050, +0.050: **not reproduced**." in bullet
+    assert "(section ix): pending: section (ix), 0 of" in bullet
+    assert bullet.endswith("runs: **pending**.")
 
 
 def test_setup_names_the_rebuild_command_and_the_recorded_hours(tmp_path):
@@ -471,3 +501,21 @@ def test_setup_names_the_rebuild_command_and_the_recorded_hours(tmp_path):
     )
     assert report_intro._recorded_hours(rep) == pytest.approx(1.5)
     assert "--only all --results new.json" in report_intro.REBUILD
+
+
+def test_readme_study_block_is_the_committed_results():
+    """The README's claim table is exactly what ``benchmarks.study.report`` renders."""
+    from benchmarks.study import report_claims
+
+    data = _committed()
+    res = Results(data)
+    block = report_claims.readme_block(
+        report_claims.claims(res, report.grid_of(data)), len(data["runs"])
+    )
+    readme = report.README.read_text()
+    begin, end = report_claims.README_BEGIN, report_claims.README_END
+    got = readme[readme.index(begin) : readme.index(end) + len(end)]
+    assert got == report_claims.replace_readme_block(f"{begin}{end}", block), (
+        "README's study block differs from the committed results: "
+        "run python -m benchmarks.study.report"
+    )

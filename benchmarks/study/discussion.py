@@ -174,29 +174,33 @@ def rank32_paragraph(f: Facts) -> list[str]:
     db, bh = f.best(method="dense_muon"), f.best(method="lora_muon", rank=hi)
     if not db or not bh:
         return []
-    row = claims.rank32_claim(claims.Finder(f.res, f.grid))
+    row = claims.rank32_cells(claims.Finder(f.res, f.grid))
     out = (
         f"* *Rank {hi} vs dense Muon*: at the short budget "
         f"{compare(bh, db, f'rank {hi}', 'dense Muon')}, {len(db.losses)} seeds, where the "
         f"paper has its rank-{hi} model ahead by {PAPER['dense_val'] - PAPER['rank32_val']:.3f}: "
         f"{row.short.verdict}. "
     )
-    if row.long.verdict == claims.PENDING:
-        return [out + f"At the long budget: {row.long.ours}."]
+    wide = (
+        f" At the paper's width {f.grid.long_study.wide} (section ix): {row.ix.ours}: "
+        f"**{row.ix.verdict}**."
+    )
+    if row.vii.verdict == claims.PENDING:
+        return [out + f"At the long budget: {row.vii.ours}." + wide]
     dense = long_curve(f.res, f.grid, "dense_muon", None)
     top = long_curve(f.res, f.grid, "lora_muon", hi)
     lb, lh = dense.best(), top.best()
     seeds = ", ".join(f"{x:+.3f}" for x in claims.seed_diffs(lb, lh))
     return [
         out + f"At the long budget (section vii) {compare(lh, lb, f'rank {hi}', 'dense Muon')}; "
-        f"rank {hi} minus dense Muon seed by seed: {seeds}: **{row.long.verdict}**."
+        f"rank {hi} minus dense Muon seed by seed: {seeds}: **{row.vii.verdict}**." + wide
     ]
 
 
 def rank32_contradicted(f: Facts) -> bool:
     """The claim table says "not reproduced" for the rank-vs-dense row at some budget."""
-    row = claims.rank32_claim(claims.Finder(f.res, f.grid))
-    return claims.NOT_REPRODUCED in (row.short.verdict, row.long.verdict)
+    row = claims.rank32_cells(claims.Finder(f.res, f.grid))
+    return claims.NOT_REPRODUCED in (row.short.verdict, row.vii.verdict, row.ix.verdict)
 
 
 def disagree_paragraphs(f: Facts) -> list[str]:

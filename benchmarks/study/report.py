@@ -1,6 +1,6 @@
 """Writes ``docs/lr_transfer.md`` and its plots from the cached study results.
 
-    python -m benchmarks.study.report                       # committed cache -> docs/
+    python -m benchmarks.study.report                       # committed cache -> docs/, README
     python -m benchmarks.study.report --results FILE --out DIR/lr_transfer.md
 
 Nothing is trained here: every number comes from the results JSON written by
@@ -53,6 +53,7 @@ from benchmarks.study.store import load_results
 
 DOCS = REPO / "docs"
 DEFAULT_OUT = DOCS / "lr_transfer.md"
+README = REPO / "README.md"
 
 
 class Report:
@@ -415,8 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_results(args.results)
     res = Results(data)
     plot_dir = args.out.parent / args.out.stem
-    Report(res, args.out, plot_dir, grid_of(data)).write(not args.no_discussion)
+    grid = grid_of(data)
+    Report(res, args.out, plot_dir, grid).write(not args.no_discussion)
     print(f"wrote {args.out} and {plot_dir}/")
+    if args.results == DEFAULT_RESULTS and args.out == DEFAULT_OUT:
+        block = report_claims.readme_block(report_claims.claims(res, grid), len(data["runs"]))
+        README.write_text(report_claims.replace_readme_block(README.read_text(), block))
+        print(f"wrote the study block of {README}")
     return 0
 
 

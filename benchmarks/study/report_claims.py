@@ -28,10 +28,10 @@ from benchmarks.study import report_proxy
 from benchmarks.study.aggregate import Curve, Point, Results, fmt, fmt_lr
 from benchmarks.study.configs import SECTION_TITLES, Grid
 from benchmarks.study.labels import PAPER, label
-from benchmarks.study.planning import index_results, peer_gauge_lr, progress
+from benchmarks.study.planning import decay_lr, index_results, peer_gauge_lr, progress
 from benchmarks.study.proxy_stats import INCONCLUSIVE, REFUTED, SHOWN
 from benchmarks.study.report_long import long_curve
-from benchmarks.study.report_long_study import study_curve
+from benchmarks.study.report_long_study import at_seeds, study_curve
 
 if TYPE_CHECKING:
     from benchmarks.study.report import Report
@@ -244,6 +244,11 @@ class Finder:
     def pending(self, section: str) -> Cell:
         return pending(self.res, self.grid, section)
 
+    def complete(self, section: str) -> bool:
+        """Has ``section`` run every run it plans (and planned any)?"""
+        done, planned = progress(section, self.grid, self.res.runs)
+        return planned > 0 and done >= planned
+
 
 def _transfer(f: Finder, curves: dict[str, Curve | None], section: str) -> Cell:
     have = {k: c for k, c in curves.items() if c is not None}
@@ -288,19 +293,90 @@ def proxy_claim(f: Finder) -> Claim:
     )
 
 
-def rank32_claim(f: Finder) -> Claim:
-    hi = max(f.grid.headline_ranks)
+class Rank32(NamedTuple):
+    """The largest headline rank against dense Muon: short budget, width 64 and 128."""
+
+    rank: int
+    short: Cell
+    vii: Cell  # section (vii)'s width
+    ix: Cell  # the paper's width (section ix)
+
+
+def rank32_cells(f: Finder) -> Rank32:
+    hi, g = max(f.grid.headline_ranks), f.grid
     dense, top = f.short(method="dense_muon"), f.short(method="lora_muon", rank=hi)
     short = diff_cell(dense, top) if dense and top else f.pending("lr")
     dense, top = f.long("dense_muon", None), f.long("lora_muon", hi)
-    long = diff_cell(dense, top) if dense and top else f.pending("long")
+    vii = diff_cell(dense, top) if dense and top else f.pending("long")
+    wide = g.long_study.wide
+    dense, top = f.study("dense_muon", None, width=wide), f.study("lora_muon", hi, width=wide)
+    ix = diff_cell(dense, top) if dense and top and f.complete("width128") else None
+    return Rank32(hi, short, vii, ix or f.pending("width128"))
+
+
+def rank32_claim(f: Finder) -> Claim:
+    """Rank ``r`` minus dense: at width 64 (section vii) and the paper's width 128 (ix)."""
+    c, g = rank32_cells(f), f.grid
     return Claim(
-        f"Rank {hi} beats dense Muon (val loss, rank {hi} minus dense, each at its best rate)",
+        f"Rank {c.rank} beats dense Muon (val loss, rank {c.rank} minus dense, each at its "
+        "best rate)",
         f"{PAPER['rank32_val'] - PAPER['dense_val']:+.3f} ({PAPER['rank32_val']} vs "
-        f"{PAPER['dense_val']})",
-        short,
-        long,
+        f"{PAPER['dense_val']}, width 128)",
+        c.short,
+        Cell(
+            f"Width {g.long.width} (rank {c.rank} of {g.long.width}), section (vii): "
+            f"{c.vii.ours}. Width {g.long_study.wide} (rank {c.rank} of "
+            f"{g.long_study.wide}), section (ix): {c.ix.ours}",
+            f"(vii) {c.vii.verdict}; (ix) {c.ix.verdict}",
+        ),
     )
+
+
+def _decay_points(f: Finder, method: str, rank: int | None) -> dict[float, Point] | None:
+    """Loss at each decay λ (0 included), at the method's best proxy rate, section (vii)'s seeds."""
+    lr = decay_lr(f.grid, index_results(f.res.runs), method, rank)
+    if lr is None:
+        return None
+    s = f.grid.long_study
+    points = {
+        wd: at_seeds(
+            study_curve(f.res, f.grid, method, rank, weight_decay=wd), lr, f.grid.long.seeds
+        )
+        for wd in (0.0, *s.decays)
+    }
+    return {wd: p for wd, p in points.items() if p is not None and not p.diverged} or None
+
+
+def decay_cell(dense: dict[float, Point], r2: dict[float, Point]) -> Cell:
+    """Dense Muon at rank 2's best decay λ against its own best λ (a rate-like claim).
+
+    Each method's best λ has the lowest seed-mean loss; the cost is dense Muon's loss at
+    rank 2's best λ minus its loss at its own, judged against the seed spread as the rate
+    claims are (:func:`by_spread`).
+    """
+    best_d = min(dense, key=lambda wd: dense[wd].mean)
+    best_r = min(r2, key=lambda wd: r2[wd].mean)
+    n = min(len(p.losses) for p in (*dense.values(), *r2.values()))
+    at = dense.get(best_r)
+    if at is None:
+        return Cell(f"dense Muon has no finite run at λ = {best_r:g}", INCONCLUSIVE)
+    cost, spread = at.mean - dense[best_d].mean, max(at.std, dense[best_d].std)
+    return Cell(
+        f"best λ: dense Muon {best_d:g}, rank 2 {best_r:g}; dense Muon at rank 2's λ "
+        f"{cost:+.3f} nats (spread {spread:.3f}); n={n}",
+        by_spread(cost, spread, n),
+    )
+
+
+def decay_claim(f: Finder) -> Claim:
+    """Does rank 2's best split weight decay carry over to dense Muon (section xii)?"""
+    name = "The split decay's best λ transfers from LoRA-Muon rank 2 to dense Muon"
+    paper = "not in the source: the study's own question"
+    short = Cell("not run at this budget", "–")
+    dense, r2 = _decay_points(f, "dense_muon", None), _decay_points(f, "lora_muon", 2)
+    if not (f.complete("wd_long") and dense and r2):
+        return Claim(name, paper, short, f.pending("wd_long"))
+    return Claim(name, paper, short, decay_cell(dense, r2))
 
 
 def _short_gauge(f: Finder, method: str, invariant: bool, paper: float | None = None) -> Cell:
@@ -399,6 +475,7 @@ def claims(res: Results, grid: Grid) -> list[Claim]:
         lora_gauge_claim(f),
         spectron_gauge_claim(f),
         shape_claim(f),
+        decay_claim(f),
     ]
 
 
@@ -417,6 +494,30 @@ def table(rows: Sequence[Claim]) -> list[str]:
             f"{c.long.ours} | **{c.long.verdict}** |"
         )
     return out
+
+
+README_BEGIN, README_END = "<!-- study-claims:begin -->", "<!-- study-claims:end -->"
+
+
+def readme_block(rows: Sequence[Claim], runs: int) -> str:
+    """The README's study headline: each claim's verdict at both budgets."""
+    out = [
+        f"From {runs} committed runs; the figures behind each verdict are in "
+        "[docs/lr_transfer.md](docs/lr_transfer.md).",
+        "",
+        "| # | claim | short budget (200 steps) | long budget (1,000 steps) |",
+        "|---|---|---|---|",
+    ]
+    out += [
+        f"| {i} | {c.claim} | {c.short.verdict} | {c.long.verdict} |" for i, c in enumerate(rows, 1)
+    ]
+    return "\n".join(out)
+
+
+def replace_readme_block(text: str, block: str) -> str:
+    """``text`` with what stands between the study-claims markers replaced by ``block``."""
+    start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    return text[:start] + "\n" + block + "\n" + text[end:]
 
 
 def rules() -> list[str]:

@@ -37,7 +37,7 @@ def study_curve(
     return res.curves.get(ref.curve())
 
 
-def _at(curve: Curve | None, lr: float, seeds: tuple[int, ...]) -> Point | None:
+def at_seeds(curve: Curve | None, lr: float, seeds: tuple[int, ...]) -> Point | None:
     """``curve``'s point at ``lr`` over ``seeds`` only (a curve may have more seeds)."""
     if curve is None:
         return None
@@ -134,7 +134,7 @@ def _gauge_rows(rep: Report) -> list[str]:
         c9 = study_curve(rep.res, rep.grid, m, s.gauge_rank, gauge=s.gauge)
         d = paired_deltas(c1, c9, lr)
         delta = f"{np.mean(d):+.2e} / {np.max(np.abs(d)):.2e} (n={len(d)})" if d else "–"
-        at1, at9 = (_at(c, lr, rep.grid.long.seeds) for c in (c1, c9))
+        at1, at9 = (at_seeds(c, lr, rep.grid.long.seeds) for c in (c1, c9))
         rows.append(f"| {label(m, s.gauge_rank)} | {mean_std(at1)} | {mean_std(at9)} | {delta} |")
     return rows
 
@@ -182,7 +182,7 @@ def section_wd_long(rep: Report) -> None:
             c = study_curve(rep.res, rep.grid, m, r, weight_decay=wd)
             d = paired_deltas(base, c, lr) if wd else []
             delta = f"{np.mean(d):+.4f} (n={len(d)})" if d else "–"
-            at = _at(c, lr, rep.grid.long.seeds)
+            at = at_seeds(c, lr, rep.grid.long.seeds)
             rows.append(f"| {label(m, r)} | {fmt_lr(lr)} | {wd:g} | {mean_std(at)} | {delta} |")
     rep.add(*rows, "")
 
