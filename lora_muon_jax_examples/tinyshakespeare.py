@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import os
 import tempfile
 import urllib.error
@@ -41,17 +40,11 @@ TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-# The repository's excerpt (tests/data/tinyshakespeare_excerpt.txt: the corpus's first
-# 100,020 characters, to a blank line, then the first corpus line holding each of the
-# four characters they lack, so that it has all 65), which the test suite runs on where
-# the full corpus is not on disk. The loader accepts it in place of the corpus, saying so.
-TINYSHAKESPEARE_EXCERPT_SHA256 = "ece67896c282ab8d3fb608970e126950213c39c3e7b53fc840519df4451e072a"
 DATA_ENV_VAR = "LORA_MUON_JAX_DATA"
 # Names tried inside a data directory: ours (also the cache's), then char-rnn's.
 _FILENAMES = ("tinyshakespeare.txt", "input.txt")
 _CACHE_NAME = _FILENAMES[0]
 _TIMEOUT_S = 60.0
-_LOG = logging.getLogger(__name__)
 # What a download that never reached the file raises: no network, DNS, refused or
 # reset connections, HTTP errors (URLError covers HTTPError) and timeouts.
 _NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError)
@@ -104,14 +97,7 @@ def _sha256(path: Path) -> str:
 def _read_verified(path: Path, sha256: str | None, origin: str) -> str:
     if sha256 is not None:
         got = _sha256(path)
-        if sha256 == TINYSHAKESPEARE_SHA256 and got == TINYSHAKESPEARE_EXCERPT_SHA256:
-            _LOG.warning(
-                "TinyShakespeare at %r (from %s) is the repository's 100 kB test excerpt, "
-                "not the full corpus: fine for the tests, too small for real runs.",
-                str(path),
-                origin,
-            )
-        elif got != sha256:
+        if got != sha256:
             raise ValueError(
                 f"TinyShakespeare at {str(path)!r} (from {origin}) is corrupt or a "
                 f"different file: its sha256 is {got}, expected {sha256}. Replace or "

@@ -15,19 +15,21 @@ os.environ.setdefault(
     " --xla_cpu_use_fusion_emitters=false",
 )
 
-# The TinyShakespeare corpus is not in the repository; in this project's layout (and
-# in CI) it sits in ../shared/data beside the checkout. Elsewhere the tests that train
-# on text use it from the download cache, or else the committed 100 kB excerpt
-# (tests/data), so that no test needs the network or skips for want of text.
+# The TinyShakespeare corpus is never copied into the repository. In this project's
+# layout (and in CI) it sits in ../shared/data beside the checkout; elsewhere the
+# loader finds it in its cache or downloads it once there, checking its SHA-256, so
+# the tests that train on text run. Offline and without a copy they skip, saying why.
 _SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-_EXCERPT = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare_excerpt.txt")
 if "LORA_MUON_JAX_DATA" not in os.environ:
-    from lora_muon_jax_examples.tinyshakespeare import default_cache_dir
-
     if os.path.isdir(_SHARED_DATA):
         os.environ["LORA_MUON_JAX_DATA"] = os.path.abspath(_SHARED_DATA)
-    elif not (default_cache_dir() / "tinyshakespeare.txt").is_file():
-        os.environ["LORA_MUON_JAX_DATA"] = _EXCERPT
+    else:
+        from lora_muon_jax_examples.tinyshakespeare import load_tinyshakespeare
+
+        try:
+            load_tinyshakespeare()  # the cache, or one checksummed download into it
+        except FileNotFoundError:
+            pass  # offline: the text tests skip with their reason (pytest -rs)
 
 import hypothesis  # noqa: E402
 import jax  # noqa: E402

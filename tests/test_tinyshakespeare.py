@@ -219,8 +219,6 @@ def test_real_corpus_when_available(monkeypatch):
         text = data.load_tinyshakespeare(download=False)
     except FileNotFoundError:
         pytest.skip(f"TinyShakespeare not on disk (set ${data.DATA_ENV_VAR})")
-    if len(text) == EXCERPT_CHARS:
-        pytest.skip("only the committed excerpt is on disk; the full corpus's checks need it")
     assert len(text) == 1_115_394
     assert text.startswith("First Citizen:")
     tok = data.CharTokenizer.from_text(text)
@@ -294,19 +292,17 @@ def test_no_copy_of_the_corpus_in_the_project():
                     assert hashlib.sha256(f.read()).hexdigest() != data.TINYSHAKESPEARE_SHA256, path
 
 
-EXCERPT = Path(__file__).parent / "data" / "tinyshakespeare_excerpt.txt"
-EXCERPT_CHARS = 100_112
-
-
-def test_committed_excerpt_is_accepted_and_named(caplog, tmp_path):
-    """The loader takes the excerpt for the corpus (by its own digest) and says so."""
-    with caplog.at_level("WARNING"):
-        text = data.load_tinyshakespeare(EXCERPT)
-    assert len(text) == EXCERPT_CHARS and text.startswith("First Citizen:")
-    assert data.CharTokenizer.from_text(text).vocab_size == 65  # the corpus's alphabet
-    assert "test excerpt" in caplog.text
-    # Any other text is still refused under the corpus's digest.
-    other = tmp_path / "input.txt"
-    other.write_text(text[:-1])
-    with pytest.raises(ValueError, match="corrupt or a different file"):
-        data.load_tinyshakespeare(other)
+def test_no_excerpt_of_the_corpus_in_the_tracked_files():
+    """Not even part of it: no tracked file holds the corpus's opening 500 characters."""
+    try:
+        opening = data.load_tinyshakespeare(download=False)[:500].encode()
+    except FileNotFoundError:
+        pytest.skip(f"TinyShakespeare not on disk (set ${data.DATA_ENV_VAR})")
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=False
+    ).stdout.split(b"\0")
+    if not any(listed):
+        pytest.skip("not a git checkout: no tracked files to read")
+    holders = [p.decode() for p in listed if p and opening in (root / p.decode()).read_bytes()]
+    assert not holders, holders
